@@ -1,0 +1,32 @@
+"""Companion package of the book *Probabilistic Deep Learning for Instance Segmentation*.
+
+The package holds all the logic the book's chapters show: the BBBC010 data layer
+(:mod:`companion.data`), synthetic worms (:mod:`companion.synthetic`), training targets
+(:mod:`companion.targets`), augmentation (:mod:`companion.augment`), the U-Net with
+Concrete Dropout (:mod:`companion.model`), the discriminative loss (:mod:`companion.losses`),
+training (:mod:`companion.train`), post-processing (:mod:`companion.postprocess`),
+Monte-Carlo sampling (:mod:`companion.sampling`), agglomeration (:mod:`companion.agglomerate`),
+metrics (:mod:`companion.metrics`), uncertainty evaluation (:mod:`companion.uncertainty`) and
+guided proofreading (:mod:`companion.proofreading`).
+
+Modules are imported lazily, so ``import companion`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {
+    "agglomerate", "augment", "data", "losses", "metrics", "model", "postprocess",
+    "proofreading", "sampling", "synthetic", "targets", "train", "uncertainty", "pretrained",
+}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_SUBMODULES) + ["__version__"]
