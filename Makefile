@@ -5,6 +5,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Extra pip arguments for torch, e.g. a CPU-only index on machines without a local CPU wheel.
+TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 # The real BBBC010 copy beside the project (as in CI) is used when present; otherwise the
@@ -26,7 +28,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU build of torch first, so the loose `torch>=2.1` of the package pulls nothing bigger.
-	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install -q -e ".[book,test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
