@@ -1,0 +1,277 @@
+"""Tests of companion.losses against loop-based re-computations of eqs. (1)-(3)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from companion.losses import (
+    DiscriminativeTerms, ObjectiveTerms, batched_discriminative_loss, class_loss,
+    discriminative_loss, instance_means, training_objective,
+)
+from companion.model import UNet, concrete_regularizer
+
+
+# ---------------------------------------------------------------------------------------------
+# naive references (loops over pixels, Python floats)
+# ---------------------------------------------------------------------------------------------
+def naive_discriminative(embedding: np.ndarray, instances: np.ndarray, delta_d: float,
+                         weights: tuple[float, float, float], hinge: str) -> tuple[float, ...]:
+    e_dim, height, width = embedding.shape
+    centres = []
+    for mask in instances:
+        pixels = [embedding[:, y, x] for y in range(height) for x in range(width) if mask[y, x]]
+        if pixels:
+            centres.append((np.mean(pixels, axis=0), pixels))
+    n = len(centres)
+    if n == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    var = 0.0
+    for mu, pixels in centres:
+        var += sum(float(np.sum((mu - x) ** 2)) for x in pixels) / len(pixels)
+    var /= n
+    dist = 0.0
+    if n > 1:
+        for a in range(n):
+            for b in range(n):
+                if a == b:
+                    continue
+                d2 = float(np.sum((centres[a][0] - centres[b][0]) ** 2))
+                d = d2 if hinge == "squared" else math.sqrt(d2)
+                dist += max(0.0, 2 * delta_d - d) ** 2
+        dist /= n * (n - 1)
+    reg = sum(float(np.sum(mu ** 2)) for mu, _ in centres) / n
+    total = weights[0] * var + weights[1] * dist + weights[2] * reg
+    return total, var, dist, reg
+
+
+def random_overlapping_masks(rng: np.random.Generator, k: int, shape=(7, 9)) -> np.ndarray:
+    """Random rectangles, forced to overlap pairwise in at least one pixel."""
+    masks = np.zeros((k, *shape), dtype=bool)
+    for i in range(k):
+        y0, x0 = rng.integers(0, 3, size=2)
+        y1, x1 = rng.integers(4, shape[0] + 1), rng.integers(4, shape[1] + 1)
+        masks[i, y0:y1, x0:x1] = True
+        masks[i, 3, 3] = True  # shared pixel: every worm covers it
+    return masks
+
+
+# ---------------------------------------------------------------------------------------------
+# discriminative loss
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hinge", ["squared", "euclidean"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_discriminative_loss_matches_loop_reference(hinge, seed):
+    rng = np.random.default_rng(seed)
+    masks = random_overlapping_masks(rng, k=4)
+    assert (masks.sum(axis=0) >= 2).any()  # the test really has overlaps
+    embedding = rng.normal(scale=1.5, size=(3, *masks.shape[1:]))
+    weights = tuple(rng.uniform(0.1, 2.0, size=3))
+    delta_d = float(rng.uniform(1.0, 5.0))
+    terms = discriminative_loss(torch.from_numpy(embedding), torch.from_numpy(masks),
+                                delta_d=delta_d, weights=weights, hinge=hinge)
+    expected = naive_discriminative(embedding, masks, delta_d, weights, hinge)
+    assert isinstance(terms, DiscriminativeTerms)
+    assert expected[2] > 0  # the push term is active for these inputs
+    np.testing.assert_allclose([t.item() for t in terms], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_hinge_forms_differ_in_the_expected_band():
+    # centres at distance 3: squared distance 9 > 2*delta_d = 8 (no push) but 3 < 8 (push)
+    masks = np.zeros((2, 1, 2), dtype=bool)
+    masks[0, 0, 0] = masks[1, 0, 1] = True
+    embedding = np.array([[[0.0, 3.0]]])
+    sq = discriminative_loss(torch.from_numpy(embedding), torch.from_numpy(masks), hinge="squared")
+    eu = discriminative_loss(torch.from_numpy(embedding), torch.from_numpy(masks), hinge="euclidean")
+    assert sq.dist.item() == 0.0
+    assert eu.dist.item() == pytest.approx(naive_discriminative(embedding, masks, 4.0, (1, 1, 0.001), "euclidean")[2])
+    assert eu.dist.item() > 0
+
+
+@pytest.mark.parametrize("hinge", ["squared", "euclidean"])
+def test_gradcheck_float64(hinge):
+    rng = np.random.default_rng(3)
+    masks = torch.from_numpy(random_overlapping_masks(rng, k=3, shape=(5, 6)))
+    embedding = torch.from_numpy(rng.normal(size=(2, 5, 6))).requires_grad_(True)
+
+    def total(e):
+        return discriminative_loss(e, masks, delta_d=2.0, weights=(1.0, 1.0, 0.1), hinge=hinge).total
+
+    assert discriminative_loss(embedding, masks, delta_d=2.0, hinge=hinge).dist.item() > 0
+    assert torch.autograd.gradcheck(total, (embedding,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("hinge", ["squared", "euclidean"])
+def test_loss_vanishes_for_well_separated_clusters(hinge):
+    masks = np.zeros((3, 8, 8), dtype=bool)
+    masks[0, :, :3] = masks[1, :, 3:6] = masks[2, :, 6:] = True
+    points = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])  # pairwise distance >= 10 > 2*delta_d
+    embedding = np.einsum("khw,ke->ehw", masks.astype(float), points)
+    terms = discriminative_loss(torch.from_numpy(embedding), torch.from_numpy(masks),
+                                delta_d=4.0, weights=(1.0, 1.0, 0.0), hinge=hinge)
+    assert terms.var.item() == pytest.approx(0.0, abs=1e-12)
+    assert terms.dist.item() == 0.0
+    assert terms.total.item() == pytest.approx(0.0, abs=1e-12)
+    assert terms.reg.item() == pytest.approx(float(np.mean(np.sum(points ** 2, axis=1))))
+
+
+def test_no_instance_gives_zeros_connected_to_graph():
+    embedding = torch.randn(4, 5, 5, requires_grad=True)
+    terms = discriminative_loss(embedding, torch.zeros(0, 5, 5, dtype=torch.bool))
+    assert all(t.item() == 0.0 for t in terms)
+    terms.total.backward()
+    assert embedding.grad is not None and torch.count_nonzero(embedding.grad) == 0
+
+
+def test_only_empty_masks_count_as_no_instance():
+    terms = discriminative_loss(torch.randn(2, 4, 4), torch.zeros(3, 4, 4, dtype=torch.bool))
+    assert all(t.item() == 0.0 for t in terms)
+
+
+def test_single_instance_has_no_push():
+    rng = np.random.default_rng(4)
+    masks = np.zeros((1, 6, 6), dtype=bool)
+    masks[0, 1:4, 2:6] = True
+    embedding = rng.normal(size=(3, 6, 6))
+    terms = discriminative_loss(torch.from_numpy(embedding), torch.from_numpy(masks))
+    expected = naive_discriminative(embedding, masks, 4.0, (1.0, 1.0, 0.001), "squared")
+    assert terms.dist.item() == 0.0
+    assert terms.var.item() == pytest.approx(expected[1], rel=1e-10)
+    assert terms.var.item() > 0
+
+
+def test_empty_masks_are_ignored():
+    rng = np.random.default_rng(5)
+    masks = random_overlapping_masks(rng, k=3)
+    with_empty = np.concatenate([masks[:1], np.zeros_like(masks[:1]), masks[1:]])
+    embedding = torch.from_numpy(rng.normal(size=(2, *masks.shape[1:])))
+    a = discriminative_loss(embedding, torch.from_numpy(masks))
+    b = discriminative_loss(embedding, torch.from_numpy(with_empty))
+    np.testing.assert_allclose([t.item() for t in a], [t.item() for t in b])
+
+
+def test_overlap_pixel_is_pulled_to_both_centres():
+    # one pixel shared by two one-dimensional worms: its pull gradient is the sum of both pulls
+    masks = np.zeros((2, 1, 5), dtype=bool)
+    masks[0, 0, :3] = True
+    masks[1, 0, 2:] = True
+    embedding = torch.tensor([[[0.0, 1.0, 5.0, 8.0, 9.0]]], dtype=torch.float64, requires_grad=True)
+    discriminative_loss(embedding, torch.from_numpy(masks)).var.backward()
+    x = embedding.detach()[0, 0].numpy()
+    mu_a, mu_b = x[:3].mean(), x[2:].mean()
+    # d var / d x_2 for var = 1/2 * sum_k 1/3 sum_i (x_i - mu_k)^2 (the mean's own gradient sums to 0)
+    expected = 0.5 * (2 * (x[2] - mu_a) / 3 + 2 * (x[2] - mu_b) / 3)
+    assert embedding.grad[0, 0, 2].item() == pytest.approx(expected)
+    assert np.sign(x[2] - mu_a) != np.sign(x[2] - mu_b)  # pulled in opposite directions
+
+
+def test_instance_means_equals_masked_mean():
+    rng = np.random.default_rng(6)
+    masks = random_overlapping_masks(rng, k=3)
+    embedding = rng.normal(size=(4, *masks.shape[1:]))
+    means = instance_means(torch.from_numpy(embedding), torch.from_numpy(masks)).numpy()
+    for k, mask in enumerate(masks):
+        np.testing.assert_allclose(means[k], embedding[:, mask].mean(axis=1))
+
+
+def test_discriminative_loss_rejects_bad_shapes_and_options():
+    with pytest.raises(ValueError, match=r"\(3, 4, 4\)"):
+        discriminative_loss(torch.zeros(2, 5, 5), torch.zeros(3, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="hinge"):
+        discriminative_loss(torch.zeros(2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.bool), hinge="abs")
+    with pytest.raises(ValueError, match="embedding"):
+        discriminative_loss(torch.zeros(4, 4), torch.zeros(1, 4, 4, dtype=torch.bool))
+
+
+def test_batched_loss_is_mean_of_per_image_losses():
+    rng = np.random.default_rng(7)
+    stacks = [torch.from_numpy(random_overlapping_masks(rng, k=k)) for k in (3, 1, 0)]
+    embeddings = torch.from_numpy(rng.normal(size=(3, 2, *stacks[0].shape[1:])))
+    batched = batched_discriminative_loss(embeddings, stacks, delta_d=3.0, hinge="euclidean")
+    singles = [naive_discriminative(e.numpy(), s.numpy(), 3.0, (1.0, 1.0, 0.001), "euclidean")
+               for e, s in zip(embeddings, stacks)]
+    np.testing.assert_allclose([t.item() for t in batched], np.mean(singles, axis=0), rtol=1e-10)
+    with pytest.raises(ValueError, match="batch of 3"):
+        batched_discriminative_loss(embeddings, stacks[:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# class loss and the full objective
+# ---------------------------------------------------------------------------------------------
+def test_class_loss_equals_mean_negative_log_softmax():
+    rng = np.random.default_rng(8)
+    logits = rng.normal(size=(2, 3, 4, 5))
+    target = rng.integers(0, 3, size=(2, 4, 5))
+    expected = 0.0
+    for b in range(2):
+        for y in range(4):
+            for x in range(5):
+                z = logits[b, :, y, x]
+                expected -= z[target[b, y, x]] - math.log(np.exp(z).sum())
+    expected /= target.size
+    got = class_loss(torch.from_numpy(logits), torch.from_numpy(target)).item()
+    assert got == pytest.approx(expected, rel=1e-10)
+    with pytest.raises(ValueError, match="do not match"):
+        class_loss(torch.from_numpy(logits), torch.from_numpy(target[:, :3]))
+
+
+def _synthetic_batch(n: int = 2, size: int = 64, seed: int = 0) -> dict:
+    from companion.synthetic import make_sample
+    from companion.targets import three_class_target
+
+    samples = [make_sample(seed + i, shape=(size, size), n_worms=(3, 5)) for i in range(n)]
+    instances = [torch.from_numpy(s.instances) for s in samples]
+    return {
+        "image": torch.from_numpy(np.stack([s.image for s in samples])).float(),
+        "target": torch.stack([three_class_target(m) for m in instances]),
+        "instances": instances,
+    }
+
+
+def test_training_objective_sums_its_terms_concrete_and_baseline():
+    torch.manual_seed(0)
+    batch = _synthetic_batch()
+    concrete = UNet(base_filters=4, dropout="concrete")
+    out = concrete(batch["image"])
+    terms = training_objective(concrete, out, batch, n_train=50, length_scale_sq=1e-4, zeta=1e-2)
+    assert isinstance(terms, ObjectiveTerms)
+    disc = batched_discriminative_loss(out.embedding, batch["instances"])
+    assert terms.var.item() == pytest.approx(disc.var.item())
+    assert terms.ce.item() == pytest.approx(F.cross_entropy(out.logits, batch["target"]).item())
+    assert terms.model_reg.item() == pytest.approx(
+        concrete_regularizer(concrete, 50, length_scale_sq=1e-4, zeta=1e-2).item())
+    assert terms.total.item() == pytest.approx(
+        (disc.total + terms.ce + terms.model_reg).item(), rel=1e-6)
+
+    baseline = UNet(base_filters=4)
+    out = baseline(batch["image"])
+    terms = training_objective(baseline, out, batch, n_train=50, weight_decay=1e-3)
+    squares = sum(float((p.detach() ** 2).sum()) for name, p in baseline.named_parameters()
+                  if name.endswith("weight"))
+    assert terms.model_reg.item() == pytest.approx(1e-3 * squares, rel=1e-5)
+    with pytest.raises(ValueError, match="n_train"):
+        training_objective(baseline, out, batch, n_train=0)
+
+
+@pytest.mark.parametrize("dropout", [None, "concrete"])
+def test_short_training_lowers_the_objective(dropout):
+    torch.manual_seed(0)
+    batch = _synthetic_batch(n=2, size=64, seed=10)
+    model = UNet(base_filters=6, dropout=dropout)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(50):
+        optimiser.zero_grad()
+        terms = training_objective(model, model(batch["image"]), batch, n_train=10)
+        terms.total.backward()
+        optimiser.step()
+        history.append(terms.total.item())
+    model.eval()
+    with torch.no_grad():
+        final = training_objective(model, model(batch["image"]), batch, n_train=10)
+    assert all(np.isfinite(history))
+    assert final.total.item() < 0.5 * history[0]
+    assert np.mean(history[-5:]) < np.mean(history[:5])
