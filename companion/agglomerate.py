@@ -1,0 +1,432 @@
+"""Agglomerate Monte-Carlo instance segmentations into per-instance probability maps.
+
+Each Monte-Carlo draw of the network, once post-processed, is a stack of binary instance
+masks ``(K_i, H, W)``. The draws disagree: an instance may be missing, split in two, merged
+with a neighbour, or just a little thicker. Agglomeration (Rumberger et al. 2020, Sec. 2.3)
+matches the instances of all draws to each other and averages them, giving for every
+instance ``k`` a probability map ``p_k(x)`` = the fraction of draws in which pixel ``x``
+belonged to (the draw's version of) instance ``k``.
+
+The algorithm of :func:`agglomerate`:
+
+1. The draw with the most instances is the *base*: its instances are the first entries of
+   the result.
+2. Every further draw is matched one-to-one to the base's current instances by the
+   assignment of maximal summed IoU (Hungarian algorithm,
+   :func:`scipy.optimize.linear_sum_assignment`). A base instance is represented by its
+   *mean mask* over the draws that contributed to it so far, and compared with the soft
+   (fuzzy) IoU ``sum(min(p, m)) / sum(max(p, m))``, which equals the ordinary IoU for binary
+   masks. A pair counts as matched only if its IoU is at least ``min_iou``: two worms that
+   do not overlap are never merged.
+3. A matched mask is added to its base instance's pixel counts; an unmatched one becomes a
+   new instance.
+4. The counts are divided by the number of draws: ``probs`` ``(K, H, W)`` in ``[0, 1]``.
+
+The per-instance ``score`` (the mean probability over the instance's support, ``p > 0``) is
+a confidence usable for average precision; :func:`binarize` thresholds the maps (the paper
+uses 0.75).
+
+:func:`perturb_instances` is a *teaching device*: it simulates the disagreements of
+Monte-Carlo draws (thickening/thinning, false splits, false merges, missing instances) from
+a ground-truth stack, so agglomeration can be explored without a trained network.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+__all__ = [
+    "Agglomeration",
+    "agglomerate",
+    "binarize",
+    "binarized_indices",
+    "bernoulli_entropy",
+    "instance_scores",
+    "Matching",
+    "match_instances",
+    "perturb_instances",
+    "soft_iou_matrix",
+]
+
+#: Default minimal IoU for a base instance and a draw's instance to count as the same object.
+DEFAULT_MIN_IOU = 0.3
+
+
+class Agglomeration(NamedTuple):
+    """Result of :func:`agglomerate`.
+
+    Attributes
+    ----------
+    probs : np.ndarray
+        float32 ``(K, H, W)`` in ``[0, 1]``: per-instance probability maps.
+    scores : np.ndarray
+        float64 ``(K,)``: mean probability over each instance's support (``probs > 0``).
+    """
+
+    probs: np.ndarray
+    scores: np.ndarray
+
+
+def soft_iou_matrix(soft: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Fuzzy IoU of every soft mask with every binary mask, via one matrix product.
+
+    For ``p`` in ``[0, 1]`` and binary ``m``: ``sum(min(p, m)) = p . m`` and
+    ``sum(max(p, m)) = sum(p) + sum(m) - p . m``, so the fuzzy Jaccard index
+    ``sum(min) / sum(max)`` of all pairs needs a single ``(K, N) @ (N, L)`` product.
+    For binary ``soft`` it is the ordinary IoU.
+
+    Parameters
+    ----------
+    soft : np.ndarray
+        ``(K, H, W)`` values in ``[0, 1]`` (bool allowed).
+    masks : np.ndarray
+        ``(L, H, W)`` bool.
+
+    Returns
+    -------
+    np.ndarray
+        float64 ``(K, L)``; 0 where both masks are empty.
+
+    Examples
+    --------
+    >>> a = np.zeros((1, 2, 2)); a[0, 0] = 1.0          # top row
+    >>> b = np.zeros((1, 2, 2), bool); b[0, :, 0] = True  # left column
+    >>> float(soft_iou_matrix(a, b)[0, 0])                # 1 shared pixel of 3
+    0.3333333333333333
+    """
+    soft = np.asarray(soft)
+    masks = np.asarray(masks)
+    if soft.ndim != 3 or masks.ndim != 3 or soft.shape[1:] != masks.shape[1:]:
+        raise ValueError(f"expected (K, H, W) and (L, H, W) stacks, got shapes {soft.shape} and {masks.shape}")
+    n_pixels = int(np.prod(soft.shape[1:]))
+    p = soft.reshape(len(soft), n_pixels).astype(np.float32)
+    m = masks.reshape(len(masks), n_pixels).astype(np.float32)
+    intersection = (p @ m.T).astype(np.float64)
+    union = p.sum(1, dtype=np.float64)[:, None] + m.sum(1, dtype=np.float64)[None, :] - intersection
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+
+
+class Matching(NamedTuple):
+    """Result of :func:`match_instances`.
+
+    Attributes
+    ----------
+    iou : np.ndarray
+        float64 ``(K, L)`` fuzzy IoU of every base instance with every new instance.
+    pairs : np.ndarray
+        int ``(M, 2)`` matched ``(base index, new index)`` pairs, all with IoU >= ``min_iou``.
+    unmatched : np.ndarray
+        int ``(U,)`` indices of the new instances left unmatched (they become new instances).
+    """
+
+    iou: np.ndarray
+    pairs: np.ndarray
+    unmatched: np.ndarray
+
+
+def match_instances(base: np.ndarray, masks: np.ndarray, *, min_iou: float = DEFAULT_MIN_IOU) -> Matching:
+    """One step of :func:`agglomerate`: match a draw's instances to the current base instances.
+
+    The one-to-one assignment maximising the summed IoU (Hungarian algorithm,
+    :func:`scipy.optimize.linear_sum_assignment` on ``-IoU``) is computed on all pairs; only
+    the assigned pairs with IoU ``>= min_iou`` count as matched.
+
+    Parameters
+    ----------
+    base : np.ndarray
+        ``(K, H, W)`` base instances, soft (mean masks in ``[0, 1]``) or binary.
+    masks : np.ndarray
+        bool ``(L, H, W)`` instances of the new draw.
+    min_iou : float
+        Smallest IoU of a matched pair.
+
+    Returns
+    -------
+    Matching
+
+    Examples
+    --------
+    >>> base = np.zeros((2, 4, 8), bool); base[0, :, :3] = True; base[1, :, 5:] = True
+    >>> new = base[::-1].copy(); new[1, :, 3] = True   # same worms, other order, one thicker
+    >>> m = match_instances(base, new)
+    >>> m.pairs.tolist(), m.unmatched.tolist()
+    ([[0, 1], [1, 0]], [])
+    """
+    iou = soft_iou_matrix(base, masks)
+    rows, cols = linear_sum_assignment(-iou) if iou.size else (np.zeros(0, int), np.zeros(0, int))
+    good = iou[rows, cols] >= min_iou
+    pairs = np.stack([rows[good], cols[good]], axis=1).astype(np.intp).reshape(-1, 2)
+    unmatched = np.setdiff1d(np.arange(len(masks)), pairs[:, 1]).astype(np.intp)
+    return Matching(iou, pairs, unmatched)
+
+
+def _validated_draws(draws: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Bool ``(K_i, H, W)`` stacks, empty instances removed; ValueError on bad shapes."""
+    if len(draws) == 0:
+        raise ValueError("agglomerate needs at least one draw, got an empty sequence")
+    out = []
+    for i, draw in enumerate(draws):
+        draw = np.asarray(draw)
+        if draw.ndim != 3:
+            raise ValueError(f"draw {i} must be a (K, H, W) mask stack, got shape {draw.shape}")
+        if out and draw.shape[1:] != out[0].shape[1:]:
+            raise ValueError(f"draw {i} has image shape {draw.shape[1:]}, but draw 0 has {out[0].shape[1:]}")
+        draw = draw.astype(bool, copy=False)
+        out.append(draw[draw.any(axis=(1, 2))])
+    return out
+
+
+def agglomerate(draws: Sequence[np.ndarray], *, min_iou: float = DEFAULT_MIN_IOU) -> Agglomeration:
+    """Match the instances of several segmentations and average them into probability maps.
+
+    Parameters
+    ----------
+    draws : sequence of np.ndarray
+        Bool ``(K_i, H, W)`` instance stacks, one per Monte-Carlo draw, all of the same
+        ``(H, W)``. Instances may overlap; empty instances are ignored; a draw may hold no
+        instance at all (``(0, H, W)``) — it still counts in the denominator.
+    min_iou : float
+        Minimal (fuzzy) IoU between a base instance's mean mask and a draw's instance for
+        the two to be merged. Must lie in ``(0, 1]``, so disjoint masks are never merged.
+
+    Returns
+    -------
+    Agglomeration
+        ``probs`` float32 ``(K, H, W)``: for instance ``k``, the fraction of draws whose
+        matched instance covers each pixel; ``scores`` ``(K,)``: the mean of ``probs[k]``
+        over its support. The base draw's instances come first, in their order, then the
+        unmatched instances in the order they were met. Exact ties in the assignment (e.g.
+        the two equal halves of a split worm) are broken by instance order.
+
+    Examples
+    --------
+    >>> a = np.zeros((1, 4, 4), bool); a[0, :2] = True
+    >>> b = np.zeros((1, 4, 4), bool); b[0, :3] = True
+    >>> result = agglomerate([a, a, b, b])
+    >>> result.probs[0, :, 0].tolist()
+    [1.0, 1.0, 0.5, 0.0]
+    >>> round(float(result.scores[0]), 3)
+    0.833
+    """
+    if not 0.0 < min_iou <= 1.0:
+        raise ValueError(f"min_iou must lie in (0, 1], got {min_iou}")
+    stacks = _validated_draws(draws)
+    height, width = stacks[0].shape[1:]
+    base_index = int(np.argmax([len(s) for s in stacks]))
+    counts = [m.astype(np.int32) for m in stacks[base_index]]   # summed masks per instance
+    hits = [1] * len(counts)                                      # draws contributing to each
+    for i, stack in enumerate(stacks):
+        if i == base_index or len(stack) == 0:
+            continue
+        mean_masks = (np.stack(counts) / np.asarray(hits, np.float32)[:, None, None] if counts
+                      else np.zeros((0, height, width), np.float32))
+        matching = match_instances(mean_masks, stack, min_iou=min_iou)
+        for r, c in matching.pairs:
+            counts[r] += stack[c]
+            hits[r] += 1
+        for c in matching.unmatched:
+            counts.append(stack[c].astype(np.int32))
+            hits.append(1)
+    if not counts:
+        return Agglomeration(np.zeros((0, height, width), np.float32), np.zeros(0))
+    probs = (np.stack(counts) / np.float32(len(stacks))).astype(np.float32)
+    return Agglomeration(probs, instance_scores(probs))
+
+
+def instance_scores(probs: np.ndarray) -> np.ndarray:
+    """Mean probability of each map over its support (``probs > 0``); 0 for an empty map.
+
+    Examples
+    --------
+    >>> instance_scores(np.array([[[1.0, 0.5, 0.0]]])).tolist()
+    [0.75]
+    """
+    probs = np.asarray(probs)
+    flat = probs.reshape(len(probs), int(np.prod(probs.shape[1:])))
+    support = (flat > 0).sum(1)
+    total = flat.sum(1, dtype=np.float64)
+    return np.divide(total, support, out=np.zeros(len(flat)), where=support > 0)
+
+
+def binarized_indices(probs: np.ndarray, threshold: float = 0.75) -> np.ndarray:
+    """Indices of the instances that keep at least one pixel ``>= threshold``.
+
+    Use it to keep the matching ``scores``: ``scores[binarized_indices(probs)]``.
+
+    Examples
+    --------
+    >>> binarized_indices(np.array([[[0.9]], [[0.5]]])).tolist()
+    [0]
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be (K, H, W), got shape {probs.shape}")
+    return np.flatnonzero((probs >= threshold).any(axis=(1, 2)))
+
+
+def binarize(probs: np.ndarray, threshold: float = 0.75) -> np.ndarray:
+    """Threshold per-instance probability maps (``probs >= threshold``), dropping empty instances.
+
+    Parameters
+    ----------
+    probs : np.ndarray
+        ``(K, H, W)`` probabilities, e.g. :attr:`Agglomeration.probs`.
+    threshold : float
+        The paper uses 0.75: a pixel belongs to an instance if at least 3/4 of the draws agree.
+
+    Returns
+    -------
+    np.ndarray
+        bool ``(K', H, W)`` with ``K' <= K``; the kept instances are
+        :func:`binarized_indices` (same order).
+
+    Examples
+    --------
+    >>> binarize(np.array([[[0.9, 0.5]], [[0.1, 0.2]]])).tolist()
+    [[[True, False]]]
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+    probs = np.asarray(probs)
+    keep = binarized_indices(probs, threshold)
+    return probs[keep] >= threshold
+
+
+def bernoulli_entropy(probs: np.ndarray) -> np.ndarray:
+    """Pixel-wise entropy (nats) of a Bernoulli variable: ``-p log p - (1 - p) log(1 - p)``.
+
+    0 where ``p`` is 0 or 1, maximal (``log 2``) at ``p = 0.5``.
+
+    Examples
+    --------
+    >>> bernoulli_entropy(np.array([0.0, 0.5, 1.0])).round(4).tolist()
+    [0.0, 0.6931, 0.0]
+    """
+    p = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
+    q = 1.0 - p
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(p > 0, -p * np.log(p), 0.0) + np.where(q > 0, -q * np.log(q), 0.0)
+
+
+# --- teaching device: simulated Monte-Carlo disagreements ------------------------------
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return yy**2 + xx**2 <= radius**2
+
+
+def _morph(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Dilate (radius > 0) or erode (radius < 0) one mask by a disk, on its padded bounding box."""
+    if radius == 0:
+        return mask.copy()
+    r = abs(radius)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    y0, y1 = max(rows[0] - r - 1, 0), min(rows[-1] + r + 2, mask.shape[0])
+    x0, x1 = max(cols[0] - r - 1, 0), min(cols[-1] + r + 2, mask.shape[1])
+    op = ndimage.binary_dilation if radius > 0 else ndimage.binary_erosion
+    out = np.zeros_like(mask)
+    out[y0:y1, x0:x1] = op(mask[y0:y1, x0:x1], structure=_disk(r), border_value=0)
+    return out
+
+
+def _split_along_principal_axis(mask: np.ndarray) -> list[np.ndarray]:
+    """Cut a mask in two halves at the median of its projection on its principal axis."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 2:
+        return [mask]
+    coords = np.stack([ys, xs], 1).astype(np.float64)
+    coords -= coords.mean(0)
+    _, vectors = np.linalg.eigh(coords.T @ coords)
+    projection = coords @ vectors[:, -1]
+    first = projection < np.median(projection)
+    if first.all() or not first.any():
+        return [mask]
+    halves = [np.zeros_like(mask), np.zeros_like(mask)]
+    halves[0][ys[first], xs[first]] = True
+    halves[1][ys[~first], xs[~first]] = True
+    return halves
+
+
+def perturb_instances(
+    instances: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    max_radius: int = 2,
+    p_split: float = 0.1,
+    p_merge: float = 0.1,
+    p_drop: float = 0.05,
+) -> np.ndarray:
+    """Simulate one Monte-Carlo draw from a ground-truth stack (a teaching device).
+
+    Each instance independently is dropped (probability ``p_drop``), or else eroded or
+    dilated by a disk of random radius in ``[-max_radius, max_radius]``, then split in two
+    across its principal axis (``p_split``: a *false split*). Finally, with probability
+    ``p_merge`` per instance, it is united with a touching or overlapping neighbour
+    (a *false merge*). Instances emptied by erosion disappear.
+
+    This is *not* what a network does; it produces plausible, controllable disagreements so
+    :func:`agglomerate` can be studied without a trained model.
+
+    Parameters
+    ----------
+    instances : np.ndarray
+        bool ``(K, H, W)``.
+    rng : np.random.Generator
+        Source of randomness (seed it for reproducibility).
+    max_radius : int
+        Largest erosion/dilation radius in pixels (0 keeps the shapes).
+    p_split, p_merge, p_drop : float
+        Per-instance probabilities of a false split, a false merge and a missing instance.
+
+    Returns
+    -------
+    np.ndarray
+        bool ``(K', H, W)``.
+
+    Examples
+    --------
+    >>> gt = np.zeros((2, 8, 8), bool); gt[0, 1:3] = True; gt[1, 5:7] = True
+    >>> draw = perturb_instances(gt, np.random.default_rng(0), max_radius=0, p_split=0, p_merge=0, p_drop=0)
+    >>> bool((draw == gt).all())
+    True
+    """
+    instances = np.asarray(instances)
+    if instances.ndim != 3:
+        raise ValueError(f"instances must be a (K, H, W) stack, got shape {instances.shape}")
+    for name, p in (("p_split", p_split), ("p_merge", p_merge), ("p_drop", p_drop)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {p}")
+    if max_radius < 0:
+        raise ValueError(f"max_radius must be >= 0, got {max_radius}")
+    masks: list[np.ndarray] = []
+    for mask in instances.astype(bool):
+        if not mask.any() or rng.random() < p_drop:
+            continue
+        mask = _morph(mask, int(rng.integers(-max_radius, max_radius + 1)))
+        if not mask.any():
+            continue
+        masks.extend(_split_along_principal_axis(mask) if rng.random() < p_split else [mask])
+    masks = _false_merges(masks, rng, p_merge)
+    return np.stack(masks) if masks else np.zeros((0, *instances.shape[1:]), bool)
+
+
+def _false_merges(masks: list[np.ndarray], rng: np.random.Generator, p_merge: float) -> list[np.ndarray]:
+    """Unite, with probability ``p_merge`` each, instances with a touching or overlapping partner."""
+    masks = list(masks)
+    k = 0
+    while k < len(masks):
+        if rng.random() < p_merge:
+            grown = _morph(masks[k], 1)
+            partners = [j for j in range(len(masks)) if j != k and (grown & masks[j]).any()]
+            if partners:
+                j = partners[int(rng.integers(len(partners)))]
+                masks[k] = masks[k] | masks[j]
+                del masks[j]
+                if j < k:
+                    k -= 1
+        k += 1
+    return masks

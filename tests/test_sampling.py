@@ -1,0 +1,136 @@
+"""Tests of companion.sampling: deterministic and Monte-Carlo dropout inference on whole images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from companion.model import UNet, concrete_layers, set_mc_sampling
+from companion.sampling import MCDraws, mc_predict, pad_to_multiple, predict, segment_draws
+
+
+@pytest.fixture(scope="module")
+def net() -> UNet:
+    torch.manual_seed(0)
+    return UNet(base_filters=4, dropout="concrete", init_dropout_rate=0.2)
+
+
+@pytest.fixture
+def image(rng) -> np.ndarray:
+    return rng.random((2, 37, 50), dtype=np.float32)  # not a multiple of 16
+
+
+def test_pad_to_multiple_reflects_and_crops_back():
+    x = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(1, 2, 5, 7)
+    padded, (rows, cols) = pad_to_multiple(x, 4)
+    assert padded.shape[-2:] == (8, 8)
+    assert torch.equal(padded[..., rows, cols], x)
+    top, left = rows.start, cols.start
+    # reflect padding mirrors without repeating the edge row / column
+    assert torch.equal(padded[..., top - 1, cols], x[..., 1, :])
+    assert torch.equal(padded[..., rows, left + 7], x[..., :, 5])
+    tiny, crop = pad_to_multiple(torch.ones(1, 1, 2, 3), 16)  # too small to mirror: replicate
+    assert tiny.shape[-2:] == (16, 16) and torch.equal(tiny, torch.ones(1, 1, 16, 16))
+    same, crop = pad_to_multiple(x[..., :4, :4], 4)
+    assert same.shape == (1, 2, 4, 4) and crop == (slice(0, 4), slice(0, 4))
+    with pytest.raises(ValueError, match=r"\(2, 5, 7\)"):
+        pad_to_multiple(x[0], 4)
+
+
+def test_predict_is_deterministic_and_cropped(net, image):
+    set_mc_sampling(net, True)  # predict must switch sampling off ...
+    net.train()
+    first, second = predict(net, image), predict(net, torch.from_numpy(image), device="cpu")
+    assert all(layer.sampling for layer in concrete_layers(net))  # ... and restore it afterwards
+    assert net.training
+    set_mc_sampling(net, False)
+    net.eval()
+    assert isinstance(first, MCDraws)
+    assert first.embeddings.shape == (1, 16, 37, 50) and first.logits.shape == (1, 3, 37, 50)
+    assert first.embeddings.dtype == np.float32
+    np.testing.assert_array_equal(first.embeddings, second.embeddings)
+
+
+def test_predict_equals_a_plain_forward_pass_when_no_padding_is_needed(net, rng):
+    image = rng.random((2, 32, 48), dtype=np.float32)
+    with torch.no_grad():
+        reference = net.eval()(torch.from_numpy(image)[None])
+    out = predict(net, image)
+    np.testing.assert_allclose(out.logits, reference.logits.numpy(), atol=1e-6)
+    np.testing.assert_allclose(out.embeddings, reference.embedding.numpy(), atol=1e-6)
+
+
+def test_predict_crop_matches_a_manually_padded_forward_pass(net, image):
+    x = torch.from_numpy(image)[None]
+    manual = torch.nn.functional.pad(x, (7, 7, 5, 6), mode="reflect")  # 37 x 50 -> 48 x 64
+    with torch.no_grad():
+        reference = net.eval()(manual).logits[..., 5:42, 7:57]
+    np.testing.assert_allclose(predict(net, image).logits, reference.numpy(), atol=1e-6)
+
+
+def test_mc_predict_draws_differ_and_are_seeded(net, image):
+    state = torch.get_rng_state()
+    draws = mc_predict(net, image, n_draws=5, batch=2, seed=3)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
+    assert draws.embeddings.shape == (5, 16, 37, 50) and draws.logits.shape == (5, 3, 37, 50)
+    assert draws.logits.dtype == np.float32
+    for i in range(5):
+        for j in range(i):
+            assert not np.allclose(draws.logits[i], draws.logits[j])
+    again = mc_predict(net, image, n_draws=5, batch=2, seed=3)
+    np.testing.assert_array_equal(draws.logits, again.logits)
+    other = mc_predict(net, image, n_draws=5, batch=2, seed=4)
+    assert not np.allclose(draws.logits, other.logits)
+    deterministic = predict(net, image)
+    assert not np.allclose(draws.logits[0], deterministic.logits[0])
+
+
+def test_mc_predict_batched_matches_a_reference_sampling_loop(net, rng):
+    image = rng.random((2, 32, 32), dtype=np.float32)
+    draws = mc_predict(net, image, n_draws=6, batch=4, seed=11)
+    torch.manual_seed(11)
+    set_mc_sampling(net, True)
+    with torch.no_grad():
+        x = torch.from_numpy(image)[None]
+        reference = torch.cat([net.eval()(x.repeat(4, 1, 1, 1)).logits, net(x.repeat(2, 1, 1, 1)).logits])
+    set_mc_sampling(net, False)
+    np.testing.assert_allclose(draws.logits, reference.numpy(), atol=1e-5)
+
+
+def test_mc_predict_restores_modes(net, image):
+    net.train()
+    mc_predict(net, image, n_draws=2, seed=0)
+    assert net.training and not any(layer.sampling for layer in concrete_layers(net))
+    net.eval()
+    mc_predict(net, image, n_draws=2, seed=0)
+    assert not net.training and not any(layer.sampling for layer in concrete_layers(net))
+
+
+def test_mc_predict_without_dropout_gives_identical_draws(image):
+    baseline = UNet(base_filters=4, dropout=None)
+    draws = mc_predict(baseline, image, n_draws=3, batch=2)
+    # equal up to float rounding (batched convolutions may sum in another order)
+    np.testing.assert_allclose(draws.logits[0], draws.logits[2], atol=1e-5)
+    np.testing.assert_allclose(draws.logits[0], predict(baseline, image).logits[0], atol=1e-5)
+
+
+def test_invalid_inputs_are_rejected(net, image):
+    with pytest.raises(ValueError, match=r"\(37, 50\)"):
+        predict(net, image[0])
+    with pytest.raises(ValueError, match="n_draws"):
+        mc_predict(net, image, n_draws=0)
+
+
+def test_segment_draws_segments_each_draw():
+    postprocess = pytest.importorskip("companion.postprocess")
+    instances = np.zeros((2, 40, 40), bool)
+    instances[0, 5:15, 5:35] = True
+    instances[1, 25:35, 5:35] = True
+    embeddings = np.stack([postprocess.simulate_embedding(instances, dim=4, seed=s) for s in range(2)])
+    logits = np.stack([postprocess.ideal_logits(instances)] * 2).astype(np.float32)
+    stacks = segment_draws(MCDraws(embeddings.astype(np.float32), logits), bandwidth=2.0, threshold=1.5)
+    assert len(stacks) == 2
+    for embedding, stack in zip(embeddings, stacks):
+        expected = postprocess.segment(embedding.astype(np.float32), logits[0], 2.0, 1.5)
+        np.testing.assert_array_equal(stack, expected)
+        assert stack.shape == (2, 40, 40)
