@@ -38,7 +38,7 @@ book: env
 	@echo "The book is at: file://$(abspath _build/html/index.html)"
 
 unit: env
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest -q tests --doctest-modules companion
 
 notebooks: env
 	$(BIN)/python -m pytest --nbval-lax -q --nbval-cell-timeout=900 book

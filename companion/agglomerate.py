@@ -39,6 +39,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from .uncertainty import bernoulli_entropy  # re-exported: chapter 07 shows the entropy of P
+
 __all__ = [
     "Agglomeration",
     "agglomerate",
@@ -294,22 +296,6 @@ def binarize(probs: np.ndarray, threshold: float = 0.75) -> np.ndarray:
     probs = np.asarray(probs)
     keep = binarized_indices(probs, threshold)
     return probs[keep] >= threshold
-
-
-def bernoulli_entropy(probs: np.ndarray) -> np.ndarray:
-    """Pixel-wise entropy (nats) of a Bernoulli variable: ``-p log p - (1 - p) log(1 - p)``.
-
-    0 where ``p`` is 0 or 1, maximal (``log 2``) at ``p = 0.5``.
-
-    Examples
-    --------
-    >>> bernoulli_entropy(np.array([0.0, 0.5, 1.0])).round(4).tolist()
-    [0.0, 0.6931, 0.0]
-    """
-    p = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
-    q = 1.0 - p
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(p > 0, -p * np.log(p), 0.0) + np.where(q > 0, -q * np.log(q), 0.0)
 
 
 # --- teaching device: simulated Monte-Carlo disagreements ------------------------------
