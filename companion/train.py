@@ -1,0 +1,819 @@
+"""Training: configuration presets, the training loop, checkpoints and exact resuming.
+
+The loop trains the U-Net of :mod:`companion.model` with the objective of
+:mod:`companion.losses` on augmented crops from :class:`companion.augment.WormCropDataset`.
+
+Design decisions
+----------------
+* **Data order is a function of (seed, iteration).** Iteration ``t`` of rank ``r`` (of ``W``)
+  reads the crops with the global indices ``(t * W + r) * B + j``, ``j < B``, and the dataset
+  derives each crop from ``(seed, index)`` alone. Resuming at iteration ``t`` therefore reads
+  exactly the crops an uninterrupted run would have read, without replaying the loader.
+* **Checkpoints hold only tensors and primitive containers** (the configuration as a dict, RNG
+  states as tensors and lists), so :func:`load_model` reads them with
+  ``torch.load(..., weights_only=True)`` and never executes a pickle.
+* **Exact resuming on the CPU.** A checkpoint holds the model, the optimiser, the gradient
+  scaler, the Python / NumPy / torch (and CUDA) random states and the iteration. On the CPU with
+  a fixed seed, a run that is killed and resumed ends with weights bit-identical to an
+  uninterrupted run (GPU kernels are not bit-deterministic, so on CUDA it is "statistically" the
+  same run).
+* **Mixed precision on CUDA only**: bf16 autocast where the GPU supports it natively
+  (Ampere and newer), fp16 autocast with a :class:`torch.amp.GradScaler` otherwise (e.g. a
+  Colab T4). The loss itself is computed in float32.
+* **Multi-GPU**: the same entry point runs under ``torchrun --nproc_per_node N`` with
+  :class:`~torch.nn.parallel.DistributedDataParallel` (NCCL on GPUs, gloo on the CPU). Every
+  rank reads its own shard of each global batch and draws its own dropout masks; only rank 0
+  logs and writes checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from companion.data import Sample
+    from companion.losses import ObjectiveTerms
+
+__all__ = [
+    "PRESETS",
+    "TrainConfig",
+    "DistInfo",
+    "train",
+    "train_step",
+    "make_loader",
+    "single_threaded_numpy_blas",
+    "to_device",
+    "build_model",
+    "load_model",
+    "read_checkpoint",
+    "read_log",
+    "CHECKPOINT_FORMAT",
+]
+
+#: Marker stored in every checkpoint, checked by :func:`read_checkpoint`.
+CHECKPOINT_FORMAT = "companion-checkpoint"
+#: Version of the checkpoint layout.
+CHECKPOINT_VERSION = 1
+#: Names of the loss terms logged to ``log.jsonl`` (the fields of ``ObjectiveTerms``).
+TERM_NAMES = ("total", "var", "dist", "reg", "ce", "model_reg")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (JSON-safe, see :meth:`to_dict`).
+
+    The defaults are the paper's set-up (the ``"paper"`` preset). The learning rate and the
+    batch size are not given in the paper; ``lr=1e-4`` with Adam and 2 crops of 512 x 512 per
+    iteration are the usual choice for a U-Net of this size on a single GPU.
+
+    Parameters
+    ----------
+    model : {"concrete", "baseline"}
+        ``"concrete"``: U-Net with Concrete Dropout (learned dropout rates, regularised by
+        :func:`companion.model.concrete_regularizer`); ``"baseline"``: no dropout, L2 weight
+        decay ``weight_decay``.
+    iterations : int
+        Optimiser steps (the paper: 800 000).
+    batch_size : int
+        Crops per iteration *per process* (a run on ``N`` GPUs uses ``N * batch_size``).
+    lr : float
+        Adam learning rate.
+    crop_size : int
+        Side of the square training crops (multiple of 16; the paper: 512).
+    embedding_dim, base_filters, depth, init_dropout_rate, temperature
+        Architecture, see :class:`companion.model.UNet`.
+    delta_d, length_scale_sq, zeta, weight_decay
+        Objective, see :func:`companion.losses.training_objective`.
+    augment : bool
+        Random rotations, flips and elastic deformations of the crops.
+    seed : int
+        Seeds weights, data order, augmentation and dropout masks.
+    checkpoint_every, log_every : int
+        Write ``last.pt`` / a ``log.jsonl`` line every that many iterations.
+    num_workers : int
+        DataLoader worker processes preparing crops (0: in the training process).
+    amp : bool
+        Mixed precision on CUDA (ignored on the CPU).
+    channels_last : bool
+        Channels-last memory format on CUDA (faster convolutions with tensor cores).
+    device : str or None
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when present.
+    """
+
+    model: str = "concrete"
+    iterations: int = 800_000
+    batch_size: int = 2
+    lr: float = 1e-4
+    crop_size: int = 512
+    embedding_dim: int = 16
+    base_filters: int = 19
+    depth: int = 5
+    init_dropout_rate: float = 0.1
+    temperature: float = 0.1
+    delta_d: float = 4.0
+    length_scale_sq: float = 1e-6
+    zeta: float = 1e-3
+    weight_decay: float = 1e-6
+    augment: bool = True
+    seed: int = 0
+    checkpoint_every: int = 5_000
+    log_every: int = 100
+    num_workers: int = 2
+    amp: bool = True
+    channels_last: bool = True
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model not in ("concrete", "baseline"):
+            raise ValueError(f"model must be 'concrete' or 'baseline', got {self.model!r}")
+        for name in ("iterations", "batch_size", "crop_size", "embedding_dim", "base_filters",
+                     "depth", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.crop_size % 16:
+            raise ValueError(f"crop_size must be a multiple of 16 (the U-Net pools 4 times), "
+                             f"got {self.crop_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        for name in ("lr", "delta_d", "length_scale_sq", "zeta", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.init_dropout_rate < 1:
+            raise ValueError(f"init_dropout_rate must lie in (0, 1), got {self.init_dropout_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+        """A named preset (see :data:`PRESETS`) with some fields overridden.
+
+        Examples
+        --------
+        >>> TrainConfig.preset("quick").iterations
+        30
+        >>> TrainConfig.preset("cpu", model="baseline").model
+        'baseline'
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a JSON-safe dict (inverse of :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Rebuild a configuration from :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**dict(values))
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`companion.model.UNet` for this configuration."""
+        return dict(in_channels=2, embedding_dim=self.embedding_dim, n_classes=3,
+                    base_filters=self.base_filters, depth=self.depth,
+                    dropout="concrete" if self.model == "concrete" else None,
+                    init_dropout_rate=self.init_dropout_rate, temperature=self.temperature)
+
+
+#: Named presets (overrides of the paper defaults). How they were sized:
+#:
+#: * ``paper``: the paper's set-up, 800 000 iterations of 512 x 512 crops.
+#: * ``colab``: what a free Colab T4 finishes in about an hour. Not measured (no GPU here), but
+#:   estimated: one iteration (2 crops of 512 x 512, forward + backward) costs 205 GFLOP
+#:   (``torch.utils.flop_counter``); assuming the T4 sustains ~1 TFLOP/s on this thin U-Net
+#:   under fp16 autocast (~1.5 % of its tensor-core peak, ~18x one core of the CPU measured
+#:   below, which runs ~55 GFLOP/s) gives ~5 it/s, i.e. ~18 000 iterations per hour; 15 000
+#:   leave a margin. The data pipeline is not the limit: one core augments 27-55 crops of
+#:   512 x 512 per second (``benchmarks/bench_training.py``), so Colab's 2 vCPUs feed > 25 it/s.
+#:   Checkpoints every 1000 iterations, so a disconnect costs minutes: rerun with ``--resume``.
+#: * ``cpu``: what 2 CPU cores finish in about two hours: 256 x 256 crops, batch 1, the full-size
+#:   U-Net. Measured with ``benchmarks/bench_training.py`` on a 2-core machine (25.7 GFLOP per
+#:   iteration): ~3.5 it/s with 2 torch threads (~25 000 iterations in 2 h), ~2.2 it/s with one;
+#:   20 000 iterations leave a margin for slower or busier CPUs.
+#: * ``quick``: seconds; a tiny network on 64 x 64 crops to check the pipeline (CI, the book),
+#:   with a 10x larger learning rate so that the loss visibly moves within 30 iterations.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "colab": dict(iterations=15_000, batch_size=2, checkpoint_every=1_000, log_every=100,
+                  num_workers=2),
+    "cpu": dict(iterations=20_000, crop_size=256, batch_size=1, checkpoint_every=500,
+                log_every=50, num_workers=1),
+    "quick": dict(iterations=30, crop_size=64, batch_size=2, lr=1e-3, base_filters=4, depth=5,
+                  embedding_dim=8, checkpoint_every=10, log_every=2, num_workers=0),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed plumbing
+# --------------------------------------------------------------------------------------------
+class DistInfo(NamedTuple):
+    """Where this process stands in a (possibly single-process) run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    initialized_here: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_type: str) -> DistInfo:
+    """Join the process group described by torchrun's environment (or by the caller).
+
+    A process group the caller already initialised is used as is; ``WORLD_SIZE > 1`` in the
+    environment (torchrun) initialises one: NCCL for CUDA, gloo for the CPU.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local, False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(0, 1, 0, False)
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE={world} but torch.distributed is not available")
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, True)
+
+
+def _resolve_device(config: TrainConfig) -> torch.device:
+    if config.device is not None:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r} requested but CUDA is not available")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Seed of the dropout masks of one rank (rank 0 keeps ``seed``)."""
+    return seed + 1_000_003 * rank
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or not config.amp:
+        return None
+    try:
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the keyword
+        bf16 = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float16
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+class _IterationSampler(torch.utils.data.Sampler):
+    """Global crop indices of iterations ``start..stop-1`` for one rank (see module docs)."""
+
+    def __init__(self, start: int, stop: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.start, self.stop = start, stop
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        for it in range(self.start, self.stop):
+            first = (it * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.batch_size
+
+
+def single_threaded_numpy_blas() -> contextlib.AbstractContextManager:
+    """Limit NumPy's / SciPy's OpenBLAS to one thread (a context manager; applies at once).
+
+    After every call OpenBLAS keeps its threads spinning for a while; the augmentation's small
+    matrix products gain nothing from them, but the spinning threads steal the cores torch
+    trains on (measured here: a CPU step after a crop was prepared took 350 ms instead of 270 ms
+    with two OpenBLAS threads). torch's own thread pool (OpenMP) is not affected.
+    """
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    prefixes = {info["prefix"] for info in threadpool_info() if info["internal_api"] == "openblas"}
+    if not prefixes:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits={prefix: 1 for prefix in prefixes})
+
+
+def _init_worker(worker_id: int) -> None:
+    single_threaded_numpy_blas()  # stays in force for the worker's lifetime
+
+
+def make_loader(data: Sequence["Sample"], config: TrainConfig, *, start: int = 0, rank: int = 0,
+                world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The training batches of iterations ``start .. config.iterations - 1`` for one rank.
+
+    Crops come from :class:`companion.augment.WormCropDataset`; iteration ``t`` of rank ``r``
+    reads the crops ``(t * world_size + r) * batch_size + j`` (see the module docs).
+
+    Examples
+    --------
+    >>> from companion.synthetic import make_dataset
+    >>> cfg = TrainConfig.preset("quick", iterations=3)
+    >>> loader = make_loader(make_dataset(2, shape=(96, 96)), cfg, start=1)
+    >>> [tuple(b["image"].shape) for b in loader]
+    [(2, 2, 64, 64), (2, 2, 64, 64)]
+    """
+    from companion.augment import WormCropDataset, collate_crops
+
+    n_crops = config.iterations * config.batch_size * world_size
+    dataset = WormCropDataset(list(data), crop_size=config.crop_size, length=n_crops,
+                              seed=config.seed, augment=config.augment)
+    sampler = _IterationSampler(start, config.iterations, config.batch_size, rank, world_size)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_crops,
+        num_workers=config.num_workers, pin_memory=pin_memory,
+        # an own generator: creating the loader iterator must not consume the global torch RNG
+        generator=torch.Generator().manual_seed(config.seed),
+        persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
+        worker_init_fn=_init_worker if config.num_workers else None)
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """A :func:`~companion.augment.collate_crops` batch moved to ``device`` (non-blocking)."""
+    image = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return dict(image=image, target=batch["target"].to(device, non_blocking=True),
+                instances=[m.to(device, non_blocking=True) for m in batch["instances"]])
+
+
+# --------------------------------------------------------------------------------------------
+# One step
+# --------------------------------------------------------------------------------------------
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """The U-Net of a configuration (fresh weights from the global torch RNG)."""
+    from companion.model import UNet
+
+    return UNet(**config.model_kwargs())
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, *,
+               n_train: int, config: TrainConfig,
+               scaler: "torch.amp.GradScaler | None" = None,
+               amp_dtype: torch.dtype | None = None) -> "ObjectiveTerms":
+    """One optimiser step on one batch; returns the (detached) terms of the objective.
+
+    ``model`` may be wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, which then
+    averages the gradients over the ranks. The forward pass runs under autocast when
+    ``amp_dtype`` is given; the objective is always computed in float32.
+
+    Examples
+    --------
+    >>> from companion.synthetic import make_dataset
+    >>> from companion.augment import WormCropDataset, collate_crops
+    >>> cfg = TrainConfig.preset("quick")
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = build_model(cfg)
+    >>> opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    >>> data = make_dataset(2, seed=0, shape=(128, 128))
+    >>> ds = WormCropDataset(data, crop_size=64, length=2, seed=0)
+    >>> terms = train_step(model, opt, collate_crops([ds[0], ds[1]]), n_train=2, config=cfg)
+    >>> bool(torch.isfinite(terms.total))
+    True
+    """
+    from companion.losses import ObjectiveTerms, training_objective
+    from companion.model import UNetOutput
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    device_type = batch["image"].device.type
+    with torch.autocast(device_type=device_type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        output = model(batch["image"])
+    output = UNetOutput(output.embedding.float(), output.logits.float())
+    terms = training_objective(_unwrap(model), output, batch, n_train=n_train,
+                               weight_decay=config.weight_decay,
+                               length_scale_sq=config.length_scale_sq, zeta=config.zeta,
+                               delta_d=config.delta_d)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(terms.total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        terms.total.backward()
+        optimizer.step()
+    return ObjectiveTerms(*(torch.as_tensor(t).detach() for t in terms))
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states and checkpoints
+# --------------------------------------------------------------------------------------------
+def _capture_rng() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": [int(version), [int(v) for v in internal], gauss],
+        "numpy": {"bit_generator": str(np_state["bit_generator"]),
+                  "key": torch.as_tensor(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def _restore_rng(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": np_state["bit_generator"],
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32),
+                                   "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
+    """Read and validate a training checkpoint without executing any pickle.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        ``path`` is not a checkpoint written by :func:`train` (not a safe torch file, or a
+        file without the checkpoint's keys).
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError,
+            ValueError, TypeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a companion checkpoint that can be loaded safely "
+                         f"(torch.load(weights_only=True) refused it: {first_line})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        what = f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) \
+            else f"a {type(ckpt).__name__}"
+        raise ValueError(f"{path} is not a companion training checkpoint: it holds {what} "
+                         f"without format={CHECKPOINT_FORMAT!r}")
+    missing = {"version", "config", "model_kwargs", "model", "iteration"} - set(ckpt)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks the keys {sorted(missing)}")
+    if ckpt["version"] > CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path} has layout version {ckpt['version']}, newer than "
+                         f"this package's {CHECKPOINT_VERSION}: update companion")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The trained U-Net of a checkpoint, in eval mode.
+
+    The architecture is rebuilt from the keyword arguments stored in the checkpoint; weights
+    that do not fit that architecture raise ``ValueError`` naming the file.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from companion.synthetic import make_dataset
+    >>> out = tempfile.mkdtemp()
+    >>> cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1)
+    >>> path = train(cfg, make_dataset(2, seed=0, shape=(96, 96)), out, progress=False)
+    >>> model = load_model(path)
+    >>> model.training
+    False
+    """
+    from companion.model import UNet
+
+    ckpt = read_checkpoint(path, map_location=map_location)
+    try:
+        model = UNet(**ckpt["model_kwargs"])
+    except TypeError as err:
+        raise ValueError(f"checkpoint {path}: model_kwargs {ckpt['model_kwargs']} do not "
+                         f"describe a companion UNet ({err})") from err
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:400]
+        raise ValueError(f"checkpoint {path}: its weights do not fit the architecture "
+                         f"{ckpt['model_kwargs']}: {detail}") from err
+    return model.eval()
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``log.jsonl`` written by :func:`train` (a file or its run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: "torch.amp.GradScaler", config: TrainConfig, iteration: int,
+                      rng_per_rank: list[dict], dist_info: DistInfo) -> dict:
+    import companion
+
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "package_version": companion.__version__,
+        "torch_version": str(torch.__version__),
+        "iteration": iteration,
+        "config": config.to_dict(),
+        "model_kwargs": config.model_kwargs(),
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_per_rank[0],
+        "rng_per_rank": rng_per_rank,
+        "data_position": {"iteration": iteration, "world_size": dist_info.world_size,
+                          "crops_per_iteration": config.batch_size * dist_info.world_size,
+                          "next_crop_index": iteration * config.batch_size * dist_info.world_size},
+    }
+
+
+def _gather_rng(dist_info: DistInfo) -> list[dict]:
+    state = _capture_rng()
+    if dist_info.world_size == 1:
+        return [state]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def _check_resumable(ckpt: dict, config: TrainConfig, path: Path) -> None:
+    saved = TrainConfig.from_dict(ckpt["config"])
+    if saved.model_kwargs() != config.model_kwargs():
+        raise ValueError(f"cannot resume from {path}: it was trained with the architecture "
+                         f"{saved.model_kwargs()}, the configuration asks for "
+                         f"{config.model_kwargs()}")
+    changed = [f.name for f in fields(TrainConfig)
+               if f.name not in ("iterations", "checkpoint_every", "log_every", "num_workers",
+                                 "device", "amp", "channels_last")
+               and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed:
+        warnings.warn(f"resuming {path} with changed settings {changed}: the run is no longer "
+                      f"identical to an uninterrupted one", stacklevel=3)
+
+
+def _trim_log(log_path: Path, iteration: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (the run repeats them)."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines()
+            if line.strip() and json.loads(line)["iteration"] <= iteration]
+    _atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+
+
+def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathLike, *,
+          resume: bool = False, progress: bool = True,
+          on_checkpoint: Callable[[int, Path], None] | None = None) -> Path:
+    """Train a U-Net; returns the path of the final checkpoint ``out_dir/final.pt``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run (e.g. ``TrainConfig.preset("cpu")``).
+    data : sequence of Sample
+        Training images with their instance masks; ``n_train = len(data)`` scales the
+        Concrete Dropout regulariser.
+    out_dir : path
+        Receives ``last.pt`` (every ``checkpoint_every`` iterations), ``final.pt`` and
+        ``log.jsonl`` (one JSON record every ``log_every`` iterations: the mean of every loss
+        term over those iterations, every layer's dropout rate, iterations/s).
+    resume : bool
+        Continue from ``out_dir/last.pt`` (starts afresh, with a warning, if there is none).
+        Without it an ``out_dir`` that already holds a checkpoint is refused.
+    progress : bool
+        Show a tqdm progress bar (loss and mean dropout rate).
+    on_checkpoint : callable, optional
+        Called as ``on_checkpoint(iteration, path)`` on rank 0 after each checkpoint (an
+        exception it raises stops the run, which ``resume=True`` then continues).
+
+    Notes
+    -----
+    Seeds the global Python, NumPy and torch random generators from ``config.seed``. Under
+    ``torchrun`` (``WORLD_SIZE > 1``) it joins the process group, wraps the model in
+    :class:`~torch.nn.parallel.DistributedDataParallel` and leaves the group at the end.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from companion.synthetic import make_dataset
+    >>> cfg = TrainConfig.preset("quick", iterations=4, checkpoint_every=2, log_every=2)
+    >>> out = tempfile.mkdtemp()
+    >>> final = train(cfg, make_dataset(2, seed=0, shape=(96, 96)), out, progress=False)
+    >>> final.name, [r["iteration"] for r in read_log(out)]
+    ('final.pt', [2, 4])
+    """
+    if len(data) == 0:
+        raise ValueError("train() needs at least one training sample, got an empty sequence")
+    out_dir = Path(out_dir)
+    device = _resolve_device(config)
+    dist_info = _init_distributed(device.type)
+    try:
+        return _train(config, data, out_dir, device, dist_info, resume, progress, on_checkpoint)
+    finally:
+        if dist_info.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, data: Sequence["Sample"], out_dir: Path, device: torch.device,
+           dist_info: DistInfo, resume: bool, progress: bool,
+           on_checkpoint: Callable[[int, Path], None] | None) -> Path:
+    from tqdm.auto import tqdm
+
+    if device.type == "cuda" and dist_info.world_size > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    last_path, final_path, log_path = out_dir / "last.pt", out_dir / "final.pt", out_dir / "log.jsonl"
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and last_path.exists():
+            raise FileExistsError(f"{out_dir} already holds a checkpoint ({last_path.name}); "
+                                  f"pass resume=True (--resume) or choose another folder")
+
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    model = build_model(config).to(device)
+    channels_last = device.type == "cuda" and config.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    amp_dtype = _amp_dtype(config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    torch.manual_seed(_rank_seed(config.seed, dist_info.rank))
+
+    start = 0
+    if resume and last_path.exists():
+        # on the CPU: the random states must stay CPU tensors; load_state_dict moves the rest
+        ckpt = read_checkpoint(last_path, map_location="cpu")
+        _check_resumable(ckpt, config, last_path)
+        _unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = int(ckpt["iteration"])
+        per_rank = ckpt.get("rng_per_rank", [ckpt["rng"]])
+        if len(per_rank) == dist_info.world_size:
+            _restore_rng(per_rank[dist_info.rank])
+        else:
+            warnings.warn(f"{last_path} was written by {len(per_rank)} process(es), this run has "
+                          f"{dist_info.world_size}: random states are re-seeded", stacklevel=3)
+            torch.manual_seed(_rank_seed(config.seed, dist_info.rank) + start)
+        if dist_info.is_main:
+            _trim_log(log_path, start)
+    elif resume and dist_info.is_main:
+        warnings.warn(f"resume requested but {last_path} does not exist: starting afresh",
+                      stacklevel=3)
+    if not resume and dist_info.is_main and log_path.exists():
+        log_path.unlink()
+
+    if dist_info.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = _unwrap(model)
+    loader = make_loader(data, config, start=start, rank=dist_info.rank,
+                         world_size=dist_info.world_size, pin_memory=device.type == "cuda")
+    n_train = len(data)
+
+    bar = tqdm(total=config.iterations, initial=start, disable=not (progress and dist_info.is_main),
+               desc=f"training ({config.model}, {device.type})", dynamic_ncols=True)
+    with single_threaded_numpy_blas():
+        _loop(model, optimizer, scaler, loader, config, device, dist_info, net, bar, start,
+              n_train, channels_last, amp_dtype, log_path, last_path, on_checkpoint)
+    bar.close()
+    if dist_info.is_main:
+        read_checkpoint(last_path)  # validates what we publish as final
+        _atomic_copy(last_path, final_path)
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return final_path
+
+
+def _loop(model, optimizer, scaler, loader, config, device, dist_info, net, bar, start, n_train,
+          channels_last, amp_dtype, log_path, last_path, on_checkpoint) -> None:
+    """The iterations ``start .. config.iterations - 1``: step, log, checkpoint."""
+    from companion.model import dropout_rates
+
+    window: list[torch.Tensor] = []
+    window_start, window_time = start, time.perf_counter()
+    iteration = start
+    for batch in loader:
+        batch = to_device(batch, device, channels_last)
+        terms = train_step(model, optimizer, batch, n_train=n_train, config=config,
+                           scaler=scaler, amp_dtype=amp_dtype)
+        window.append(torch.stack([t.float() for t in terms]))
+        iteration += 1
+        bar.update(1)
+        if iteration % config.log_every == 0 or iteration == config.iterations:
+            record = _log_record(window, iteration, window_start, window_time, net, dist_info,
+                                 dropout_rates)
+            if dist_info.is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                rates = record["dropout_rates"]
+                bar.set_postfix(loss=f"{record['total']:.4g}",
+                                p=f"{np.mean(rates):.3f}" if rates else "-")
+            window, window_start, window_time = [], iteration, time.perf_counter()
+        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+            _write_checkpoint(model, optimizer, scaler, config, iteration, dist_info, last_path,
+                              on_checkpoint)
+
+
+def _log_record(window: list[torch.Tensor], iteration: int, window_start: int, window_time: float,
+                net: nn.Module, dist_info: DistInfo, dropout_rates: Callable) -> dict:
+    means = torch.stack(window).mean(dim=0)
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(means)
+        means /= dist_info.world_size
+    seconds = time.perf_counter() - window_time
+    record: dict[str, Any] = {"iteration": iteration}
+    record.update({name: float(v) for name, v in zip(TERM_NAMES, means.tolist())})
+    record["dropout_rates"] = [float(p) for p in dropout_rates(net)]
+    record["it_per_s"] = (iteration - window_start) / seconds if seconds > 0 else math.nan
+    record["time"] = time.time()
+    return record
+
+
+def _write_checkpoint(model, optimizer, scaler, config, iteration, dist_info, last_path,
+                      on_checkpoint) -> None:
+    rng_per_rank = _gather_rng(dist_info)
+    if dist_info.is_main:
+        state = _checkpoint_state(model, optimizer, scaler, config, iteration, rng_per_rank,
+                                  dist_info)
+        _atomic_torch_save(state, last_path)
+        if on_checkpoint is not None:
+            on_checkpoint(iteration, last_path)

@@ -1,0 +1,89 @@
+"""The command line: ``python -m companion train ...``."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from companion.__main__ import build_parser, config_from_args, main
+from companion.train import TrainConfig, read_checkpoint, read_log
+from conftest import REPO_ROOT
+
+QUICK = ["--preset", "quick", "--crop-size", "32", "--checkpoint-every", "2", "--log-every", "1",
+         "--no-progress"]
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["train"]
+
+
+def test_every_train_option_is_explained_in_help():
+    parser = _train_parser()
+    help_text = parser.format_help()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 15
+    for action in options:
+        assert action.help and len(action.help) > 10, action.option_strings
+        assert action.option_strings[-1] in help_text
+
+
+def test_options_override_the_preset():
+    args = build_parser().parse_args(["train", "--preset", "cpu", "--out", "x", "--model", "baseline",
+                                      "--iterations", "7", "--seed", "3", "--batch-size", "4",
+                                      "--lr", "0.01", "--no-amp", "--no-augment"])
+    expected = TrainConfig.preset("cpu", model="baseline", iterations=7, seed=3, batch_size=4,
+                                  lr=0.01, amp=False, augment=False)
+    assert config_from_args(args) == expected
+    untouched = config_from_args(build_parser().parse_args(["train", "--preset", "colab", "--out", "x"]))
+    assert untouched == TrainConfig.preset("colab")
+
+
+def test_bad_arguments_exit_with_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as err:
+        build_parser().parse_args(["train", "--out", "x", "--iterations", "0"])
+    assert err.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--out", "x", "--synthetic", "2", "--data-root", "y"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])  # a command is required
+
+
+def test_train_on_synthetic_data_then_resume_to_more_iterations(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "2", "--out", str(out)]) == 0
+    assert f"final checkpoint: {out / 'final.pt'}" in capsys.readouterr().out
+    assert read_checkpoint(out / "final.pt")["iteration"] == 2
+    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "4", "--resume",
+                 "--out", str(out)]) == 0
+    assert read_checkpoint(out / "final.pt")["iteration"] == 4
+    assert [r["iteration"] for r in read_log(out)] == [1, 2, 3, 4]
+
+
+def test_existing_run_without_resume_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "1", "--out", str(out)]) == 0
+    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "2", "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_python_dash_m_companion_runs(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "companion", "train", "--help"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert "--synthetic" in done.stdout and "torchrun" in done.stdout
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_train_on_the_bbbc010_training_wells(bbbc010_root, tmp_path):
+    out = tmp_path / "real"
+    assert main(["train", *QUICK, "--data-root", str(bbbc010_root), "--iterations", "1",
+                 "--out", str(out)]) == 0
+    ckpt = read_checkpoint(out / "final.pt")
+    assert ckpt["iteration"] == 1 and ckpt["config"]["crop_size"] == 32

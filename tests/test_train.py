@@ -1,0 +1,411 @@
+"""Training: configuration, data order, logs, checkpoints, exact resuming, safe loading, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import textwrap
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from companion.augment import WormCropDataset, collate_crops
+from companion.model import concrete_layers
+from companion.synthetic import make_dataset
+from companion.train import (
+    PRESETS, TERM_NAMES, TrainConfig, _IterationSampler, build_model, load_model,
+    read_checkpoint, read_log, train, train_step,
+)
+from conftest import REPO_ROOT
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                  "PYTHONPATH": str(REPO_ROOT)}
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """The quick preset, shortened further for tests."""
+    base = dict(iterations=4, checkpoint_every=2, log_every=2, crop_size=32, base_filters=2,
+                embedding_dim=4, depth=3)
+    return TrainConfig.preset("quick", **{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return make_dataset(3, seed=0, shape=(64, 64))
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_valid_and_round_trips_through_json(name):
+    config = TrainConfig.preset(name)
+    restored = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config
+    assert config.crop_size % 16 == 0
+
+
+def test_paper_preset_has_the_papers_settings():
+    config = TrainConfig.preset("paper")
+    assert (config.crop_size, config.embedding_dim, config.base_filters, config.depth) == (512, 16, 19, 5)
+    assert (config.iterations, config.delta_d, config.length_scale_sq, config.zeta) == (800_000, 4.0, 1e-6, 1e-3)
+    assert config.weight_decay == 1e-6 and config.model == "concrete"
+
+
+def test_presets_are_ordered_by_cost():
+    cost = {n: TrainConfig.preset(n).iterations * TrainConfig.preset(n).crop_size ** 2
+            * TrainConfig.preset(n).batch_size for n in PRESETS}
+    assert cost["quick"] < cost["cpu"] < cost["colab"] < cost["paper"]
+
+
+def test_preset_overrides_and_errors():
+    assert TrainConfig.preset("cpu", model="baseline", seed=7).model_kwargs()["dropout"] is None
+    with pytest.raises(ValueError, match="unknown preset 'gpu'"):
+        TrainConfig.preset("gpu")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        TrainConfig(crop_size=100)
+    with pytest.raises(ValueError, match="model must be"):
+        TrainConfig(model="bayesian")
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['colour'\]"):
+        TrainConfig.from_dict({"colour": 1})
+
+
+# --------------------------------------------------------------------------------------------
+# data order
+# --------------------------------------------------------------------------------------------
+def test_data_order_is_a_function_of_the_iteration():
+    full = list(_IterationSampler(0, 10, batch_size=3))
+    resumed = list(_IterationSampler(4, 10, batch_size=3))
+    assert resumed == full[4 * 3:]
+
+
+def test_ranks_read_disjoint_shards_whose_union_is_the_single_process_batch():
+    world, batch = 3, 2
+    shards = [list(_IterationSampler(0, 5, batch, rank=r, world_size=world)) for r in range(world)]
+    single = list(_IterationSampler(0, 5, batch * world))
+    for it in range(5):
+        per_rank = [s[it * batch:(it + 1) * batch] for s in shards]
+        union = sorted(i for part in per_rank for i in part)
+        assert union == single[it * batch * world:(it + 1) * batch * world]
+
+
+def test_numpy_blas_runs_single_threaded_inside_the_training_loop():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from companion.train import single_threaded_numpy_blas
+
+    def openblas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["internal_api"] == "openblas"]
+
+    if not openblas_threads():
+        pytest.skip("NumPy is not linked against OpenBLAS here")
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = openblas_threads()
+        assert set(before) == {2}
+        with single_threaded_numpy_blas():
+            assert openblas_threads() == [1] * len(before)
+        assert openblas_threads() == before
+
+
+# --------------------------------------------------------------------------------------------
+# one run: log, checkpoints, loading
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_data):
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(tiny_config().seed)
+    initial = build_model(tiny_config()).state_dict()
+    final = train(tiny_config(), tiny_data, out, progress=False)
+    return out, final, initial
+
+
+def test_train_writes_a_log_record_of_every_term_and_dropout_rate(finished_run):
+    out, final, _ = finished_run
+    records = read_log(out)
+    assert [r["iteration"] for r in records] == [2, 4]
+    n_layers = len(concrete_layers(load_model(final)))
+    assert n_layers > 0
+    for r in records:
+        assert set(TERM_NAMES) <= set(r)
+        assert len(r["dropout_rates"]) == n_layers and all(0 < p < 1 for p in r["dropout_rates"])
+        # window means are linear, so the logged total is still the sum of the logged terms
+        assert r["total"] == pytest.approx(r["var"] + r["dist"] + 1e-3 * r["reg"] + r["ce"]
+                                           + r["model_reg"], rel=1e-5)
+
+
+def test_final_checkpoint_is_safe_and_holds_everything_needed_to_resume(finished_run):
+    out, final, initial = finished_run
+    ckpt = torch.load(final, map_location="cpu", weights_only=True)  # primitives and tensors only
+    assert ckpt["iteration"] == 4 and TrainConfig.from_dict(ckpt["config"]) == tiny_config()
+    assert {"model", "optimizer", "scaler", "rng", "data_position", "package_version"} <= set(ckpt)
+    assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert ckpt["data_position"]["next_crop_index"] == 4 * tiny_config().batch_size
+    model = load_model(final)
+    assert not model.training
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, initial[k])]
+    assert changed, "training did not change any weight"
+    assert torch.equal(read_checkpoint(out / "last.pt")["model"]["class_head.layer.weight"],
+                       ckpt["model"]["class_head.layer.weight"])
+
+
+def test_train_refuses_to_overwrite_a_run_without_resume(finished_run, tiny_data):
+    out, _, _ = finished_run
+    with pytest.raises(FileExistsError, match="resume"):
+        train(tiny_config(), tiny_data, out, progress=False)
+
+
+def test_resume_with_another_architecture_is_refused(finished_run, tiny_data):
+    out, _, _ = finished_run
+    with pytest.raises(ValueError, match="architecture"):
+        train(tiny_config(base_filters=3, iterations=6), tiny_data, out, resume=True, progress=False)
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_data):
+    config = tiny_config(model="baseline", lr=1e-2)
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    ds = WormCropDataset(tiny_data, crop_size=32, length=2, seed=0)
+    batch = collate_crops([ds[0], ds[1]])
+    losses = [float(train_step(model, optimizer, batch, n_train=3, config=config).total)
+              for _ in range(15)]
+    assert losses[-1] < losses[0]
+
+
+def test_resume_drops_log_records_written_after_the_checkpoint(tmp_path, tiny_data):
+    config = tiny_config(log_every=1)
+
+    def stop(iteration, path):
+        if iteration == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tiny_data, tmp_path, progress=False, on_checkpoint=stop)
+    with open(tmp_path / "log.jsonl", "a") as f:  # written after the checkpoint, then killed
+        f.write(json.dumps({"iteration": 3, "total": -1.0}) + "\n")
+    train(config, tiny_data, tmp_path, resume=True, progress=False)
+    records = read_log(tmp_path)
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    assert records[2]["total"] != -1.0
+
+
+# --------------------------------------------------------------------------------------------
+# safe loading
+# --------------------------------------------------------------------------------------------
+class _Exploit:
+    """Pickles to a call that creates a file when (unsafely) unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_load_model_never_executes_a_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "companion-checkpoint", "payload": _Exploit(marker)}, evil)
+    with pytest.raises(ValueError, match=r"evil\.pt is not a companion checkpoint"):
+        load_model(evil)
+    assert not marker.exists()
+    # the file really is an exploit: a plain pickle load would have run it
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump(_Exploit(marker), f)
+    with open(tmp_path / "plain.pkl", "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+
+
+def test_load_model_rejects_other_files_with_a_clear_error(finished_run, tmp_path):
+    _, final, _ = finished_run
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_model(junk)
+    bare = tmp_path / "bare.pt"
+    torch.save(load_model(final).state_dict(), bare)
+    with pytest.raises(ValueError, match="bare.pt is not a companion training checkpoint"):
+        load_model(bare)
+    other = tmp_path / "other.pt"
+    ckpt = torch.load(final, weights_only=True)
+    ckpt["model_kwargs"] = {**ckpt["model_kwargs"], "base_filters": 3}
+    torch.save(ckpt, other)
+    with pytest.raises(ValueError, match="other.pt: its weights do not fit the architecture"):
+        load_model(other)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# exact resuming after a real kill
+# --------------------------------------------------------------------------------------------
+RUN_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from companion.synthetic import make_dataset
+    from companion.train import TrainConfig, train
+
+    out, resume, kill_at = sys.argv[1], sys.argv[2] == "resume", int(sys.argv[3])
+    config = TrainConfig.preset("quick", iterations=6, checkpoint_every=2, log_every=1,
+                                crop_size=32, base_filters=2, embedding_dim=4, depth=3,
+                                num_workers=1)
+
+    def die_after(iteration, path):
+        if iteration == kill_at:
+            os._exit(17)  # no clean-up, no flushing: as if the machine went away
+
+    train(config, make_dataset(3, seed=0, shape=(64, 64)), out, resume=resume, progress=False,
+          on_checkpoint=die_after)
+""")
+
+
+def _run(script: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *map(str, args)], env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+
+    done = _run(script, whole, "fresh", -1)
+    assert done.returncode == 0, done.stderr
+    killed = _run(script, broken, "fresh", 2)
+    assert killed.returncode == 17, killed.stderr
+    assert read_checkpoint(broken / "last.pt")["iteration"] == 2
+    assert not (broken / "final.pt").exists()
+    resumed = _run(script, broken, "resume", -1)
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = torch.load(whole / "final.pt", weights_only=True)
+    b = torch.load(broken / "final.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("time", "it_per_s")} for r in recs]
+    assert strip(read_log(whole)) == strip(read_log(broken))
+    assert [r["iteration"] for r in read_log(broken)] == [1, 2, 3, 4, 5, 6]
+
+
+# --------------------------------------------------------------------------------------------
+# DistributedDataParallel with 2 gloo processes on the CPU
+# --------------------------------------------------------------------------------------------
+DDP_SCRIPT = textwrap.dedent("""
+    import faulthandler, os, sys
+    faulthandler.dump_traceback_later(int(os.environ.get("DDP_TEST_TIMEOUT", "100")), exit=True)
+    import torch
+    import torch.distributed as dist
+    from companion.augment import WormCropDataset, collate_crops
+    from companion.synthetic import make_dataset
+    from companion.train import TrainConfig, build_model, train, train_step
+
+    out = sys.argv[1]
+    rank = int(os.environ["RANK"])
+    data = make_dataset(3, seed=0, shape=(64, 64))
+    config = TrainConfig.preset("quick", model="baseline", iterations=3, checkpoint_every=3,
+                                log_every=1, crop_size=32, base_filters=2, embedding_dim=4,
+                                depth=3, batch_size=1)
+    # 1. the real entry point: train() joins the group from torchrun's environment variables
+    train(config, data, out + "/ddp_run", progress=False)
+
+    # 2. explicit steps, to compare the ranks' parameters and the loss with one process
+    #    (a fresh rendezvous port: a fast rank must not meet the first group's closing store)
+    os.environ["MASTER_PORT"] = os.environ["SECOND_MASTER_PORT"]
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(build_model(config))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    ds = WormCropDataset(data, crop_size=32, length=4, seed=0)
+    losses = []
+    for step in range(2):
+        batch = collate_crops([ds[2 * step + rank]])
+        terms = train_step(model, optimizer, batch, n_train=3, config=config)
+        total = terms.total.clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / 2)
+    torch.save({"params": model.module.state_dict(), "losses": losses}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+""")
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_agree_with_each_other_and_with_one_process(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    first, second = _free_ports(2)
+    env = {**SUBPROCESS_ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(first),
+           "SECOND_MASTER_PORT": str(second), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+
+    # the two ranks hold identical parameters
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for key in r0["params"]:
+        assert torch.equal(r0["params"][key], r1["params"][key]), key
+
+    # ... equal to one process stepping on the combined batch
+    config = TrainConfig.preset("quick", model="baseline", crop_size=32, base_filters=2,
+                                embedding_dim=4, depth=3, batch_size=2)
+    data = make_dataset(3, seed=0, shape=(64, 64))
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    ds = WormCropDataset(data, crop_size=32, length=4, seed=0)
+    for step in range(2):
+        batch = collate_crops([ds[2 * step], ds[2 * step + 1]])
+        terms = train_step(model, optimizer, batch, n_train=3, config=config)
+        assert float(terms.total) == pytest.approx(r0["losses"][step], rel=1e-6)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(r0["params"][key], value, atol=1e-6, rtol=0)
+
+    # train() under DDP: only rank 0 wrote the run, and it matches one process on the
+    # combined batch (rank r reads crops (t * 2 + r), one process with batch 2 reads both)
+    run = tmp_path / "ddp_run"
+    assert [r["iteration"] for r in read_log(run)] == [1, 2, 3]
+    single = train(TrainConfig.from_dict({**read_checkpoint(run / "final.pt")["config"],
+                                          "batch_size": 2}),
+                   data, tmp_path / "single_run", progress=False)
+    for a, b in zip(read_log(run), read_log(single.parent)):
+        assert a["total"] == pytest.approx(b["total"], rel=1e-6)
+    ddp_model, one_model = load_model(run / "final.pt"), load_model(single)
+    for (key, a), b in zip(ddp_model.state_dict().items(), one_model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=key)
+
+
+def test_mixed_precision_is_off_on_the_cpu():
+    from companion.train import _amp_dtype
+
+    assert _amp_dtype(TrainConfig.preset("quick"), torch.device("cpu")) is None
