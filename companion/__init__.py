@@ -18,8 +18,9 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "agglomerate", "augment", "data", "losses", "metrics", "model", "postprocess",
-    "proofreading", "sampling", "synthetic", "targets", "train", "uncertainty", "pretrained",
+    "agglomerate", "augment", "data", "evaluate", "losses", "metrics", "model", "postprocess",
+    "proofreading", "sampling", "synthetic", "targets", "train", "tuning", "uncertainty",
+    "pretrained",
 }
 
 

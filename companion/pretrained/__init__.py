@@ -1,0 +1,279 @@
+"""Pretrained U-Nets shipped with the package: ``load("concrete")`` or ``load("baseline")``.
+
+Each model is two files in this folder:
+
+* ``<name>.pt``: ``{"format", "model_kwargs", "state_dict"}`` with the weights in float16
+  (half the size; the outputs differ from the float32 model's by float16 rounding only),
+  read with ``torch.load(..., weights_only=True)`` and cast back to float32;
+* ``<name>.json``: provenance: the training command, preset and overridden settings, git
+  commit, iterations, training time, hardware, final loss terms, learned dropout rates and
+  the sha256 of the ``.pt``, which :func:`load` verifies.
+
+They are written by :func:`export` (``scripts/export_pretrained.py`` on the command line) from a
+training checkpoint of :func:`companion.train.train`.
+
+Examples
+--------
+>>> import tempfile
+>>> from companion.train import TrainConfig, train
+>>> from companion.synthetic import make_dataset
+>>> run, shelf = tempfile.mkdtemp(), tempfile.mkdtemp()
+>>> cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1)
+>>> ckpt = train(cfg, make_dataset(2, seed=0, shape=(96, 96)), run, progress=False)
+>>> _ = export(ckpt, "concrete", shelf)
+>>> available(shelf), provenance("concrete", shelf)["iterations"], load("concrete", directory=shelf).training
+(['concrete'], 2, False)
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["NAMES", "PRETRAINED_DIR", "MAX_BYTES", "available", "provenance", "load", "export"]
+
+#: The models the package ships (when the lead has exported them).
+NAMES: tuple[str, ...] = ("concrete", "baseline")
+#: Where the shipped files live.
+PRETRAINED_DIR: Path = Path(__file__).resolve().parent
+#: Marker stored in every exported ``.pt``.
+FORMAT = "companion-pretrained"
+#: Largest ``.pt`` that :func:`export` writes (the full U-Net is ~5.5 MB in float16).
+MAX_BYTES = 15 * 1024 * 1024
+
+
+def _directory(directory: str | os.PathLike | None) -> Path:
+    return PRETRAINED_DIR if directory is None else Path(directory)
+
+
+def available(directory: str | os.PathLike | None = None) -> list[str]:
+    """Names of the models whose ``.pt`` and ``.json`` are both present, sorted."""
+    folder = _directory(directory)
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.pt") if p.with_suffix(".json").is_file())
+
+
+def _paths(name: str, directory: str | os.PathLike | None) -> tuple[Path, Path]:
+    folder = _directory(directory)
+    present = available(directory)
+    if name not in NAMES and name not in present:
+        raise ValueError(f"unknown pretrained model {name!r}; the package knows {list(NAMES)}, "
+                         f"available in {folder}: {present or 'none'}")
+    weights, info = folder / f"{name}.pt", folder / f"{name}.json"
+    missing = [p.name for p in (weights, info) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"pretrained model {name!r}: {', '.join(missing)} not found in {folder}. The trained "
+            f"checkpoints have not been shipped with this copy of companion yet. Train a model "
+            f"yourself (`python -m companion train --preset colab --model {name} --out runs/{name}`) "
+            f"and use it with `python -m companion evaluate --checkpoint runs/{name}/final.pt`, or "
+            f"export it here with `python scripts/export_pretrained.py --checkpoint runs/{name}/final.pt "
+            f"--name {name}`.")
+    return weights, info
+
+
+def provenance(name: str, directory: str | os.PathLike | None = None) -> dict:
+    """The provenance record ``<name>.json`` of a pretrained model (see the module docstring)."""
+    _, info = _paths(name, directory)
+    with open(info) as handle:
+        return json.load(handle)
+
+
+def _sha256(path: Path) -> str:
+    from companion.evaluate import file_sha256
+
+    return file_sha256(path)
+
+
+def load(name: str, *, directory: str | os.PathLike | None = None,
+         map_location: str | torch.device = "cpu") -> nn.Module:
+    """A pretrained :class:`companion.model.UNet`, float32, in eval mode.
+
+    Parameters
+    ----------
+    name : {"concrete", "baseline"}
+        Which model (or another name exported into ``directory``).
+    directory : path-like, optional
+        Folder holding ``<name>.pt`` and ``<name>.json``; default the package's own.
+    map_location : str or torch.device
+        Where the weights are loaded.
+
+    Raises
+    ------
+    ValueError
+        Unknown name (lists the available ones); a ``.pt`` whose sha256 differs from the one
+        recorded in its ``.json`` (names the file), or that is not an exported model.
+    FileNotFoundError
+        The files are missing (explains how to train and export a model).
+    """
+    from companion.model import UNet
+
+    weights, _ = _paths(name, directory)
+    expected = provenance(name, directory).get("sha256")
+    actual = _sha256(weights)
+    if actual != expected:
+        raise ValueError(f"{weights}: sha256 {actual} differs from {expected} recorded in "
+                         f"{weights.with_suffix('.json').name}; the file is corrupt or was replaced")
+    payload = torch.load(weights, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{weights} is not an exported companion model (format {FORMAT!r} missing)")
+    model = UNet(**payload["model_kwargs"])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+def _preset_and_overrides(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The preset that differs from ``config`` in the fewest fields, and those fields."""
+    from companion.train import PRESETS, TrainConfig
+
+    best: tuple[str, dict[str, Any]] | None = None
+    for preset in PRESETS:
+        base = TrainConfig.preset(preset).to_dict()
+        diff = {k: v for k, v in config.items() if base.get(k) != v}
+        if best is None or len(diff) < len(best[1]):
+            best = (preset, diff)
+    assert best is not None
+    return best
+
+
+def _training_time(log: list[dict]) -> float | None:
+    """Seconds of training summed over the logged windows (interruptions excluded)."""
+    total, previous = 0.0, 0
+    for record in log:
+        rate = record.get("it_per_s")
+        if not rate or rate != rate:  # missing, 0 or NaN
+            return None
+        total += (record["iteration"] - previous) / rate
+        previous = record["iteration"]
+    return total if log else None
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value == value and abs(value) != float("inf") else None
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PRETRAINED_DIR, capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _hardware() -> dict[str, Any]:
+    info: dict[str, Any] = dict(platform=platform.platform(), machine=platform.machine(),
+                                processor=platform.processor() or None, cpu_count=os.cpu_count(),
+                                torch_threads=torch.get_num_threads(), python=platform.python_version(),
+                                torch=str(torch.__version__))
+    info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; package data must be world-readable
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike | None = None, *,
+           command: str | None = None, log: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Write ``<name>.pt`` (float16 weights) and ``<name>.json`` (provenance) from a training checkpoint.
+
+    Parameters
+    ----------
+    checkpoint : path-like
+        ``last.pt`` / ``final.pt`` of :func:`companion.train.train`.
+    name : str
+        File stem, e.g. ``"concrete"``.
+    out_dir : path-like, optional
+        Default the package's own folder (:data:`PRETRAINED_DIR`).
+    command : str, optional
+        The training command, recorded verbatim.
+    log : path-like, optional
+        The run's ``log.jsonl``; default the one beside ``checkpoint`` (final loss terms,
+        training time; ``None`` in the record when absent).
+
+    Returns
+    -------
+    tuple of Path
+        The ``.pt`` and ``.json`` written (each atomically, the ``.pt`` first).
+    """
+    import companion
+    from companion.model import dropout_rates
+    from companion.train import TERM_NAMES, load_model, read_checkpoint, read_log
+
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"name must be a plain file stem (letters, digits, - and _), got {name!r}")
+    checkpoint = Path(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
+    model = load_model(checkpoint)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    payload = dict(format=FORMAT, model_kwargs=dict(ckpt["model_kwargs"]), state_dict=state)
+    folder = _directory(out_dir)
+    weights, info = folder / f"{name}.pt", folder / f"{name}.json"
+
+    def save_checked(tmp: str) -> None:
+        torch.save(payload, tmp)
+        size = os.path.getsize(tmp)
+        if size > MAX_BYTES:
+            raise ValueError(f"{name}.pt would be {size / 2**20:.1f} MiB, over the "
+                             f"{MAX_BYTES / 2**20:.0f} MiB limit for shipped weights")
+
+    _atomic_write(weights, save_checked)
+
+    log_path = Path(log) if log is not None else checkpoint.parent / "log.jsonl"
+    records = read_log(log_path) if log_path.is_file() else []
+    records = [r for r in records if r["iteration"] <= ckpt["iteration"]]
+    preset, overrides = _preset_and_overrides(dict(ckpt["config"]))
+    record = dict(
+        name=name,
+        format=FORMAT,
+        sha256=_sha256(weights),
+        size_bytes=weights.stat().st_size,
+        dtype="float16",
+        parameters=int(sum(p.numel() for p in model.parameters())),
+        model=ckpt["config"].get("model"),
+        model_kwargs=dict(ckpt["model_kwargs"]),
+        command=command,
+        preset=preset,
+        overrides=overrides,
+        config=dict(ckpt["config"]),
+        iterations=int(ckpt["iteration"]),
+        training_time_s=_training_time(records),
+        final_loss_terms={k: _finite(records[-1][k]) for k in TERM_NAMES if k in records[-1]} if records else None,
+        final_loss_iteration=records[-1]["iteration"] if records else None,
+        dropout_rates=[float(p) for p in dropout_rates(model)],
+        git_commit=_git_commit(),
+        hardware=_hardware(),
+        hardware_note="of the machine that ran the export (normally the training machine)",
+        package_version=companion.__version__,
+        checkpoint_package_version=ckpt.get("package_version"),
+        checkpoint_torch_version=ckpt.get("torch_version"),
+        source_checkpoint=checkpoint.name,
+        exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    text = json.dumps(record, indent=1, sort_keys=False, allow_nan=False) + "\n"
+    _atomic_write(info, lambda tmp: Path(tmp).write_text(text))
+    return weights, info

@@ -1,0 +1,359 @@
+"""The evaluation pipeline (companion.evaluate) and ``python -m companion evaluate``."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from companion.agglomerate import agglomerate, binarize
+from companion.evaluate import (
+    TABLE1_KEYS, CompactPass, _ScaledCounts, _to_counts, _well_seed, cached_well_outputs, compact_pass,
+    compact_scores, evaluate_model, expand_pass, file_sha256, segment_compact, write_report,
+)
+from companion.metrics import evaluate
+from companion.model import ConcreteDropout2d, UNet, UNetOutput
+from companion.postprocess import ideal_logits, segment, simulate_embedding
+from companion.sampling import mc_predict
+from companion.synthetic import make_dataset
+from companion.tuning import foreground_scores
+from companion.uncertainty import pavpu
+
+SIZE = 128  # a multiple of 16: the stand-in network sees the images unpadded
+
+
+def _key(image: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image, np.float32).tobytes()).hexdigest()
+
+
+def _ideal_outputs(gt: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(gt) == 0:
+        return np.zeros((dim,) + gt.shape[1:], np.float32), ideal_logits(np.zeros((1,) + gt.shape[1:], bool))
+    return simulate_embedding(gt, dim, seed=0), ideal_logits(gt)
+
+
+class OracleNet(nn.Module):
+    """Stand-in for a trained U-Net: the ideal outputs of known samples (looked up by image).
+
+    It holds a Concrete Dropout layer, so the pipeline treats it as a Concrete Dropout model; in
+    sampling mode every draw loses each worm with probability ``p_drop`` (torch RNG, so
+    ``mc_predict``'s seed applies).
+    """
+
+    def __init__(self, samples, dim: int = 8, p_drop: float = 0.3):
+        super().__init__()
+        self.drop = ConcreteDropout2d(init_rate=0.1)
+        self.divisor, self.dim, self.p_drop = 16, dim, p_drop
+        self.table = {_key(s.image): s.instances for s in samples}
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> UNetOutput:
+        self.calls += 1
+        embeddings, logits = [], []
+        for image in x:
+            gt = self.table[_key(image.cpu().numpy())]
+            if self.drop.sampling:
+                gt = gt[(torch.rand(len(gt)) >= self.p_drop).numpy()]
+            e, lg = _ideal_outputs(gt, self.dim)
+            embeddings.append(torch.from_numpy(e)), logits.append(torch.from_numpy(lg))
+        return UNetOutput(torch.stack(embeddings), torch.stack(logits))
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return make_dataset(4, seed=7, shape=(SIZE, SIZE))
+
+
+@pytest.fixture(scope="module")
+def folds(samples):
+    wells = [s.well for s in samples]
+    return [wells[0::2], wells[1::2]]
+
+
+@pytest.fixture(scope="module")
+def oracle_run(samples, folds, tmp_path_factory):
+    torch.manual_seed(0)
+    model = OracleNet(samples)
+    cache = tmp_path_factory.mktemp("cache")
+    result = evaluate_model(model, samples, folds=folds, bandwidths=[1.0, 2.0], thresholds=[1.0, 3.0],
+                            draws=4, cache_dir=cache, progress=False)
+    return model, result, cache
+
+
+def _by_well(samples) -> dict:
+    return {s.well: s for s in samples}
+
+
+def _fp16(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float16).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# compact outputs
+# --------------------------------------------------------------------------------------------
+def test_compact_pass_segments_exactly_like_the_full_outputs(samples):
+    gt = samples[0].instances
+    embedding, logits = simulate_embedding(gt, 8, seed=1), ideal_logits(gt)
+    logits = logits + np.random.default_rng(0).normal(0, 2.0, logits.shape).astype(np.float32)  # not one-hot
+    compact = compact_pass(embedding, logits)
+    assert compact.classes.dtype == np.uint8 and compact.embedding.dtype == np.float16
+    assert len(compact.embedding) == (logits.argmax(0) != 0).sum()
+    expected = segment(_fp16(embedding), logits, 2.0, 1.5)
+    got = segment_compact(compact, 2.0, 1.5)
+    assert len(expected) > 0 and np.array_equal(got, expected)
+    # the scores need the foreground probability of the real logits, not of the one-hot ones
+    np.testing.assert_allclose(compact_scores(compact, got), foreground_scores(got, logits), atol=2e-3)
+    full_embedding, one_hot = expand_pass(compact)
+    assert np.array_equal(one_hot.argmax(0), logits.argmax(0))
+    assert np.array_equal(full_embedding[:, logits.argmax(0) == 0], np.zeros((8, (logits.argmax(0) == 0).sum())))
+
+
+def test_expand_pass_rejects_an_embedding_that_does_not_fit_the_class_map():
+    bad = CompactPass(np.ones((2, 2), np.uint8), np.zeros((3, 4), np.float16), np.zeros(3, np.float16))
+    with pytest.raises(ValueError, match="4 non-background pixels"):
+        expand_pass(bad)
+    with pytest.raises(ValueError, match=r"logits \(2, 3, 3\)"):
+        compact_pass(np.zeros((4, 3, 3)), np.zeros((2, 3, 3)))
+
+
+def test_scaled_counts_give_back_the_agglomerated_probabilities_exactly(samples):
+    rng = np.random.default_rng(0)
+    gt = samples[1].instances
+    draws = [gt[rng.random(len(gt)) > 0.3] for _ in range(7)]
+    probs = agglomerate(draws).probs
+    lazy = _ScaledCounts([_to_counts(probs, 7)], 7)
+    assert len(lazy) == 1 and lazy[0].dtype == np.float32
+    assert np.array_equal(lazy[0], probs) and np.array_equal(list(lazy)[0], probs)
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline, with a stand-in network whose outputs we know
+# --------------------------------------------------------------------------------------------
+def test_rows_have_the_table1_metrics_in_range(oracle_run):
+    _, result, _ = oracle_run
+    assert [r["name"] for r in result.rows] == ["mc", "deterministic"]
+    for row in result.rows:
+        assert all(0.0 <= row[k] <= 1.0 for k in TABLE1_KEYS), row
+    # ideal network outputs must be segmented (nearly) perfectly; a mix-up of wells would give ~0
+    assert result.rows[1]["avAP"] > 0.8 and result.rows[1]["recall80"] > 0.8
+
+
+def test_deterministic_row_is_the_cross_validated_grid_search(oracle_run, samples, folds):
+    _, result, _ = oracle_run
+    tuning = result.tuning
+    for k in TABLE1_KEYS:
+        assert result.rows[1][k] == pytest.approx(tuning.pooled[k])
+    for f, choice in enumerate(tuning.choices):
+        other = tuning.scores[1 - f]
+        i, j = np.unravel_index(np.argmax(other), other.shape)
+        assert choice.applied_to == f and (choice.bandwidth, choice.threshold) == (tuning.bandwidths[i],
+                                                                                    tuning.thresholds[j])
+        # each well's prediction is segment() of its ideal outputs with the other fold's choice
+        for well in folds[f]:
+            index = result.wells.index(well)
+            embedding, logits = _ideal_outputs(_by_well(samples)[well].instances, 8)
+            expected = segment(_fp16(embedding), logits, choice.bandwidth, choice.threshold)
+            assert np.array_equal(result.predictions["deterministic"][index], expected)
+
+
+def _independent_agglomerations(model, samples, result, draws=4):
+    chosen = {c.applied_to: (c.bandwidth, c.threshold) for c in result.tuning.choices}
+    fold_of = {w: f for f, fold in enumerate(result.folds) for w in fold}
+    aggs = []
+    for sample in (_by_well(samples)[w] for w in result.wells):
+        mc = mc_predict(model, sample.image, n_draws=draws, seed=_well_seed(0, sample.well))
+        bw, th = chosen[fold_of[sample.well]]
+        aggs.append(agglomerate([segment(_fp16(e), lg, bw, th) for e, lg in zip(mc.embeddings, mc.logits)]))
+    return aggs
+
+
+def test_mc_row_pavpu_and_proofreading_match_an_independent_run(oracle_run, samples):
+    model, result, _ = oracle_run
+    aggs = _independent_agglomerations(model, samples, result)
+    for agg, got in zip(aggs, result.predictions["mc"]):
+        assert np.array_equal(binarize(agg.probs, 0.75), got)
+    assert any(not np.array_equal(a, b) for a, b in zip(result.predictions["mc"], result.predictions["deterministic"]))
+    gts = [_by_well(samples)[w].instances for w in result.wells]
+    expected = pavpu(gts, [a.probs for a in aggs], result.settings["pavpu_thresholds"])
+    np.testing.assert_array_equal(result.pavpu.n_ac, expected.n_ac)
+    np.testing.assert_array_equal(result.pavpu.n_iu, expected.n_iu)
+    first = result.proofreading[0]
+    assert first["n_corrections"] == 0
+    for k in TABLE1_KEYS:  # no correction: the proofreading table starts at the MC row
+        assert first[k] == pytest.approx(result.rows[0][k])
+    assert [r["n_corrections"] for r in result.proofreading] == [0, 5, 10, 15, 20]
+
+
+def test_per_image_rows_count_the_predictions(oracle_run, samples, folds):
+    _, result, _ = oracle_run
+    assert result.wells == folds[0] + folds[1]  # fold by fold, as the pooled metrics
+    assert len(result.per_image) == 2 * len(samples)
+    for p in result.per_image:
+        index = result.wells.index(p["well"])
+        assert p["n_pred"] == len(result.predictions[p["row"]][index])
+        assert p["n_gt"] == len(_by_well(samples)[p["well"]].instances)
+        assert p["well"] in result.folds[p["fold"]]
+
+
+def test_cache_is_reused_and_invalidated(oracle_run, samples):
+    model, result, cache = oracle_run
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{s.well}.npz" for s in samples)
+    before = model.calls
+    again = cached_well_outputs(model, samples, cache, draws=4, progress=False)
+    assert model.calls == before  # nothing recomputed
+    fresh = cached_well_outputs(model, samples[:1], None, draws=4, progress=False)
+    first = again[samples[0].well]
+    assert np.array_equal(first.deterministic.embedding, fresh[samples[0].well].deterministic.embedding)
+    assert all(np.array_equal(a.classes, b.classes) for a, b in zip(first.draws, fresh[samples[0].well].draws))
+    cached_well_outputs(model, samples[:1], cache, draws=2, progress=False)  # other settings
+    assert model.calls > before
+    (cache / f"{samples[1].well}.npz").write_bytes(b"not an npz")  # a broken file is recomputed
+    calls = model.calls
+    out = cached_well_outputs(model, samples[1:2], cache, draws=4, progress=False)
+    assert model.calls > calls and len(out[samples[1].well].draws) == 4
+    with torch.no_grad():
+        model.drop.p_logit += 1.0  # other weights
+    calls = model.calls
+    cached_well_outputs(model, samples[2:3], cache, draws=4, progress=False)
+    assert model.calls > calls
+
+
+def test_baseline_model_gets_only_the_deterministic_row(samples, folds):
+    torch.manual_seed(0)
+    model = UNet(base_filters=2, depth=3, embedding_dim=4)
+    outputs = cached_well_outputs(model, samples[:1], None, draws=5, progress=False)
+    assert outputs[samples[0].well].draws == ()
+    result = evaluate_model(model, samples, folds=folds, bandwidths=[1.0], thresholds=[1.0], draws=5,
+                            progress=False)
+    assert [r["name"] for r in result.rows] == ["deterministic"]
+    assert result.pavpu is None and result.proofreading is None and result.settings["draws"] == 0
+
+
+def test_folds_must_cover_the_samples(samples, folds):
+    model = UNet(base_filters=2, depth=3, embedding_dim=4)
+    with pytest.raises(ValueError, match="in no fold"):
+        evaluate_model(model, samples, folds=[folds[0], folds[1][:1]], progress=False)
+    with pytest.raises(ValueError, match="disjoint"):
+        evaluate_model(model, samples, folds=[folds[0], folds[1] + folds[0][:1]], progress=False)
+    with pytest.raises(ValueError, match="at least one well"):
+        evaluate_model(model, samples[:2], folds=[[samples[0].well, samples[1].well], ["C03"]], progress=False)
+
+
+def test_write_report_files(oracle_run, samples, tmp_path):
+    _, result, _ = oracle_run
+    files = write_report(result, samples, tmp_path, info=dict(skipped_wells=["X"], wall_time_s=1.0))
+    names = {p.name for p in files}
+    assert names == {"results.json", "table1.csv", "per_image.csv", "tuning.csv", "pavpu.csv",
+                     "proofreading.csv", "pavpu.png", "gallery.png"}
+    for name in names:
+        assert (tmp_path / name).stat().st_size > 0
+        assert (tmp_path / name).stat().st_mode & 0o044  # readable by group and others
+    doc = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert doc["skipped_wells"] == ["X"] and doc["rows"] == json.loads(json.dumps(result.rows))
+    assert len(doc["tuning"]["choices"]) == 2 and len(doc["pavpu"]) == 15
+    with open(tmp_path / "table1.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["name"] for r in table] == ["mc", "deterministic"]
+    assert float(table[0]["avAP"]) == pytest.approx(result.rows[0]["avAP"])
+    with open(tmp_path / "per_image.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(result.per_image)
+    worst = min((p for p in result.per_image if p["row"] == "mc"), key=lambda p: (p["avAP"], p["well"]))
+    assert doc["gallery_wells"][0] == worst["well"]
+    assert (tmp_path / "gallery.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------
+def _evaluate_parser():
+    import argparse
+
+    from companion.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["evaluate"]
+
+
+def test_every_evaluate_option_is_explained_in_help():
+    parser = _evaluate_parser()
+    help_text = parser.format_help()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 14
+    for action in options:
+        assert action.help and len(action.help) > 10, action.option_strings
+        assert action.option_strings[-1] in help_text
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from companion.__main__ import main
+
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--preset", "quick", "--crop-size", "32", "--iterations", "2", "--synthetic", "2",
+                 "--checkpoint-every", "2", "--log-every", "1", "--no-progress", "--out", str(out)]) == 0
+    return out / "final.pt"
+
+
+def test_cli_evaluates_a_checkpoint_on_synthetic_wells(tiny_checkpoint, tmp_path, capsys):
+    from companion.__main__ import main
+
+    out = tmp_path / "res"
+    args = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--synthetic", "4", "--synthetic-size", "96",
+            "--draws", "2", "--bandwidths", "1", "--thresholds", "1", "2", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "avAP" in printed and "fold 0" in printed
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["model"]["sha256"] == file_sha256(tiny_checkpoint) and doc["model"]["kind"] == "concrete"
+    assert [r["name"] for r in doc["rows"]] == ["mc", "deterministic"]
+    for row in doc["rows"]:
+        assert set(TABLE1_KEYS) <= set(row) and all(0.0 <= row[k] <= 1.0 for k in TABLE1_KEYS)
+    assert doc["settings"]["draws"] == 2 and doc["wall_time_s"] > 0 and doc["skipped_wells"] == []
+    assert doc["command"].startswith("python -m companion evaluate --checkpoint")
+    for name in ("table1.csv", "per_image.csv", "pavpu.csv", "proofreading.csv", "pavpu.png", "gallery.png"):
+        assert (out / name).is_file(), name
+    with open(out / "pavpu.csv") as handle:
+        for row in csv.DictReader(handle):
+            assert row["pavpu"] == "nan" or 0.0 <= float(row["pavpu"]) <= 1.0
+    cache_times = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
+    assert len(cache_times) == 4
+    assert main(args[:-2] + ["--bandwidths", "2", "--out", str(out)]) == 0  # re-run: clustering only
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()} == cache_times
+    assert json.loads((out / "results.json").read_text())["settings"]["bandwidths"] == [2.0]
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from companion.__main__ import main
+
+    assert main(["evaluate", "--pretrained", "concrete", "--pretrained-dir", str(tmp_path), "--synthetic", "2",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "not been shipped" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--out", "x", "--synthetic", "2"])  # a model is required
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--pretrained", "concrete", "--checkpoint", "a.pt", "--out", "x"])
+
+
+def test_cli_rejects_wells_outside_the_test_set(tiny_checkpoint, tmp_path, capsys):
+    from companion.__main__ import main
+
+    assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--wells", "A01", "--out", str(tmp_path)]) == 2
+    assert "A01" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_cli_data_lists_skipped_incomplete_wells(bbbc010_root):
+    from companion.__main__ import _evaluation_data, build_parser
+
+    args = build_parser().parse_args(["evaluate", "--checkpoint", "x.pt", "--out", "o", "--no-progress",
+                                      "--data-root", str(bbbc010_root), "--wells", "C03", "C04", "C13"])
+    with pytest.warns(UserWarning, match="C13"):
+        samples, folds, skipped, info = _evaluation_data(args)
+    assert [s.well for s in samples] == ["C03", "C04"] and skipped == ["C13"]
+    assert folds == [["C03"], ["C04"]] and samples[0].image.shape == (2, 520, 696)

@@ -1,0 +1,140 @@
+"""Pretrained weights: export (scripts/export_pretrained.py) and companion.pretrained.load."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from companion import pretrained
+from companion.model import dropout_rates
+from companion.train import TERM_NAMES, TrainConfig, load_model, read_log, train
+from companion.synthetic import make_dataset
+from conftest import REPO_ROOT
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("export_pretrained", REPO_ROOT / "scripts" / "export_pretrained.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export_main = _load_script().main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig.preset("quick", iterations=4, crop_size=32, checkpoint_every=2, log_every=2)
+    train(config, make_dataset(2, seed=0, shape=(96, 96)), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shelf(run_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shelf")
+    assert export_main(["--checkpoint", str(run_dir / "final.pt"), "--name", "concrete", "--out-dir", str(folder),
+                        "--command", "python -m companion train --preset quick"]) == 0
+    return folder
+
+
+def _outputs(model, seed=0):
+    x = torch.from_numpy(np.random.default_rng(seed).random((1, 2, 64, 48), dtype=np.float32))
+    with torch.no_grad():
+        return model(x)
+
+
+def test_loaded_model_computes_what_the_trained_one_does_to_fp16_precision(run_dir, shelf):
+    original = load_model(run_dir / "final.pt")
+    loaded = pretrained.load("concrete", directory=shelf)
+    assert not loaded.training and all(p.dtype == torch.float32 for p in loaded.parameters())
+    # exactly the trained weights rounded to float16 ...
+    rounded = load_model(run_dir / "final.pt")
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.half().float())
+    for a, b in zip(_outputs(loaded), _outputs(rounded)):
+        assert torch.equal(a, b)
+    # ... which changes the outputs by float16 rounding only
+    for a, b in zip(_outputs(loaded), _outputs(original)):
+        assert not torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * float(b.abs().max()))
+
+
+def test_provenance_records_the_run(run_dir, shelf):
+    record = pretrained.provenance("concrete", shelf)
+    weights = shelf / "concrete.pt"
+    assert record["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert record["size_bytes"] == weights.stat().st_size < pretrained.MAX_BYTES
+    assert record["iterations"] == 4 and record["dtype"] == "float16"
+    assert record["command"] == "python -m companion train --preset quick"
+    assert record["preset"] == "quick" and record["overrides"] == {"iterations": 4, "crop_size": 32,
+                                                                   "checkpoint_every": 2}
+    log = read_log(run_dir)
+    assert record["final_loss_terms"] == {k: log[-1][k] for k in TERM_NAMES}
+    assert record["training_time_s"] == pytest.approx(sum(2 / r["it_per_s"] for r in log))
+    assert record["dropout_rates"] == pytest.approx(dropout_rates(load_model(run_dir / "final.pt")))
+    assert len(record["dropout_rates"]) > 0 and record["model"] == "concrete"
+    assert record["parameters"] == sum(p.numel() for p in load_model(run_dir / "final.pt").parameters())
+    assert {"platform", "torch_threads", "cuda"} <= set(record["hardware"])
+    assert record["git_commit"] is None or len(record["git_commit"]) == 40
+    assert (weights.stat().st_mode & 0o044) and ((shelf / "concrete.json").stat().st_mode & 0o044)
+
+
+def test_available_lists_complete_pairs_only(shelf, tmp_path):
+    assert pretrained.available(shelf) == ["concrete"]
+    assert pretrained.available(tmp_path) == [] and pretrained.available(tmp_path / "absent") == []
+    (tmp_path / "baseline.pt").write_bytes(b"x")  # no .json beside it
+    assert pretrained.available(tmp_path) == []
+    assert isinstance(pretrained.available(), list)  # the package's own folder, maybe empty
+
+
+def test_a_modified_file_fails_the_checksum(shelf, tmp_path):
+    for name in ("concrete.pt", "concrete.json"):
+        (tmp_path / name).write_bytes((shelf / name).read_bytes())
+    with open(tmp_path / "concrete.pt", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ValueError, match=r"concrete\.pt: sha256 .* differs"):
+        pretrained.load("concrete", directory=tmp_path)
+
+
+def test_unknown_name_lists_the_available_models(shelf):
+    with pytest.raises(ValueError, match=r"unknown pretrained model 'bayesian'.*\['concrete', 'baseline'\].*concrete"):
+        pretrained.load("bayesian", directory=shelf)
+
+
+def test_missing_files_explain_how_to_get_a_model(shelf):
+    with pytest.raises(FileNotFoundError, match="not been shipped.*python -m companion train") as err:
+        pretrained.load("baseline", directory=shelf)
+    assert "baseline.pt" in str(err.value)
+    with pytest.raises(FileNotFoundError):
+        pretrained.provenance("baseline", directory=shelf)
+
+
+def test_export_refuses_oversized_weights_and_leaves_nothing(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained, "MAX_BYTES", 1000)
+    with pytest.raises(ValueError, match="over the"):
+        pretrained.export(run_dir / "final.pt", "concrete", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_rejects_a_bad_name(run_dir, tmp_path):
+    with pytest.raises(ValueError, match="file stem"):
+        pretrained.export(run_dir / "final.pt", "../evil", tmp_path)
+
+
+def test_the_evaluate_cli_loads_pretrained_weights(shelf, tmp_path):
+    from companion.__main__ import main
+
+    out = tmp_path / "res"
+    assert main(["evaluate", "--pretrained", "concrete", "--pretrained-dir", str(shelf), "--synthetic", "2",
+                 "--synthetic-size", "64", "--draws", "2", "--bandwidths", "1", "--thresholds", "1",
+                 "--no-progress", "--no-cache", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["model"]["source"] == "pretrained" and doc["model"]["sha256"] == pretrained.provenance(
+        "concrete", shelf)["sha256"]
+    assert not (out / "cache").exists()
