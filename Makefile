@@ -17,7 +17,6 @@ ifneq ($(wildcard $(SHARED_BBBC010)/masks_eachworm),)
 export BBBC010_ROOT := $(SHARED_BBBC010)
 endif
 endif
-export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
 .PHONY: env book test unit notebooks clean

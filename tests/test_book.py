@@ -65,3 +65,12 @@ def test_colab_cells_point_at_the_configured_repository():
         first = "".join(next(c for c in json.loads(path.read_text())["cells"]
                              if c["cell_type"] == "code")["source"])
         assert url in first, f"{path.name} installs from another repository than _config.yml's {url}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_chapters_that_plot_select_the_inline_backend(path: Path):
+    """With MPLBACKEND=Agg in the environment, plt.show() in a kernel prints nothing: the
+    rendered page would silently lose its figures unless the chapter asks for inline plots."""
+    code = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    if any("matplotlib" in src for src in code):
+        assert any("%matplotlib inline" in src for src in code), f"{path.name}: add %matplotlib inline"
