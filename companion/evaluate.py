@@ -50,7 +50,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
@@ -58,6 +57,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from ._io import atomic_savez, atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from companion.data import Sample
@@ -273,20 +274,6 @@ def well_outputs(model: nn.Module, image: np.ndarray, *, draws: int = 8, seed: i
     return WellOutputs(deterministic, tuple(compact_pass(e, lg) for e, lg in zip(mc.embeddings, mc.logits)))
 
 
-def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _pack(outputs: WellOutputs, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
     passes = (outputs.deterministic,) + tuple(outputs.draws)
     return dict(
@@ -350,7 +337,7 @@ def cached_well_outputs(model: nn.Module, samples: Sequence["Sample"], cache_dir
         if outputs is None:
             outputs = well_outputs(model, image, draws=draws, seed=well_seed, batch=batch, device=device)
             if path is not None:
-                _atomic_savez(path, _pack(outputs, meta))
+                atomic_savez(path, _pack(outputs, meta))
         out[sample.well] = outputs
     return out
 
@@ -588,20 +575,6 @@ def evaluate_model(
 # --------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _csv_bytes(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> bytes:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -692,7 +665,7 @@ def _save_figure(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_report(result: EvaluationResult, samples: Sequence["Sample"], out_dir: str | os.PathLike, *,
@@ -715,7 +688,7 @@ def write_report(result: EvaluationResult, samples: Sequence["Sample"], out_dir:
     written: list[Path] = []
 
     def put(name: str, data: bytes) -> None:
-        _atomic_write_bytes(out / name, data)
+        atomic_write_bytes(out / name, data)
         written.append(out / name)
 
     tuning = result.tuning

@@ -33,7 +33,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -43,6 +42,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, 
 import numpy as np
 import torch
 from torch import nn
+
+from ._io import atomic_write, atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from companion.data import Sample
@@ -472,33 +473,6 @@ def _restore_rng(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_copy(source: Path, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
     """Read and validate a training checkpoint without executing any pickle.
 
@@ -638,7 +612,7 @@ def _trim_log(log_path: Path, iteration: int) -> None:
         return
     kept = [line for line in log_path.read_text().splitlines()
             if line.strip() and json.loads(line)["iteration"] <= iteration]
-    _atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+    atomic_write_bytes(log_path, "".join(line + "\n" for line in kept).encode())
 
 
 def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathLike, *,
@@ -765,7 +739,7 @@ def _train(config: TrainConfig, data: Sequence["Sample"], out_dir: Path, device:
     bar.close()
     if dist_info.is_main:
         read_checkpoint(last_path)  # validates what we publish as final
-        _atomic_copy(last_path, final_path)
+        atomic_write(final_path, lambda tmp: shutil.copyfile(last_path, tmp))
     if dist_info.world_size > 1:
         import torch.distributed as dist
 
@@ -826,6 +800,6 @@ def _write_checkpoint(model, optimizer, scaler, config, iteration, dist_info, la
     if dist_info.is_main:
         state = _checkpoint_state(model, optimizer, scaler, config, iteration, rng_per_rank,
                                   dist_info)
-        _atomic_torch_save(state, last_path)
+        atomic_write(last_path, lambda tmp: torch.save(state, tmp))
         if on_checkpoint is not None:
             on_checkpoint(iteration, last_path)

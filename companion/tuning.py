@@ -21,13 +21,13 @@ Examples
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from .metrics import evaluate
+from ._io import atomic_savez
 
 __all__ = ["FoldChoice", "GridSearchResult", "grid_search", "cached_outputs", "segmenter", "foreground_scores"]
 
@@ -57,18 +57,6 @@ class GridSearchResult(NamedTuple):
     choices: list
     pooled: dict
 
-
-def _atomic_savez(path: Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def cached_outputs(
@@ -120,7 +108,7 @@ def cached_outputs(
         for name, array in compute(well).items():
             stored[f"{well}__{name}"] = np.asarray(array)
     if missing:
-        _atomic_savez(path, stored)
+        atomic_savez(path, stored)
     out: dict = {w: {} for w in wells}
     for key, array in stored.items():
         well, name = key.split("__", 1)

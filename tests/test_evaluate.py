@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from companion.evaluate import (
     TABLE1_KEYS, CompactPass, _ScaledCounts, _to_counts, _well_seed, cached_well_outputs, compact_pass,
     compact_scores, evaluate_model, expand_pass, file_sha256, segment_compact, write_report,
 )
-from companion.metrics import evaluate
 from companion.model import ConcreteDropout2d, UNet, UNetOutput
 from companion.postprocess import ideal_logits, segment, simulate_embedding
 from companion.sampling import mc_predict

@@ -8,10 +8,8 @@ import socket
 import subprocess
 import sys
 import textwrap
-from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -31,12 +31,13 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .._io import atomic_write
 
 __all__ = ["NAMES", "PRETRAINED_DIR", "MAX_BYTES", "available", "provenance", "load", "export"]
 
@@ -183,19 +184,6 @@ def _hardware() -> dict[str, Any]:
     return info
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; package data must be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike | None = None, *,
            command: str | None = None, log: str | os.PathLike | None = None) -> tuple[Path, Path]:
@@ -241,7 +229,7 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
             raise ValueError(f"{name}.pt would be {size / 2**20:.1f} MiB, over the "
                              f"{MAX_BYTES / 2**20:.0f} MiB limit for shipped weights")
 
-    _atomic_write(weights, save_checked)
+    atomic_write(weights, save_checked)
 
     log_path = Path(log) if log is not None else checkpoint.parent / "log.jsonl"
     records = read_log(log_path) if log_path.is_file() else []
@@ -275,5 +263,5 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
         exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     text = json.dumps(record, indent=1, sort_keys=False, allow_nan=False) + "\n"
-    _atomic_write(info, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(info, lambda tmp: Path(tmp).write_text(text))
     return weights, info
