@@ -27,7 +27,7 @@ __all__ = [
     "WELLS", "TRAIN_WELLS", "TEST_WELLS", "TEST_FOLDS", "IMAGE_SHAPE", "CHANNEL_MAX",
     "BASE_URL", "IMAGES_ZIP", "MASKS_ZIP", "Sample", "IncompleteWellError", "CorruptFileError",
     "BBBC010Layout", "find_layout", "resolve_root", "default_cache_dir", "fetch_bbbc010",
-    "load_well", "load_bbbc010",
+    "load_well", "load_bbbc010", "BBBC010DownloadError",
 ]
 
 #: The 100 well ids of BBBC010, row-major: ``A01`` .. ``A24``, ``B01`` .. ``D24``, ``E01`` .. ``E04``.
@@ -180,6 +180,10 @@ def default_cache_dir() -> Path:
     return Path(pooch.os_cache("companion")) / "bbbc010"
 
 
+class BBBC010DownloadError(OSError):
+    """The official BBBC010 archives could not be downloaded (no network, server error)."""
+
+
 def fetch_bbbc010(cache_dir: str | os.PathLike | None = None, base_url: str | None = None, *,
                   progress: bool = True) -> Path:
     """Download and unpack the official BBBC010 archives (images v2, per-worm masks v1).
@@ -216,11 +220,17 @@ def fetch_bbbc010(cache_dir: str | os.PathLike | None = None, base_url: str | No
         base_url += "/"
     cache_dir.mkdir(parents=True, exist_ok=True)
     for archive in (IMAGES_ZIP, MASKS_ZIP):
-        pooch.retrieve(
-            url=base_url + archive, known_hash=None, fname=archive, path=cache_dir,
-            processor=pooch.Unzip(extract_dir=archive[: -len(".zip")] + ".unzip"),
-            progressbar=progress,
-        )
+        try:
+            pooch.retrieve(
+                url=base_url + archive, known_hash=None, fname=archive, path=cache_dir,
+                processor=pooch.Unzip(extract_dir=archive[: -len(".zip")] + ".unzip"),
+                progressbar=progress,
+            )
+        except OSError as error:  # requests' ConnectionError and HTTPError are OSErrors
+            raise BBBC010DownloadError(
+                f"could not download {base_url + archive} into {cache_dir} ({error}). Without "
+                f"network access, pass root=... or set $BBBC010_ROOT to a folder that holds the "
+                f"BBBC010 images and per-worm masks") from error
     find_layout(cache_dir)  # fail here, naming what was looked for, if the archives were odd
     return cache_dir
 

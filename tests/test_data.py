@@ -244,6 +244,15 @@ def test_load_without_root_downloads_to_cache(zip_server, tmp_path, monkeypatch)
     assert len(requests) == 2
 
 
+
+def test_fetch_failure_names_the_url_and_the_way_out(zip_server, tmp_path):
+    base_url, requests = zip_server
+    missing = base_url + "nowhere/"  # the server answers 404
+    with pytest.raises(data.BBBC010DownloadError, match=r"nowhere/BBBC010_v2_images\.zip.*BBBC010_ROOT"):
+        fetch_bbbc010(tmp_path / "cache", missing, progress=False)
+    assert requests == ["/bbbc/nowhere/" + data.IMAGES_ZIP]
+    assert not (tmp_path / "cache" / data.IMAGES_ZIP).exists()  # nothing half-written is left
+
 # ---------------------------------------------------------------- the real BBBC010 copy
 
 INCOMPLETE = ("C13", "C14", "D24")
