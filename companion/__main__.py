@@ -198,8 +198,9 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--binarize", type=_probability, default=0.75,
                    help="agglomerated probability at which a pixel belongs to an instance")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo dropout masks")
-    p.add_argument("--batch", type=_positive_int, default=8,
-                   help="Monte-Carlo draws per forward pass (lower it if memory is short)")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="Monte-Carlo draws per forward pass (lower it if memory is short; "
+                        "default: 8 on a GPU, 1 on the CPU, where batching is slower)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:K for the network (default: CUDA when present)")
     p.add_argument("--no-cache", action="store_true",

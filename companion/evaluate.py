@@ -259,7 +259,7 @@ def has_concrete_dropout(model: nn.Module) -> bool:
 
 
 def well_outputs(model: nn.Module, image: np.ndarray, *, draws: int = 8, seed: int = 0,
-                 batch: int = 8, device: str | torch.device | None = None) -> WellOutputs:
+                 batch: int | None = None, device: str | torch.device | None = None) -> WellOutputs:
     """Deterministic pass plus ``draws`` Monte-Carlo passes of one image, compacted.
 
     ``draws`` is ignored (no draws) for a model without Concrete Dropout.
@@ -309,7 +309,7 @@ def _read_cache(path: Path, meta: Mapping[str, Any]) -> WellOutputs | None:
 
 
 def cached_well_outputs(model: nn.Module, samples: Sequence["Sample"], cache_dir: str | os.PathLike | None, *,
-                        draws: int = 8, seed: int = 0, batch: int = 8, device: str | torch.device | None = None,
+                        draws: int = 8, seed: int = 0, batch: int | None = None, device: str | torch.device | None = None,
                         progress: bool = True) -> dict[str, WellOutputs]:
     """:func:`well_outputs` of every sample, kept in ``cache_dir/<well>.npz``.
 
@@ -473,7 +473,7 @@ def evaluate_model(
     draws: int = 8,
     binarize_at: float = 0.75,
     seed: int = 0,
-    batch: int = 8,
+    batch: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     pavpu_thresholds: Sequence[float] = PAVPU_THRESHOLDS,
@@ -499,8 +499,9 @@ def evaluate_model(
         Agglomerated probabilities ``>= binarize_at`` form the predicted masks.
     seed : int
         Seeds the dropout masks of the draws (per well, see :func:`cached_well_outputs`).
-    batch : int
-        Draws per forward pass.
+    batch : int, optional
+        Draws per forward pass; default 8 on a GPU, 1 on the CPU (see
+        :func:`companion.sampling.mc_predict`).
     cache_dir : path-like, optional
         Where the compact network outputs are cached (``None``: not cached).
     device : str or torch.device, optional

@@ -56,8 +56,8 @@ def test_predict_equals_a_plain_forward_pass_when_no_padding_is_needed(net, rng)
     with torch.no_grad():
         reference = net.eval()(torch.from_numpy(image)[None])
     out = predict(net, image)
-    np.testing.assert_allclose(out.logits, reference.logits.numpy(), atol=1e-6)
-    np.testing.assert_allclose(out.embeddings, reference.embedding.numpy(), atol=1e-6)
+    np.testing.assert_allclose(out.logits, reference.logits.numpy(), atol=1e-5)  # NHWC kernels sum in another order
+    np.testing.assert_allclose(out.embeddings, reference.embedding.numpy(), atol=1e-5)
 
 
 def test_predict_crop_matches_a_manually_padded_forward_pass(net, image):
@@ -65,7 +65,7 @@ def test_predict_crop_matches_a_manually_padded_forward_pass(net, image):
     manual = torch.nn.functional.pad(x, (7, 7, 5, 6), mode="reflect")  # 37 x 50 -> 48 x 64
     with torch.no_grad():
         reference = net.eval()(manual).logits[..., 5:42, 7:57]
-    np.testing.assert_allclose(predict(net, image).logits, reference.numpy(), atol=1e-6)
+    np.testing.assert_allclose(predict(net, image).logits, reference.numpy(), atol=1e-5)  # NHWC kernels
 
 
 def test_mc_predict_draws_differ_and_are_seeded(net, image):
