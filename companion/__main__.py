@@ -28,11 +28,23 @@ from pathlib import Path
 from typing import Sequence
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked(convert, accept, expected: str):
+    """An argparse ``type`` converting with ``convert`` and refusing values ``accept`` rejects."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _checked(float, lambda v: v > 0, "a positive number")
+_probability = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -130,27 +142,6 @@ def _run_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line, not one per process
         print(f"final checkpoint: {final}")
     return 0
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:

@@ -16,16 +16,17 @@ QUICK = ["--preset", "quick", "--crop-size", "32", "--checkpoint-every", "2", "-
          "--no-progress"]
 
 
-def _train_parser() -> argparse.ArgumentParser:
+def _subcommand_parser(name: str) -> argparse.ArgumentParser:
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return subparsers.choices["train"]
+    return subparsers.choices[name]
 
 
-def test_every_train_option_is_explained_in_help():
-    parser = _train_parser()
+@pytest.mark.parametrize("command, n_options", [("train", 15), ("evaluate", 14)])
+def test_every_option_is_explained_in_help(command, n_options):
+    parser = _subcommand_parser(command)
     help_text = parser.format_help()
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(options) >= 15
+    assert len(options) >= n_options
     for action in options:
         assert action.help and len(action.help) > 10, action.option_strings
         assert action.option_strings[-1] in help_text

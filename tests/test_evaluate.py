@@ -269,25 +269,6 @@ def test_write_report_files(oracle_run, samples, tmp_path):
 # --------------------------------------------------------------------------------------------
 # the command line
 # --------------------------------------------------------------------------------------------
-def _evaluate_parser():
-    import argparse
-
-    from companion.__main__ import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["evaluate"]
-
-
-def test_every_evaluate_option_is_explained_in_help():
-    parser = _evaluate_parser()
-    help_text = parser.format_help()
-    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(options) >= 14
-    for action in options:
-        assert action.help and len(action.help) > 10, action.option_strings
-        assert action.option_strings[-1] in help_text
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     from companion.__main__ import main
