@@ -83,6 +83,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="crops per iteration per process")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--disc-warmup", type=_non_negative_int, default=None,
+                   help="first iterations trained on cross-entropy only, before the "
+                        "discriminative loss joins (not in the paper; default 0)")
     p.add_argument("--grad-clip", type=float, default=None,
                    help="largest global gradient norm, 0 disables clipping (default: 1.0)")
     p.add_argument("--crop-size", type=_positive_int, default=None,
@@ -108,7 +111,7 @@ def config_from_args(args: argparse.Namespace):
     from companion.train import TrainConfig
 
     overrides = {name: getattr(args, name) for name in
-                 ("model", "iterations", "seed", "batch_size", "lr", "grad_clip", "crop_size",
+                 ("model", "iterations", "seed", "batch_size", "lr", "disc_warmup", "grad_clip", "crop_size",
                   "checkpoint_every", "log_every", "num_workers", "device")
                  if getattr(args, name) is not None}
     if args.no_amp:

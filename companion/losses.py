@@ -231,7 +231,8 @@ def class_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def training_objective(model: torch.nn.Module, output: UNetOutput, batch: dict, *, n_train: int,
                        weight_decay: float = 1e-6, length_scale_sq: float = 1e-6,
-                       zeta: float = 1e-3, delta_d: float = 4.0) -> ObjectiveTerms:
+                       zeta: float = 1e-3, delta_d: float = 4.0,
+                       disc_weight: float = 1.0) -> ObjectiveTerms:
     """The loss the training loop minimises: discriminative + cross-entropy + model regulariser.
 
     The model regulariser is :func:`companion.model.concrete_regularizer` for a model with
@@ -250,6 +251,10 @@ def training_objective(model: torch.nn.Module, output: UNetOutput, batch: dict, 
         Number of training samples ``N`` of the Concrete Dropout regulariser.
     weight_decay, length_scale_sq, zeta, delta_d : float
         Regularisation constants and the push margin.
+    disc_weight : float
+        Weight of the discriminative term in ``total`` (1 in the paper; the training loop sets 0
+        during an optional cross-entropy warm-up). The returned ``var``, ``dist``, ``reg`` are
+        unweighted either way.
 
     Examples
     --------
@@ -272,4 +277,7 @@ def training_objective(model: torch.nn.Module, output: UNetOutput, batch: dict, 
     else:
         model_reg = weight_decay * weight_decay_penalty(model)
     model_reg = model_reg.to(ce.device)
-    return ObjectiveTerms(disc.total + ce + model_reg, disc.var, disc.dist, disc.reg, ce, model_reg)
+    if disc_weight < 0:
+        raise ValueError(f"disc_weight must be >= 0, got {disc_weight!r}")
+    total = disc_weight * disc.total + ce + model_reg
+    return ObjectiveTerms(total, disc.var, disc.dist, disc.reg, ce, model_reg)

@@ -256,6 +256,26 @@ def test_training_objective_sums_its_terms_concrete_and_baseline():
         training_objective(baseline, out, batch, n_train=0)
 
 
+def test_disc_weight_scales_only_the_discriminative_part_of_the_total():
+    torch.manual_seed(0)
+    batch = _synthetic_batch()
+    net = UNet(base_filters=4)
+    out = net(batch["image"])
+    full = training_objective(net, out, batch, n_train=50)
+    warmup = training_objective(net, out, batch, n_train=50, disc_weight=0.0)
+    half = training_objective(net, out, batch, n_train=50, disc_weight=0.5)
+    assert warmup.total.item() == pytest.approx((full.ce + full.model_reg).item(), rel=1e-6)
+    disc_total = (full.total - full.ce - full.model_reg).item()
+    assert disc_total > 1  # the test would be vacuous if the discriminative part were ~0
+    assert half.total.item() == pytest.approx(warmup.total.item() + 0.5 * disc_total, rel=1e-5)
+    assert warmup.dist.item() == pytest.approx(full.dist.item())  # logged terms stay unweighted
+    out.embedding.retain_grad()
+    warmup.total.backward()
+    assert out.embedding.grad is None or float(out.embedding.grad.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="disc_weight"):
+        training_objective(net, out, batch, n_train=50, disc_weight=-1.0)
+
+
 @pytest.mark.parametrize("dropout", [None, "concrete"])
 def test_short_training_lowers_the_objective(dropout):
     torch.manual_seed(0)

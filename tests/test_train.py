@@ -176,6 +176,26 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_data):
     assert losses[-1] < losses[0]
 
 
+def test_disc_warmup_trains_the_class_head_but_not_the_embedding_head(tmp_path, tiny_data):
+    # baseline without weight decay: during the warm-up only the cross-entropy moves weights
+    config = tiny_config(model="baseline", weight_decay=0.0, disc_warmup=4)
+    torch.manual_seed(config.seed)
+    initial = build_model(config).state_dict()
+    trained = load_model(train(config, tiny_data, tmp_path / "warm", progress=False)).state_dict()
+    embedding_head = [k for k in initial if k.startswith("embedding_head") and k.endswith("weight")]
+    class_head = [k for k in initial if k.startswith("class_head") and k.endswith("weight")]
+    assert embedding_head and class_head
+    for key in embedding_head:
+        assert torch.equal(initial[key], trained[key]), key
+    assert any(not torch.equal(initial[k], trained[k]) for k in class_head)
+    # ...whereas without the warm-up the same run moves the embedding head too
+    no_warmup = TrainConfig.from_dict({**config.to_dict(), "disc_warmup": 0})
+    plain = load_model(train(no_warmup, tiny_data, tmp_path / "plain", progress=False)).state_dict()
+    assert any(not torch.equal(initial[k], plain[k]) for k in embedding_head)
+    with pytest.raises(ValueError, match="disc_warmup"):
+        tiny_config(disc_warmup=-1)
+
+
 def test_resume_drops_log_records_written_after_the_checkpoint(tmp_path, tiny_data):
     config = tiny_config(log_every=1)
 
