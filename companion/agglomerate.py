@@ -46,6 +46,7 @@ __all__ = [
     "agglomerate",
     "binarize",
     "binarized_indices",
+    "binarize_with_scores",
     "bernoulli_entropy",
     "instance_scores",
     "Matching",
@@ -296,6 +297,27 @@ def binarize(probs: np.ndarray, threshold: float = 0.75) -> np.ndarray:
     probs = np.asarray(probs)
     keep = binarized_indices(probs, threshold)
     return probs[keep] >= threshold
+
+
+def binarize_with_scores(agglomeration: Agglomeration, threshold: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`binarize` an agglomeration and keep the scores of the instances that survive.
+
+    Returns
+    -------
+    masks : np.ndarray
+        bool ``(K', H, W)``, as :func:`binarize`.
+    scores : np.ndarray
+        ``(K',)`` the agglomeration's scores of those instances, in the same order.
+
+    Examples
+    --------
+    >>> agg = Agglomeration(np.array([[[0.9]], [[0.5]]], np.float32), np.array([0.9, 0.5]))
+    >>> masks, scores = binarize_with_scores(agg)
+    >>> masks.shape, scores.tolist()
+    ((1, 1, 1), [0.9])
+    """
+    masks = binarize(agglomeration.probs, threshold)
+    return masks, agglomeration.scores[binarized_indices(agglomeration.probs, threshold)]
 
 
 # --- teaching device: simulated Monte-Carlo disagreements ------------------------------

@@ -365,12 +365,12 @@ def predict_agglomerated(outputs: WellOutputs, bandwidth: float, threshold: floa
     agglomeration : companion.agglomerate.Agglomeration
         All agglomerated instances (probabilities and scores), before binarising.
     """
-    from companion.agglomerate import agglomerate, binarize, binarized_indices
+    from companion.agglomerate import agglomerate, binarize_with_scores
 
     if not outputs.draws:
         raise ValueError("these outputs hold no Monte-Carlo draws (a model without Concrete Dropout, or draws=0)")
     agg = agglomerate([segment_compact(d, bandwidth, threshold, **segment_kwargs) for d in outputs.draws])
-    return binarize(agg.probs, binarize_at), agg.scores[binarized_indices(agg.probs, binarize_at)], agg
+    return (*binarize_with_scores(agg, binarize_at), agg)
 
 
 class _ScaledCounts(Sequence):

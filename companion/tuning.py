@@ -169,11 +169,10 @@ def segmenter(
             return masks, foreground_scores(masks, logits)
         if embedding.ndim != 4 or logits.ndim != 4:
             raise ValueError(f"well {well}: embedding must be (E, H, W) or (n, E, H, W), got {embedding.shape}")
-        from .agglomerate import agglomerate, binarize, binarized_indices
+        from .agglomerate import agglomerate, binarize_with_scores
 
         draws = [segment_fn(e, lg, bandwidth, threshold) for e, lg in zip(embedding, logits)]
-        agg = agglomerate(draws)
-        return binarize(agg.probs, binarize_at), agg.scores[binarized_indices(agg.probs, binarize_at)]
+        return binarize_with_scores(agglomerate(draws), binarize_at)
 
     return predict
 

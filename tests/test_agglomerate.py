@@ -9,10 +9,12 @@ from scipy import ndimage, stats
 from skimage.draw import ellipse
 
 from companion.agglomerate import (
+    Agglomeration,
     agglomerate,
     bernoulli_entropy,
     binarize,
     binarized_indices,
+    binarize_with_scores,
     instance_scores,
     match_instances,
     perturb_instances,
@@ -256,6 +258,10 @@ def test_binarize_thresholds_and_drops_empty_instances(rng):
     assert binarize(np.zeros((0, 3, 3)), 0.75).shape == (0, 3, 3)
     with pytest.raises(ValueError, match="threshold"):
         binarize(probs, 1.5)
+    scores = np.arange(6, dtype=float)
+    masks, kept_scores = binarize_with_scores(Agglomeration(probs, scores), 0.75)
+    np.testing.assert_array_equal(masks, binary)
+    np.testing.assert_array_equal(kept_scores, scores[keep])
 
 
 def test_instance_scores_of_hand_made_maps():
