@@ -24,15 +24,19 @@ from pathlib import Path
 #: ``python scripts/nbtools.py --set-repo URL`` to update every chapter.
 REPO_URL = "https://github.com/your-org/probabilistic-instance-segmentation-book"
 
-COLAB_CELL = f'''# Set-up: in Colab this installs the `companion` package from the book's repository;
-# locally (after the README's set-up) it is already installed.
+COLAB_CELL = f'''# Set-up: in Colab this clones the book's repository (the chapters read its results/ folder)
+# and installs the `companion` package from it; locally (after the README's set-up) both are there.
 import os
 import subprocess
 import sys
 
 REPO = "{REPO_URL}"
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"companion[book] @ git+{{REPO}}"], check=True)
+    CLONE = "/content/book-repo"
+    if not os.path.isdir(CLONE):
+        subprocess.run(["git", "clone", "--depth", "1", REPO, CLONE], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{{CLONE}}[book]"], check=True)
+    sys.path.insert(0, CLONE)  # the editable install, importable without restarting the runtime
 
 import torch
 
@@ -104,6 +108,19 @@ def set_repository(url: str, book_dir: str | os.PathLike = "book") -> int:
     return changed
 
 
+def refresh_setup_cells(book_dir: str | os.PathLike = "book") -> int:
+    """Make every chapter's first code cell the current :data:`COLAB_CELL`; returns the number changed."""
+    changed = 0
+    for nb_path in sorted(Path(book_dir).glob("*.ipynb")):
+        nb = json.loads(nb_path.read_text())
+        first = next(c for c in nb["cells"] if c["cell_type"] == "code")
+        if "".join(first["source"]) != COLAB_CELL:
+            first["source"] = COLAB_CELL
+            _atomic_write_text(nb_path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+            changed += 1
+    return changed
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -119,9 +136,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strip", nargs="*", default=[], help="notebooks to strip of outputs")
     parser.add_argument("--set-repo", metavar="URL", help="point every chapter's set-up cell at URL")
+    parser.add_argument("--refresh-setup", action="store_true",
+                        help="rewrite every chapter's set-up cell from COLAB_CELL")
     args = parser.parse_args()
     for p in args.strip:
         strip_outputs(p)
     if args.set_repo:
         print(f"updated {set_repository(args.set_repo)} chapters")
+    if args.refresh_setup:
+        print(f"refreshed the set-up cell of {refresh_setup_cells()} chapters")
     sys.exit(0)

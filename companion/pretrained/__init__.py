@@ -32,19 +32,25 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .._io import atomic_write
 
-__all__ = ["NAMES", "PRETRAINED_DIR", "MAX_BYTES", "available", "provenance", "load", "export"]
+__all__ = ["NAMES", "PRETRAINED_DIR", "RESULTS_DIR", "MAX_BYTES", "available", "provenance", "load",
+           "load_or_train", "results", "training_budget", "export"]
 
 #: The models the package ships (when the lead has exported them).
 NAMES: tuple[str, ...] = ("concrete", "baseline")
 #: Where the shipped files live.
 PRETRAINED_DIR: Path = Path(__file__).resolve().parent
+#: Where the evaluations of the shipped models are committed (``results/<name>/`` of the book's
+#: repository, written by ``python -m companion evaluate --pretrained <name> --out results/<name>``).
+#: Present in a clone of the repository (also the one the chapters' Colab cell makes); a
+#: ``pip install`` from PyPI or git has the weights but not the results.
+RESULTS_DIR: Path = PRETRAINED_DIR.parents[1] / "results"
 #: Marker stored in every exported ``.pt``.
 FORMAT = "companion-pretrained"
 #: Largest ``.pt`` that :func:`export` writes (the full U-Net is ~5.5 MB in float16).
@@ -131,6 +137,130 @@ def load(name: str, *, directory: str | os.PathLike | None = None,
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval()
+
+
+def results(name: str, directory: str | os.PathLike | None = None) -> dict:
+    """The committed evaluation of a shipped model: ``results/<name>/results.json``.
+
+    Parameters
+    ----------
+    name : str
+        ``"concrete"`` or ``"baseline"`` (the sub-folder of ``directory``).
+    directory : path-like, optional
+        Default :data:`RESULTS_DIR`, the repository's ``results/``.
+
+    Returns
+    -------
+    dict
+        As written by :func:`companion.evaluate.write_report`: ``rows`` (Table 1), ``pavpu``
+        (the Figure 2 curves), ``proofreading`` (Table 2), ``per_image``, ``tuning``, ...
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file; says how to create it.
+    """
+    folder = RESULTS_DIR if directory is None else Path(directory)
+    path = folder / name / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found. The evaluation results live in the book's repository (clone it), or "
+            f"compute them: python -m companion evaluate --pretrained {name} --out {folder / name}")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def training_budget(name: str, directory: str | os.PathLike | None = None) -> str:
+    """One line on how a shipped model was trained, to print beside its numbers.
+
+    >>> training_budget("concrete", directory=_example_dir())  # doctest: +ELLIPSIS
+    'concrete: 3 iterations of 64 x 64 crops (batch 2, lr 0.001), ... s on ...'
+    """
+    info = provenance(name, directory)
+    cfg = info.get("config", {})
+    seconds = info.get("training_time_s")
+    hardware = info.get("hardware", {})
+    device = hardware.get("cuda") or f"{hardware.get('torch_threads', '?')} CPU threads"
+    time = f"{seconds / 3600:.1f} h" if seconds and seconds >= 3600 else (
+        f"{seconds:.0f} s" if seconds is not None else "time not recorded")
+    return (f"{name}: {info['iterations']:,} iterations of {cfg.get('crop_size')} x {cfg.get('crop_size')} crops "
+            f"(batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}), {time} on {device}")
+
+
+def _example_dir() -> Path:  # a throw-away exported model for the doctests
+    import tempfile
+
+    from companion.synthetic import make_dataset
+    from companion.train import TrainConfig, train
+
+    run, shelf = tempfile.mkdtemp(), tempfile.mkdtemp()
+    cfg = TrainConfig.preset("quick", iterations=3, checkpoint_every=3, log_every=1)
+    export(train(cfg, make_dataset(2, seed=0, shape=(96, 96)), run, progress=False), "concrete", shelf)
+    return Path(shelf)
+
+
+def load_or_train(name: str = "concrete", *, retrain: bool = False, quick: bool = True,
+                  device: str | torch.device = "cpu", train_wells: Sequence[str] | None = None,
+                  data_root: str | os.PathLike | None = None, directory: str | os.PathLike | None = None,
+                  progress: bool = False) -> tuple[nn.Module, str]:
+    """The model a chapter works with: the shipped one, or one trained right now.
+
+    Parameters
+    ----------
+    name : {"concrete", "baseline"}
+    retrain : bool
+        False (default): :func:`load` the shipped weights. True: train a new model on the BBBC010
+        training wells, with the ``quick`` preset (a tiny network, seconds; its outputs are
+        only a pipeline check) or, with ``quick=False``, the shipped model's recorded training
+        settings (preset ``colab`` on a GPU: about an hour on a T4; preset ``cpu`` otherwise).
+    quick : bool
+        See ``retrain``.
+    device : str or torch.device
+    train_wells : sequence of str, optional
+        Default :data:`companion.data.TRAIN_WELLS` (``quick``: the first 8).
+    data_root : path-like, optional
+        Passed to :func:`companion.data.load_bbbc010`.
+    directory : path-like, optional
+        Folder of the shipped weights (default the package's).
+    progress : bool
+
+    Returns
+    -------
+    model : nn.Module
+        In eval mode on ``device``.
+    description : str
+        Where the model came from, for printing beside results.
+    """
+    if not retrain:
+        model = load(name, directory=directory, map_location=device)
+        return model, "shipped model " + training_budget(name, directory)
+
+    import tempfile
+    import time
+    import warnings
+
+    from companion.data import TRAIN_WELLS, load_bbbc010
+    from companion.train import TrainConfig, load_model, train
+
+    if name not in NAMES:
+        raise ValueError(f"retrain knows the models {list(NAMES)}, got {name!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if quick:
+        config = TrainConfig.preset("quick", model=name, device=str(device))
+        wells = list(train_wells or TRAIN_WELLS[:8])
+    else:
+        recorded = provenance(name, directory).get("overrides", {}) if name in available(directory) else {}
+        keep = {k: recorded[k] for k in ("lr", "disc_warmup", "grad_clip") if k in recorded}
+        config = TrainConfig.preset("colab" if on_gpu else "cpu", model=name, device=str(device), **keep)
+        wells = list(train_wells or TRAIN_WELLS)
+    samples = load_bbbc010(data_root, wells=wells, progress=progress)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checkpoint = train(config, samples, tempfile.mkdtemp(prefix=f"companion-{name}-"), progress=progress)
+    model = load_model(checkpoint, map_location=device).eval()
+    return model, (f"{name} model trained here ({'quick' if quick else 'full'} configuration): "
+                   f"{config.iterations:,} iterations, {time.perf_counter() - start:.0f} s on {device}")
 
 
 # --------------------------------------------------------------------------------------------
