@@ -413,7 +413,8 @@ class EvaluationResult(NamedTuple):
         The folds actually used (wells absent from ``samples`` removed).
     per_image : list of dict
         One dict per well and row: ``row``, ``well``, ``fold``, ``n_gt``, ``n_pred``,
-        ``n_recalled80``, ``AP50``, ``avAP``, ``avAP_dsb``.
+        ``n_recalled80``, ``AP50``, ``avAP``, ``avAP_dsb``; rows ``"mc"`` also ``uncertainty``
+        (:func:`companion.proofreading.image_uncertainty` of the agglomerated probabilities).
     pavpu : companion.uncertainty.PAvPU or None
         Of the agglomerated predictions (None without draws).
     proofreading : list of dict or None
@@ -518,7 +519,7 @@ def evaluate_model(
     from tqdm.auto import tqdm
 
     from companion.metrics import evaluate
-    from companion.proofreading import simulate_proofreading
+    from companion.proofreading import image_uncertainty, simulate_proofreading
     from companion.tuning import grid_search
     from companion.uncertainty import pavpu
 
@@ -559,7 +560,10 @@ def evaluate_model(
         mc_metrics = evaluate(gt_list, mc_masks, mc_scores)
         rows.insert(0, dict(name="mc", inference=f"{n_draws} Monte-Carlo draws, agglomerated, p >= {binarize_at}",
                             **{k: mc_metrics[k] for k in TABLE1_KEYS}))
-        per_image = _per_image_rows("mc", wells, fold_of, mc_metrics) + per_image
+        mc_rows = _per_image_rows("mc", wells, fold_of, mc_metrics)
+        for row, count in zip(mc_rows, counts):
+            row["uncertainty"] = image_uncertainty(count / np.float64(n_draws))
+        per_image = mc_rows + per_image
         predictions = {"mc": mc_masks, **predictions}
         probs = _ScaledCounts(counts, n_draws)
         pavpu_result = pavpu(gt_list, probs, pavpu_thresholds, binarize_at=binarize_at)
@@ -720,7 +724,7 @@ def write_report(result: EvaluationResult, samples: Sequence["Sample"], out_dir:
     put("results.json", (json.dumps(_json_safe(document), indent=1, allow_nan=False) + "\n").encode())
     put("table1.csv", _csv_bytes(result.rows, ("name", *TABLE1_KEYS, "inference")))
     put("per_image.csv", _csv_bytes(result.per_image, ("row", "well", "fold", "n_gt", "n_pred", "n_recalled80",
-                                                       "AP50", "avAP", "avAP_dsb")))
+                                                       "AP50", "avAP", "avAP_dsb", "uncertainty")))
     put("tuning.csv", _csv_bytes(tuning_rows, ("fold", "bandwidth", "threshold", "avAP")))
     if result.pavpu is not None:
         rows = _pavpu_rows(result.pavpu)

@@ -196,6 +196,10 @@ def test_per_image_rows_count_the_predictions(oracle_run, samples, folds):
         assert p["n_pred"] == len(result.predictions[p["row"]][index])
         assert p["n_gt"] == len(_by_well(samples)[p["well"]].instances)
         assert p["well"] in result.folds[p["fold"]]
+        # the MC rows carry the image's uncertainty, in [0, log 2]; the deterministic ones none
+        assert ("uncertainty" in p) == (p["row"] == "mc")
+        if p["row"] == "mc":
+            assert 0.0 <= p["uncertainty"] <= np.log(2) + 1e-12
 
 
 def test_cache_is_reused_and_invalidated(oracle_run, samples):

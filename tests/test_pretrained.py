@@ -138,3 +138,30 @@ def test_the_evaluate_cli_loads_pretrained_weights(shelf, tmp_path):
     assert doc["model"]["source"] == "pretrained" and doc["model"]["sha256"] == pretrained.provenance(
         "concrete", shelf)["sha256"]
     assert not (out / "cache").exists()
+
+
+def test_results_reads_the_committed_evaluation_and_explains_when_missing(tmp_path):
+    (tmp_path / "concrete").mkdir()
+    (tmp_path / "concrete" / "results.json").write_text(json.dumps({"rows": [{"name": "mc", "avAP": 0.5}]}))
+    assert pretrained.results("concrete", tmp_path)["rows"][0]["avAP"] == 0.5
+    with pytest.raises(FileNotFoundError, match="python -m companion evaluate --pretrained baseline"):
+        pretrained.results("baseline", tmp_path)
+
+
+def test_training_budget_states_iterations_crops_and_time(shelf):
+    line = pretrained.training_budget("concrete", shelf)
+    record = pretrained.provenance("concrete", shelf)
+    assert line.startswith(f"concrete: {record['iterations']:,} iterations of 32 x 32 crops")
+    assert "lr 0.001" in line and "CPU threads" in line
+
+
+def test_load_or_train_loads_the_shipped_model_or_trains_a_quick_one(shelf, monkeypatch):
+    model, text = pretrained.load_or_train("concrete", directory=shelf)
+    assert not model.training and text.startswith("shipped model concrete:")
+    samples = make_dataset(2, seed=1, shape=(96, 96))
+    monkeypatch.setattr("companion.data.load_bbbc010", lambda root, wells, progress: samples)
+    model, text = pretrained.load_or_train("baseline", retrain=True, quick=True, directory=shelf)
+    assert not model.training and not dropout_rates(model)  # a baseline: no Concrete Dropout
+    assert "baseline model trained here (quick configuration): 30 iterations" in text
+    with pytest.raises(ValueError, match="retrain knows"):
+        pretrained.load_or_train("other", retrain=True, directory=shelf)

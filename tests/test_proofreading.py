@@ -135,3 +135,19 @@ def test_worm_seen_at_the_peak_is_fixed_even_if_its_prediction_ends_elsewhere():
     fix = table.corrections[1]
     assert fix.n_replaced == 1 and fix.n_added == 0
     np.testing.assert_array_equal(fix.preds[0], worm[None])
+
+
+def test_image_uncertainty_is_zero_when_certain_and_log2_when_undecided():
+    from companion.proofreading import image_uncertainty
+
+    certain = np.zeros((2, 6, 6))
+    certain[0, :3], certain[1, 3:] = 1.0, 1.0
+    assert image_uncertainty(certain) == 0.0
+    undecided = certain * 0.5
+    assert image_uncertainty(undecided) == pytest.approx(np.log(2))
+    assert image_uncertainty(np.zeros((0, 6, 6))) == 0.0
+    assert image_uncertainty(np.zeros((1, 6, 6))) == 0.0  # an instance with no pixel: no area
+    # a more uncertain rim raises it
+    rim = certain.copy()
+    rim[0, 2] = 0.6
+    assert 0 < image_uncertainty(rim) < image_uncertainty(undecided)

@@ -1,0 +1,38 @@
+"""The numbers Rumberger, Mais and Kainmueller (2020) report, to print beside ours.
+
+Only what the paper states is here; every number the book computes comes from the code.
+
+Examples
+--------
+>>> TABLE1["concrete"]["avAP"], TABLE1["baseline"]["AP50"]
+(0.77, 0.963)
+>>> format_row("ours", dict(avAP=0.5, AP50=0.9, AP75=0.4, recall80=0.3, avAP_dsb=0.45))
+'ours                      0.500  0.900  0.400  0.300  0.450'
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from companion.evaluate import TABLE1_KEYS  # the columns of Table 1, in the paper's order
+
+__all__ = ["TABLE1_KEYS", "TABLE1", "format_header", "format_row"]
+
+
+#: Table 1 of the paper: BBBC010 test split; the concrete model's agglomerated Monte-Carlo
+#: probabilities binarised at 0.75, the baseline's single deterministic prediction.
+TABLE1: dict[str, dict[str, float]] = {
+    "baseline": dict(avAP=0.761, AP50=0.963, AP75=0.879, recall80=0.81, avAP_dsb=0.686),
+    "concrete": dict(avAP=0.770, AP50=0.974, AP75=0.883, recall80=0.81, avAP_dsb=0.703),
+}
+
+
+def format_header(width: int = 24) -> str:
+    """The column header matching :func:`format_row`."""
+    return f"{'':{width}s}" + "".join(f"{k:>7s}" for k in TABLE1_KEYS)
+
+
+def format_row(label: str, metrics: Mapping[str, float], width: int = 24) -> str:
+    """One fixed-width line of Table 1 (missing keys print as ``-``)."""
+    cells = "".join(f"{metrics[k]:7.3f}" if k in metrics and metrics[k] is not None else f"{'-':>7s}"
+                    for k in TABLE1_KEYS)
+    return f"{label:{width}s}" + cells
