@@ -88,6 +88,10 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                         "discriminative loss joins (not in the paper; default 0)")
     p.add_argument("--grad-clip", type=float, default=None,
                    help="largest global gradient norm, 0 disables clipping (default: 1.0)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from the network weights of this training checkpoint (e.g. a "
+                        "baseline run's last.pt, to fine-tune a Concrete Dropout model; not in "
+                        "the paper) instead of a random initialisation")
     p.add_argument("--crop-size", type=_positive_int, default=None,
                    help="side of the square training crops (multiple of 16)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None,
@@ -112,7 +116,7 @@ def config_from_args(args: argparse.Namespace):
 
     overrides = {name: getattr(args, name) for name in
                  ("model", "iterations", "seed", "batch_size", "lr", "disc_warmup", "grad_clip", "crop_size",
-                  "checkpoint_every", "log_every", "num_workers", "device")
+                  "init_from", "checkpoint_every", "log_every", "num_workers", "device")
                  if getattr(args, name) is not None}
     if args.no_amp:
         overrides["amp"] = False

@@ -125,6 +125,12 @@ class TrainConfig:
         Mixed precision on CUDA (ignored on the CPU).
     channels_last : bool
         Channels-last memory format on CUDA (faster convolutions with tensor cores).
+    init_from : str or None
+        Start from the network weights of another run's checkpoint instead of a random
+        initialisation (not in the paper): e.g. a Concrete Dropout model fine-tuned from a
+        baseline checkpoint, its dropout rates starting at ``init_dropout_rate``. Only the
+        weights are taken (not the optimiser, not the iteration count); the architectures
+        must agree apart from the dropout layers.
     device : str or None
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when present.
     """
@@ -153,6 +159,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     device: str | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.model not in ("concrete", "baseline"):
@@ -601,6 +608,25 @@ def _gather_rng(dist_info: DistInfo) -> list[dict]:
     return gathered
 
 
+def init_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Copy the network weights of a training checkpoint into ``model`` (see ``init_from``).
+
+    Raises ``ValueError`` (naming the file) when a weight of the checkpoint has no place in
+    ``model``, has another shape, or when ``model`` lacks anything but dropout rates.
+    """
+    ckpt = read_checkpoint(checkpoint, map_location="cpu")
+    target = model.state_dict()
+    source = ckpt["model"]
+    unexpected = sorted(set(source) - set(target))
+    missing = sorted(k for k in set(target) - set(source) if not k.endswith("p_logit"))
+    wrong = sorted(k for k in set(source) & set(target) if source[k].shape != target[k].shape)
+    if unexpected or missing or wrong:
+        raise ValueError(f"{checkpoint}: weights do not fit this model (unexpected {unexpected[:3]}, "
+                         f"missing {missing[:3]}, other shape {wrong[:3]}); init_from needs the same "
+                         f"architecture apart from the dropout layers")
+    model.load_state_dict(source, strict=False)
+
+
 def _check_resumable(ckpt: dict, config: TrainConfig, path: Path) -> None:
     saved = TrainConfig.from_dict(ckpt["config"])
     if saved.model_kwargs() != config.model_kwargs():
@@ -699,6 +725,8 @@ def _train(config: TrainConfig, data: Sequence["Sample"], out_dir: Path, device:
     np.random.seed(config.seed % 2**32)
     torch.manual_seed(config.seed)  # same initial weights on every rank
     model = build_model(config).to(device)
+    if config.init_from is not None and not (resume and last_path.exists()):
+        init_weights(model, config.init_from)
     channels_last = device.type == "cuda" and config.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

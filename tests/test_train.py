@@ -430,3 +430,28 @@ def test_mixed_precision_is_off_on_the_cpu():
     from companion.train import _amp_dtype
 
     assert _amp_dtype(TrainConfig.preset("quick"), torch.device("cpu")) is None
+
+
+def test_init_from_starts_a_concrete_model_from_baseline_weights(tmp_path):
+    from companion.train import build_model, init_weights
+
+    data = make_dataset(2, seed=0, shape=(96, 96))
+    base_cfg = TrainConfig.preset("quick", model="baseline", iterations=2, checkpoint_every=2, log_every=1)
+    base = train(base_cfg, data, tmp_path / "base", progress=False)
+    cfg = TrainConfig.preset("quick", model="concrete", iterations=2, checkpoint_every=2, log_every=1,
+                             init_from=str(base))
+    model = build_model(cfg)
+    init_weights(model, base)
+    baseline_state = load_model(base).state_dict()
+    for key, value in model.state_dict().items():
+        if key.endswith("p_logit"):  # the dropout rates start at their initial value
+            assert torch.sigmoid(value).item() == pytest.approx(cfg.init_dropout_rate, rel=1e-5)
+        else:
+            assert torch.equal(value, baseline_state[key]), key
+    # and the run trains from there, recording where it started
+    final = train(cfg, data, tmp_path / "fine", progress=False)
+    assert read_checkpoint(final)["config"]["init_from"] == str(base)
+    # a checkpoint of another architecture is refused, naming the file
+    other = TrainConfig.preset("quick", model="concrete", base_filters=6)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        init_weights(build_model(other), base)
