@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the command that trained the checkpoint, recorded verbatim in the .json")
     parser.add_argument("--log", type=Path, default=None,
                         help="the run's log.jsonl if it is not beside the checkpoint")
+    parser.add_argument("--calibrate", type=int, default=0, metavar="N",
+                        help="choose a shift of the background logit on N training wells (every "
+                             "k-th of companion.data.TRAIN_WELLS) by the foreground pixel F1 and fold it "
+                             "into the weights (companion.calibration; not in the paper). 0: no shift")
+    parser.add_argument("--data-root", default=None,
+                        help="BBBC010 folder for --calibrate (default: $BBBC010_ROOT, else the cache)")
     return parser
 
 
@@ -39,7 +45,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from companion.pretrained import export
 
     args = build_parser().parse_args(argv)
-    weights, info = export(args.checkpoint, args.name, args.out_dir, command=args.command, log=args.log)
+    shift, calibration = 0.0, None
+    if args.calibrate:
+        from companion.calibration import choose_background_shift
+        from companion.data import TRAIN_WELLS, load_bbbc010
+        from companion.train import load_model
+
+        wells = list(TRAIN_WELLS[::max(1, len(TRAIN_WELLS) // args.calibrate)][:args.calibrate])
+        choice = choose_background_shift(load_model(args.checkpoint), load_bbbc010(args.data_root, wells=wells),
+                                         progress=True)
+        shift = choice.shift
+        calibration = dict(method="foreground pixel F1 on training wells", wells=choice.wells,
+                           shifts=choice.shifts.tolist(), f1=[round(float(f), 5) for f in choice.f1])
+        print(f"background shift {shift} (foreground F1 {choice.f1.max():.3f}; "
+              f"{choice.f1[0]:.3f} without a shift) on {len(wells)} training wells")
+    weights, info = export(args.checkpoint, args.name, args.out_dir, command=args.command, log=args.log,
+                           background_shift=shift, calibration=calibration)
     print(f"wrote {weights} ({weights.stat().st_size / 2**20:.2f} MiB) and {info}")
     return 0
 

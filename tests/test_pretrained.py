@@ -165,3 +165,14 @@ def test_load_or_train_loads_the_shipped_model_or_trains_a_quick_one(shelf, monk
     assert "baseline model trained here (quick configuration): 30 iterations" in text
     with pytest.raises(ValueError, match="retrain knows"):
         pretrained.load_or_train("other", retrain=True, directory=shelf)
+
+
+def test_export_folds_a_background_shift_into_the_weights_and_records_it(run_dir, tmp_path):
+    calibration = dict(method="test", wells=["A01"], shifts=[0.0, 1.0], f1=[0.5, 0.7])
+    pretrained.export(run_dir / "final.pt", "concrete", tmp_path, background_shift=1.0, calibration=calibration)
+    shifted = pretrained.load("concrete", directory=tmp_path)
+    original = load_model(run_dir / "final.pt")
+    delta = original.class_head.layer.bias.detach() - shifted.class_head.layer.bias.detach()
+    assert delta[0].item() == pytest.approx(1.0, abs=1e-2) and delta[1:].abs().max().item() < 1e-2  # fp16
+    record = pretrained.provenance("concrete", tmp_path)
+    assert record["background_shift"] == 1.0 and record["calibration"] == calibration

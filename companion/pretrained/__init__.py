@@ -316,7 +316,8 @@ def _hardware() -> dict[str, Any]:
 
 
 def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike | None = None, *,
-           command: str | None = None, log: str | os.PathLike | None = None) -> tuple[Path, Path]:
+           command: str | None = None, log: str | os.PathLike | None = None,
+           background_shift: float = 0.0, calibration: dict | None = None) -> tuple[Path, Path]:
     """Write ``<name>.pt`` (float16 weights) and ``<name>.json`` (provenance) from a training checkpoint.
 
     Parameters
@@ -332,6 +333,11 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
     log : path-like, optional
         The run's ``log.jsonl``; default the one beside ``checkpoint`` (final loss terms,
         training time; ``None`` in the record when absent).
+    background_shift : float
+        Folded into the class head's background bias before saving
+        (:func:`companion.calibration.shift_background_logit`; 0: the trained weights as they are).
+    calibration : dict, optional
+        How the shift was chosen (wells, candidate shifts and their F1), recorded verbatim.
 
     Returns
     -------
@@ -347,6 +353,10 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)
     model = load_model(checkpoint)
+    if background_shift:
+        from companion.calibration import shift_background_logit
+
+        shift_background_logit(model, background_shift)
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     payload = dict(format=FORMAT, model_kwargs=dict(ckpt["model_kwargs"]), state_dict=state)
     folder = _directory(out_dir)
@@ -383,6 +393,8 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
         final_loss_terms={k: _finite(records[-1][k]) for k in TERM_NAMES if k in records[-1]} if records else None,
         final_loss_iteration=records[-1]["iteration"] if records else None,
         dropout_rates=[float(p) for p in dropout_rates(model)],
+        background_shift=float(background_shift),
+        calibration=calibration,
         git_commit=_git_commit(),
         hardware=_hardware(),
         hardware_note="of the machine that ran the export (normally the training machine)",
