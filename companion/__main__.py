@@ -190,6 +190,9 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
                    help="mean-shift bandwidths of the grid search")
     p.add_argument("--thresholds", type=_positive_float, nargs="+", default=list(DEFAULT_THRESHOLDS),
                    help="embedding-distance thresholds of the grid search (pixel-to-centre)")
+    p.add_argument("--max-points", type=_positive_int, default=None,
+                   help="mean-shift clusters at most this many foreground pixels per pass, drawn at "
+                        "random (all are assigned); default all (exact, slow on a CPU)")
     p.add_argument("--wells", nargs="+", default=None, metavar="WELL",
                    help="evaluate only these test wells (default: all 50 test wells; each "
                         "cross-validation fold must keep at least one)")
@@ -279,7 +282,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"skipped {len(skipped)} incomplete well(s): {', '.join(skipped)}")
     result = evaluate_model(model, samples, folds=folds, bandwidths=args.bandwidths, thresholds=args.thresholds,
                             draws=args.draws, binarize_at=args.binarize, seed=args.seed, batch=args.batch,
-                            cache_dir=None if args.no_cache else args.out / "cache", device=device,
+                            max_points=args.max_points, cache_dir=None if args.no_cache else args.out / "cache", device=device,
                             progress=not args.no_progress)
     info = dict(command=" ".join(["python -m companion", *map(shlex.quote, getattr(args, "argv", []))]),
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

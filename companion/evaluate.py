@@ -479,6 +479,7 @@ def evaluate_model(
     device: str | torch.device | None = None,
     pavpu_thresholds: Sequence[float] = PAVPU_THRESHOLDS,
     n_corrections: Sequence[int] = N_CORRECTIONS,
+    max_points: int | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
     """Evaluate a model on samples as the paper does (see the module docstring).
@@ -509,6 +510,10 @@ def evaluate_model(
         Where the network runs (the model must already be there); default the model's device.
     pavpu_thresholds, n_corrections : sequences
         Entropy thresholds of the PAvPU curves; numbers of simulated corrections.
+    max_points : int, optional
+        Mean-shift clusters a random subset of at most this many foreground pixels per pass
+        (all pixels are still assigned; see :func:`companion.postprocess.segment`). Default:
+        all, exact but slow on a CPU when the embedding clusters are wide.
     progress : bool
         tqdm bars.
 
@@ -537,7 +542,7 @@ def evaluate_model(
 
     @functools.lru_cache(maxsize=max(1, len(samples)))  # grid_search re-segments the chosen point
     def deterministic(well: str, bandwidth: float, threshold: float):
-        return predict_deterministic(outputs[well], float(bandwidth), float(threshold))
+        return predict_deterministic(outputs[well], float(bandwidth), float(threshold), max_points=max_points)
 
     tuning = grid_search(deterministic, gts, bandwidths, thresholds, used_folds, metric="avAP", progress=progress)
     chosen = {c.applied_to: (c.bandwidth, c.threshold) for c in tuning.choices}
@@ -554,7 +559,8 @@ def evaluate_model(
     if n_draws:
         mc_masks, mc_scores, counts, agg_scores = [], [], [], []
         for well in tqdm(wells, desc="MC draws: segment + agglomerate", unit="well", disable=not progress):
-            masks, scores, agg = predict_agglomerated(outputs[well], *chosen[fold_of[well]], binarize_at=binarize_at)
+            masks, scores, agg = predict_agglomerated(outputs[well], *chosen[fold_of[well]], binarize_at=binarize_at,
+                                                      max_points=max_points)
             mc_masks.append(masks), mc_scores.append(scores)
             counts.append(_to_counts(agg.probs, n_draws)), agg_scores.append(agg.scores)
         mc_metrics = evaluate(gt_list, mc_masks, mc_scores)
@@ -570,6 +576,7 @@ def evaluate_model(
         proofreading = simulate_proofreading(gt_list, probs, n_corrections, binarize_at=binarize_at,
                                              scores=agg_scores).rows
     settings = dict(bandwidths=[float(b) for b in bandwidths], thresholds=[float(t) for t in thresholds],
+                    max_points=None if max_points is None else int(max_points),
                     draws=n_draws, binarize_at=float(binarize_at), seed=int(seed), tuning_metric="avAP",
                     tuned_on="deterministic pass", pavpu_thresholds=[round(float(t), 9) for t in pavpu_thresholds],
                     n_corrections=[int(n) for n in n_corrections])

@@ -306,9 +306,11 @@ def test_cli_evaluates_a_checkpoint_on_synthetic_wells(tiny_checkpoint, tmp_path
             assert row["pavpu"] == "nan" or 0.0 <= float(row["pavpu"]) <= 1.0
     cache_times = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
     assert len(cache_times) == 4
-    assert main(args[:-2] + ["--bandwidths", "2", "--out", str(out)]) == 0  # re-run: clustering only
+    assert doc["settings"]["max_points"] is None
+    assert main(args[:-2] + ["--bandwidths", "2", "--max-points", "300", "--out", str(out)]) == 0  # clustering only
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()} == cache_times
-    assert json.loads((out / "results.json").read_text())["settings"]["bandwidths"] == [2.0]
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["bandwidths"] == [2.0] and settings["max_points"] == 300
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
