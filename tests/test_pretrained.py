@@ -152,7 +152,8 @@ def test_training_budget_states_iterations_crops_and_time(shelf):
     line = pretrained.training_budget("concrete", shelf)
     record = pretrained.provenance("concrete", shelf)
     assert line.startswith(f"concrete: {record['iterations']:,} iterations of 32 x 32 crops")
-    assert "lr 0.001" in line and "CPU threads" in line
+    assert "lr 0.001" in line and line.endswith(f"on a {record['hardware']['cpu_count']}-core CPU")
+    assert "starting from" not in line
 
 
 def test_load_or_train_loads_the_shipped_model_or_trains_a_quick_one(shelf, monkeypatch):
@@ -176,3 +177,20 @@ def test_export_folds_a_background_shift_into_the_weights_and_records_it(run_dir
     assert delta[0].item() == pytest.approx(1.0, abs=1e-2) and delta[1:].abs().max().item() < 1e-2  # fp16
     record = pretrained.provenance("concrete", tmp_path)
     assert record["background_shift"] == 1.0 and record["calibration"] == calibration
+
+
+def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, tmp_path):
+    spec = importlib.util.spec_from_file_location("results_summary", REPO_ROOT / "scripts" / "results_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = dict(avAP=0.25, AP50=0.5, AP75=0.125, recall80=0.2, avAP_dsb=0.3)
+    doc = dict(rows=[dict(name="mc", **row), dict(name="deterministic", **row)], wells=["C03", "C04"],
+               settings=dict(draws=8, binarize_at=0.75), skipped_wells=["C13"])
+    (tmp_path / "concrete").mkdir()
+    (tmp_path / "concrete" / "results.json").write_text(json.dumps(doc))
+    assert module.main(["--results-dir", str(tmp_path), "--pretrained-dir", str(shelf)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "| ours, concrete: 8 MC draws agglomerated, p >= 0.75 | 0.250 | 0.500 | 0.125 | 0.200 | 0.300 |" in text
+    assert "| paper, concrete | 0.770 | 0.974 | 0.883 | 0.810 | 0.703 |" in text
+    assert pretrained.training_budget("concrete", shelf) in text and "skipped as incomplete: C13" in text
+    assert "baseline:" not in text.split("Training budgets")[1]  # no results for it: no budget line

@@ -174,17 +174,18 @@ def training_budget(name: str, directory: str | os.PathLike | None = None) -> st
     """One line on how a shipped model was trained, to print beside its numbers.
 
     >>> training_budget("concrete", directory=_example_dir())  # doctest: +ELLIPSIS
-    'concrete: 3 iterations of 64 x 64 crops (batch 2, lr 0.001), ... s on ...'
+    'concrete: 3 iterations of 64 x 64 crops (batch 2, lr 0.001), ... s on a ...-core CPU'
     """
     info = provenance(name, directory)
     cfg = info.get("config", {})
     seconds = info.get("training_time_s")
     hardware = info.get("hardware", {})
-    device = hardware.get("cuda") or f"{hardware.get('torch_threads', '?')} CPU threads"
+    device = hardware.get("cuda") or f"a {hardware.get('cpu_count', '?')}-core CPU"
     time = f"{seconds / 3600:.1f} h" if seconds and seconds >= 3600 else (
         f"{seconds:.0f} s" if seconds is not None else "time not recorded")
+    start = f", starting from the weights of {Path(cfg['init_from']).name}" if cfg.get("init_from") else ""
     return (f"{name}: {info['iterations']:,} iterations of {cfg.get('crop_size')} x {cfg.get('crop_size')} crops "
-            f"(batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}), {time} on {device}")
+            f"(batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}){start}, {time} on {device}")
 
 
 def _example_dir() -> Path:  # a throw-away exported model for the doctests
