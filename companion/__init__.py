@@ -6,8 +6,12 @@ The package holds all the logic the book's chapters show: the BBBC010 data layer
 Concrete Dropout (:mod:`companion.model`), the discriminative loss (:mod:`companion.losses`),
 training (:mod:`companion.train`), post-processing (:mod:`companion.postprocess`),
 Monte-Carlo sampling (:mod:`companion.sampling`), agglomeration (:mod:`companion.agglomerate`),
-metrics (:mod:`companion.metrics`), uncertainty evaluation (:mod:`companion.uncertainty`) and
-guided proofreading (:mod:`companion.proofreading`).
+metrics (:mod:`companion.metrics`), uncertainty evaluation (:mod:`companion.uncertainty`),
+guided proofreading (:mod:`companion.proofreading`), the whole evaluation
+(:mod:`companion.evaluate`), the trained models shipped with the package
+(:mod:`companion.pretrained`, :mod:`companion.calibration`), the paper's reported numbers
+(:mod:`companion.paper`), ensembles and uncertainty ranking (:mod:`companion.ensemble`) and
+reading your own images (:mod:`companion.userdata`).
 
 Modules are imported lazily, so ``import companion`` stays cheap.
 """
@@ -20,7 +24,7 @@ __version__ = "0.1.0"
 _SUBMODULES = {
     "agglomerate", "augment", "data", "evaluate", "losses", "metrics", "model", "postprocess",
     "proofreading", "sampling", "synthetic", "targets", "train", "tuning", "uncertainty",
-    "pretrained",
+    "pretrained", "calibration", "paper", "ensemble", "userdata",
 }
 
 

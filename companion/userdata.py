@@ -1,0 +1,338 @@
+"""Your own images and masks, in the form the shipped models expect (the book's "own data" page).
+
+The shipped U-Nets were trained on BBBC010: two channels, **w1 fluorescence first, w2
+brightfield second**, raw 12-bit camera values divided by 4095 (:data:`companion.data.CHANNEL_MAX`).
+:func:`read_image` turns your files into that ``float32 (2, H, W)`` array:
+
+* one multi-channel file (TIFF, or anything Pillow reads) holding ``(2, H, W)`` or ``(H, W, 2)``;
+* or a pair ``(w1_file, w2_file)`` of single-channel files;
+* a single-channel file alone is refused unless ``fill_missing`` says what to put in w1 (the
+  model has never seen such images: read its uncertainty, and fine-tune if you can).
+
+:func:`read_instances` reads ground truth (a label image, a ``(K, H, W)`` stack or one binary
+file per object) for evaluation; :func:`load_user_images` does both for lists of files and
+returns :class:`companion.data.Sample` objects; :func:`match_percentiles` rescales images of
+another microscope towards BBBC010's intensities; :func:`save_prediction` writes the results.
+
+Every function raises ``ValueError`` naming the file and its shape when the shape does not fit.
+
+Examples
+--------
+>>> import tempfile, tifffile
+>>> folder = Path(tempfile.mkdtemp())
+>>> raw = np.full((2, 8, 10), 4095, np.uint16); raw[1] = 2048
+>>> tifffile.imwrite(folder / "well.tif", raw)
+>>> image = read_image(folder / "well.tif")
+>>> image.shape, image.dtype, float(image[0].max()), round(float(image[1].max()), 3)
+((2, 8, 10), dtype('float32'), 1.0, 0.5)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from .data import CHANNEL_MAX, Sample
+
+__all__ = ["read_array", "read_image", "read_instances", "load_user_images", "match_percentiles",
+           "save_prediction"]
+
+PathLike = Union[str, os.PathLike]
+_TIFF = (".tif", ".tiff")
+
+
+def read_array(path: PathLike) -> np.ndarray:
+    """The pixel array of one file: TIFF with :mod:`tifffile`, other formats with Pillow.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist (names it).
+    ValueError
+        The file cannot be decoded (names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {str(path)!r} not found")
+    try:
+        if path.suffix.lower() in _TIFF:
+            import tifffile
+
+            return np.asarray(tifffile.imread(path))
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except Exception as err:  # the readers raise many types for broken files
+        raise ValueError(f"cannot read image {str(path)!r}: {err}") from err
+
+
+def _channels_first(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 3 and array.shape[0] == 2:
+        return array
+    if array.ndim == 3 and array.shape[-1] == 2:
+        return np.moveaxis(array, -1, 0)
+    raise ValueError(
+        f"{str(path)!r} has shape {array.shape}; expected a two-channel image (2, H, W) or (H, W, 2) "
+        f"with w1 fluorescence first and w2 brightfield second, or pass the two channels as a pair of "
+        f"single-channel files (w1_path, w2_path). A single-channel (H, W) file needs fill_missing=...")
+
+
+def _single(path: PathLike) -> np.ndarray:
+    array = read_array(path)
+    if array.ndim != 2:
+        raise ValueError(f"{str(path)!r} has shape {array.shape}; expected one channel (H, W) in a pair of files")
+    return array
+
+
+def _scaled(raw: np.ndarray, divisor: float) -> np.ndarray:
+    if divisor <= 0:
+        raise ValueError(f"scale must be > 0, got {divisor}")
+    return np.clip(raw.astype(np.float32) / np.float32(divisor), 0.0, 1.0)
+
+
+def read_image(source: PathLike | Sequence[PathLike], *, scale: float | Sequence[float] = CHANNEL_MAX,
+               fill_missing: float | None = None) -> np.ndarray:
+    """One image as the models expect it: ``float32 (2, H, W)`` in ``[0, 1]``, w1 then w2.
+
+    Parameters
+    ----------
+    source : path or pair of paths
+        A two-channel file (``(2, H, W)`` or ``(H, W, 2)``), or ``(w1_path, w2_path)``.
+    scale : float or pair of floats
+        Raw values are divided by it (per channel) and clipped to ``[0, 1]``. The default is
+        BBBC010's 12-bit full scale (4095); use 65535 for 16-bit data, 255 for 8-bit, 1 for
+        images already in ``[0, 1]`` -- and see :func:`match_percentiles` when your intensities
+        differ from BBBC010's.
+    fill_missing : float, optional
+        For a single-channel ``(H, W)`` file: it is taken as the w2 brightfield, and w1 is
+        filled with this constant (already scaled, in ``[0, 1]``). ``None`` (default): such a
+        file raises.
+
+    Raises
+    ------
+    ValueError
+        A shape that is not one of the above (the message names the file and its shape), two
+        channel files of different shapes, or an unreadable file.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from PIL import Image
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> Image.fromarray(np.full((4, 6), 255, np.uint8)).save(folder / "bf.png")
+    >>> read_image(folder / "bf.png")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: '.../bf.png' has shape (4, 6); expected a two-channel image ...
+    >>> image = read_image(folder / "bf.png", scale=255, fill_missing=0.1)
+    >>> image.shape, round(float(image[0, 0, 0]), 3), float(image[1, 0, 0])
+    ((2, 4, 6), 0.1, 1.0)
+    """
+    divisors = [float(scale)] * 2 if np.ndim(scale) == 0 else [float(s) for s in scale]
+    if len(divisors) != 2:
+        raise ValueError(f"scale must be one number or one per channel (2), got {scale!r}")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        array = read_array(path)
+        if array.ndim == 2 and fill_missing is not None:
+            brightfield = _scaled(array, divisors[1])
+            return np.stack([np.full_like(brightfield, np.float32(fill_missing)), brightfield])
+        array = _channels_first(array, path)
+        return np.stack([_scaled(array[c], divisors[c]) for c in range(2)])
+    paths = [Path(p) for p in source]
+    if len(paths) != 2:
+        raise ValueError(f"expected a path or a pair (w1_path, w2_path), got {len(paths)} paths")
+    raws = [_single(p) for p in paths]
+    if raws[0].shape != raws[1].shape:
+        raise ValueError(f"channel files differ in shape: {str(paths[0])!r} {raws[0].shape} vs "
+                         f"{str(paths[1])!r} {raws[1].shape}")
+    return np.stack([_scaled(raw, d) for raw, d in zip(raws, divisors)])
+
+
+def read_instances(source: PathLike | Sequence[PathLike], shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth instances ``bool (K, H, W)`` from a label image, a stack or one file per object.
+
+    Parameters
+    ----------
+    source : path or sequence of paths
+        One file: a 2-D label image (0 background, each other value one object; objects cannot
+        overlap) or a 3-D ``(K, H, W)`` stack of masks (non-zero = object; they may overlap).
+        Several files: one 2-D binary mask per object (non-zero = object), as BBBC010's.
+    shape : (H, W)
+        The image's size; every mask must have it.
+
+    Raises
+    ------
+    ValueError
+        A mask of another size or dimension (names the file, its shape and the expected one).
+
+    Examples
+    --------
+    >>> import tempfile, tifffile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> labels = np.zeros((4, 5), np.uint16); labels[0, :2] = 1; labels[2:, 3:] = 7
+    >>> tifffile.imwrite(folder / "labels.tif", labels)
+    >>> read_instances(folder / "labels.tif", (4, 5)).sum(axis=(1, 2)).tolist()
+    [2, 4]
+    >>> read_instances(folder / "labels.tif", (5, 4))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: mask '.../labels.tif' has shape (4, 5), but the image is (5, 4) ...
+    """
+    shape = tuple(int(s) for s in shape)
+
+    def check(array: np.ndarray, path: Path, allowed: tuple[int, ...]) -> None:
+        if array.ndim not in allowed or array.shape[-2:] != shape:
+            kinds = "a 2-D label image or a (K, H, W) stack" if 3 in allowed else "a 2-D binary mask"
+            raise ValueError(f"mask {str(path)!r} has shape {array.shape}, but the image is {shape} "
+                             f"(expected {kinds} of that size)")
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        array = read_array(path)
+        check(array, path, (2, 3))
+        if array.ndim == 3:
+            return array != 0
+        labels = np.unique(array[array != 0])
+        return array[None] == labels[:, None, None] if len(labels) else np.zeros((0,) + shape, bool)
+    masks = []
+    for p in source:
+        array = read_array(p)
+        check(array, Path(p), (2,))
+        masks.append(array != 0)
+    return np.stack(masks) if masks else np.zeros((0,) + shape, bool)
+
+
+def load_user_images(images: Sequence[PathLike | Sequence[PathLike]],
+                     masks: Sequence[PathLike | Sequence[PathLike] | None] | None = None, *,
+                     names: Sequence[str] | None = None, scale: float | Sequence[float] = CHANNEL_MAX,
+                     fill_missing: float | None = None) -> list[Sample]:
+    """Your images (and masks, when you have them) as :class:`companion.data.Sample` objects.
+
+    Parameters
+    ----------
+    images : sequence
+        One :func:`read_image` source per image.
+    masks : sequence, optional
+        One :func:`read_instances` source (or ``None``) per image. Without masks a sample has
+        no instances (``K = 0``): fine for prediction, not for evaluation.
+    names : sequence of str, optional
+        The samples' ``well`` names; default the (first) file's stem.
+    scale, fill_missing
+        Passed to :func:`read_image`.
+
+    Raises
+    ------
+    ValueError
+        Lists of different lengths, or a file :func:`read_image` / :func:`read_instances` refuses.
+
+    Examples
+    --------
+    >>> import tempfile, tifffile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> tifffile.imwrite(folder / "a.tif", np.zeros((6, 7, 2), np.uint16))
+    >>> tifffile.imwrite(folder / "a_mask.tif", np.eye(6, 7, dtype=np.uint8))
+    >>> [s] = load_user_images([folder / "a.tif"], [folder / "a_mask.tif"])
+    >>> s.well, s.image.shape, s.instances.shape
+    ('a', (2, 6, 7), (1, 6, 7))
+    """
+    images = list(images)
+    masks = [None] * len(images) if masks is None else list(masks)
+    if len(masks) != len(images):
+        raise ValueError(f"{len(images)} images but {len(masks)} mask entries")
+    if names is not None and len(names) != len(images):
+        raise ValueError(f"{len(images)} images but {len(names)} names")
+    samples = []
+    for i, (source, mask_source) in enumerate(zip(images, masks)):
+        image = read_image(source, scale=scale, fill_missing=fill_missing)
+        first = source if isinstance(source, (str, os.PathLike)) else list(source)[0]
+        name = names[i] if names is not None else Path(first).stem
+        instances = (np.zeros((0,) + image.shape[1:], bool) if mask_source is None
+                     else read_instances(mask_source, image.shape[1:]))
+        samples.append(Sample(well=name, image=image, instances=instances))
+    return samples
+
+
+def match_percentiles(image: np.ndarray, reference: np.ndarray, q: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+    """Rescale each channel linearly so that its ``q`` percentiles equal those of ``reference``.
+
+    A crude but transparent way to bring images of another microscope or exposure towards the
+    intensities the model was trained on (pass a BBBC010 image as ``reference``). The result
+    is clipped to ``[0, 1]``.
+
+    Parameters
+    ----------
+    image, reference : np.ndarray
+        ``(C, H, W)`` arrays with the same ``C`` (sizes may differ).
+    q : (low, high)
+        Percentiles matched.
+
+    Examples
+    --------
+    >>> image = np.linspace(0, 1, 101, dtype=np.float32).reshape(1, 1, 101)
+    >>> out = match_percentiles(image, 0.2 + 0.5 * image, q=(0, 100))
+    >>> round(float(out.min()), 3), round(float(out.max()), 3)
+    (0.2, 0.7)
+    """
+    image, reference = np.asarray(image, np.float32), np.asarray(reference, np.float32)
+    if image.ndim != 3 or reference.ndim != 3 or image.shape[0] != reference.shape[0]:
+        raise ValueError(f"expected (C, H, W) arrays with the same C, got {image.shape} and {reference.shape}")
+    out = np.empty_like(image)
+    for c in range(len(image)):
+        lo, hi = np.percentile(image[c], q)
+        rlo, rhi = np.percentile(reference[c], q)
+        gain = (rhi - rlo) / (hi - lo) if hi > lo else 0.0
+        out[c] = rlo + (image[c] - lo) * gain
+    return np.clip(out, 0.0, 1.0)
+
+
+def save_prediction(folder: PathLike, name: str, masks: np.ndarray, uncertainty: np.ndarray | None = None,
+                    probs: np.ndarray | None = None) -> dict[str, Path]:
+    """Write a prediction for use in other tools (Fiji, napari, ...).
+
+    Files (in ``folder``, created if needed):
+
+    * ``<name>_instances.tif``: ``uint16 (K, H, W)``, instance ``k`` drawn with value ``k + 1``
+      in slice ``k`` (a stack, since worms overlap);
+    * ``<name>_uncertainty.png`` (with ``uncertainty``): 8-bit, 0 = certain, 255 = ``log 2`` nats,
+      the largest possible Bernoulli entropy;
+    * ``<name>_probabilities.tif`` (with ``probs``): ``float32 (K', H, W)`` probability maps.
+
+    Returns
+    -------
+    dict
+        ``{"instances": path, "uncertainty": path, "probabilities": path}`` for the files written.
+
+    Examples
+    --------
+    >>> import tempfile, tifffile
+    >>> masks = np.zeros((2, 3, 4), bool); masks[0, 0] = True; masks[1, 2] = True
+    >>> paths = save_prediction(tempfile.mkdtemp(), "x", masks, np.full((3, 4), np.log(2)))
+    >>> tifffile.imread(paths["instances"]).max(axis=(1, 2)).tolist(), sorted(paths)
+    ([1, 2], ['instances', 'uncertainty'])
+    """
+    import tifffile
+    from PIL import Image
+
+    masks = np.asarray(masks, bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be a (K, H, W) stack, got shape {masks.shape}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"instances": folder / f"{name}_instances.tif"}
+    labels = masks.astype(np.uint16) * np.arange(1, len(masks) + 1, dtype=np.uint16)[:, None, None]
+    tifffile.imwrite(paths["instances"], labels, photometric="minisblack")
+    if uncertainty is not None:
+        uncertainty = np.asarray(uncertainty, np.float64)
+        if uncertainty.shape != masks.shape[1:]:
+            raise ValueError(f"uncertainty map has shape {uncertainty.shape}, the masks {masks.shape[1:]}")
+        paths["uncertainty"] = folder / f"{name}_uncertainty.png"
+        scaled = np.clip(uncertainty / np.log(2.0), 0.0, 1.0) * 255.0
+        Image.fromarray(np.rint(scaled).astype(np.uint8)).save(paths["uncertainty"])
+    if probs is not None:
+        paths["probabilities"] = folder / f"{name}_probabilities.tif"
+        tifffile.imwrite(paths["probabilities"], np.asarray(probs, np.float32), photometric="minisblack")
+    return paths
