@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -263,18 +262,15 @@ def test_real_data_acceptance(bbbc010_root):
     layout = find_layout(bbbc010_root)
     all_masks = sorted(layout.masks.glob("*_ground_truth.png"))
     skipped_masks = [p for p in all_masks if p.name[:3] in INCOMPLETE]
-    start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         samples = load_bbbc010(bbbc010_root, skip_incomplete=True, progress=False)
-    seconds = time.perf_counter() - start
     assert any(all(w in str(c.message) for w in INCOMPLETE) for c in caught)
     assert len(samples) == 97 and not {s.well for s in samples} & set(INCOMPLETE)
     assert sum(len(s.instances) for s in samples) == len(all_masks) - len(skipped_masks)
     assert all(s.image.shape == (2, 520, 696) and s.image.dtype == np.float32 for s in samples)
     assert all(0.0 <= s.image.min() and s.image.max() <= 1.0 for s in samples)
     assert all(s.instances.dtype == bool and s.instances.shape[1:] == (520, 696) for s in samples)
-    assert seconds < 60, f"loading 97 wells took {seconds:.1f} s"
 
 
 @pytest.mark.realdata
