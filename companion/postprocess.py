@@ -426,7 +426,9 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
        centres and could form a spurious mode of their own (``cluster_overlap=True`` keeps
        them). At most ``max_points`` pixels, drawn at random with ``seed``, are clustered.
        Seeds are the means of the occupied grid cells (:func:`bin_seeds` with ``at="mean"``),
-       not scikit-learn's cell centres, which in 16-d can miss a small instance entirely.
+       not scikit-learn's cell centres, which in 16-d can miss a small instance entirely; when
+       every pixel has a cell of its own the pixels are the seeds (silently, unlike
+       :func:`bin_seeds`: with real embeddings this is common and harmless).
     3. Each centre claims every foreground pixel (overlap included) whose embedding lies
        within ``threshold`` of it; a pixel may join several instances.
     4. :func:`fill_overlap` adds the overlap map and keeps the connected component that best
@@ -485,7 +487,11 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
         chosen = np.random.default_rng(seed).choice(len(points), size=max_points, replace=False)
         points = points[np.sort(chosen)]
     try:
-        seeds = bin_seeds(points, bandwidth, at="mean")
+        with warnings.catch_warnings():
+            # in 16-d a trained network's clusters are often wider than the grid, so every pixel
+            # gets a cell of its own; seeding from the pixels is then the expected path, not news
+            warnings.filterwarnings("ignore", message="Binning data failed")
+            seeds = bin_seeds(points, bandwidth, at="mean")
         centers = mean_shift(points, bandwidth, seeds=seeds, device=device).centers
     except NoModesFoundError:
         return empty

@@ -258,3 +258,18 @@ def test_claim_pixels_matches_a_naive_distance_check():
     assert claimed.any() and not claimed.all()
     with pytest.raises(ValueError, match=r"\(4, 2\)"):
         pp.claim_pixels(embedding, mask, centers[:, :2], 1.2)
+
+
+def test_segment_does_not_warn_when_every_pixel_is_its_own_seed():
+    import warnings
+
+    instances = np.zeros((2, 30, 30), bool)
+    instances[0, 2:12, 2:28] = True
+    instances[1, 16:26, 2:28] = True
+    embedding = pp.simulate_embedding(instances, dim=16, seed=0)  # 16-d: bins of 0.05 hold one pixel each
+    with pytest.warns(UserWarning, match="Binning data failed"):
+        pp.bin_seeds(embedding[:, instances.any(0)].T, 0.05, at="mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masks = pp.segment(embedding, pp.ideal_logits(instances), bandwidth=0.05, threshold=1.5, min_size=1)
+    assert masks.ndim == 3
