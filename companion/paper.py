@@ -7,7 +7,9 @@ Examples
 >>> TABLE1["concrete"]["avAP"], TABLE1["baseline"]["AP50"]
 (0.77, 0.963)
 >>> format_row("ours", dict(avAP=0.5, AP50=0.9, AP75=0.4, recall80=0.3, avAP_dsb=0.45))
-'ours                      0.500  0.900  0.400  0.300  0.450'
+'ours                        0.500    0.900    0.400    0.300    0.450'
+>>> format_header()
+'                             avAP     AP50     AP75 recall80 avAP_dsb'
 """
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ TABLE1: dict[str, dict[str, float]] = {
 
 def format_header(width: int = 24) -> str:
     """The column header matching :func:`format_row`."""
-    return f"{'':{width}s}" + "".join(f"{k:>7s}" for k in TABLE1_KEYS)
+    return f"{'':{width}s}" + "".join(f"{k:>9s}" for k in TABLE1_KEYS)
 
 
 def format_row(label: str, metrics: Mapping[str, float], width: int = 24) -> str:
     """One fixed-width line of Table 1 (missing keys print as ``-``)."""
-    cells = "".join(f"{metrics[k]:7.3f}" if k in metrics and metrics[k] is not None else f"{'-':>7s}"
+    cells = "".join(f"{metrics[k]:9.3f}" if k in metrics and metrics[k] is not None else f"{'-':>9s}"
                     for k in TABLE1_KEYS)
     return f"{label:{width}s}" + cells
