@@ -27,7 +27,7 @@ __all__ = [
     "WELLS", "TRAIN_WELLS", "TEST_WELLS", "TEST_FOLDS", "IMAGE_SHAPE", "CHANNEL_MAX",
     "BASE_URL", "IMAGES_ZIP", "MASKS_ZIP", "Sample", "IncompleteWellError", "CorruptFileError",
     "BBBC010Layout", "find_layout", "resolve_root", "default_cache_dir", "fetch_bbbc010",
-    "load_well", "load_bbbc010", "BBBC010DownloadError",
+    "load_well", "load_bbbc010", "normalize", "rescale", "BBBC010DownloadError",
 ]
 
 #: The 100 well ids of BBBC010, row-major: ``A01`` .. ``A24``, ``B01`` .. ``D24``, ``E01`` .. ``E04``.
@@ -316,7 +316,18 @@ def normalize(raw: np.ndarray, channel: int) -> np.ndarray:
     >>> normalize(np.array([[0, 4095, 5000]], np.uint16), 0)
     array([[0., 1., 1.]], dtype=float32)
     """
-    return np.clip(raw.astype(np.float32) / np.float32(CHANNEL_MAX[channel]), 0.0, 1.0)
+    return rescale(raw, CHANNEL_MAX[channel])
+
+
+def rescale(raw: np.ndarray, divisor: float) -> np.ndarray:
+    """``raw / divisor`` as ``float32``, clipped to ``[0, 1]`` (:func:`normalize` with any divisor).
+
+    Examples
+    --------
+    >>> rescale(np.array([[0, 1024, 4096]], np.uint16), 2048)
+    array([[0. , 0.5, 1. ]], dtype=float32)
+    """
+    return np.clip(raw.astype(np.float32) / np.float32(divisor), 0.0, 1.0)
 
 
 def load_well(layout: BBBC010Layout, well: str) -> Sample:

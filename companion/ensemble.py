@@ -56,6 +56,15 @@ def member_seed(seed: int, member: int, well: str = "") -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(well.encode()), member]).generate_state(1)[0])
 
 
+def _draw_counts(draws_per_member: int | Sequence[int], n_members: int, noun: str) -> list[int]:
+    """One draw count per member, from one number for all or one per member."""
+    counts = ([int(draws_per_member)] * n_members if np.ndim(draws_per_member) == 0
+              else [int(n) for n in draws_per_member])
+    if len(counts) != n_members:
+        raise ValueError(f"{n_members} {noun} but {len(counts)} draw counts")
+    return counts
+
+
 def pool_draws(members: Sequence[WellOutputs], draws_per_member: int | Sequence[int]) -> WellOutputs:
     """Pool the first ``draws_per_member`` Monte-Carlo draws of each member into one set of draws.
 
@@ -92,10 +101,7 @@ def pool_draws(members: Sequence[WellOutputs], draws_per_member: int | Sequence[
     members = list(members)
     if not members:
         raise ValueError("pool_draws needs at least one member")
-    counts = ([int(draws_per_member)] * len(members) if np.ndim(draws_per_member) == 0
-              else [int(n) for n in draws_per_member])
-    if len(counts) != len(members):
-        raise ValueError(f"{len(members)} members but {len(counts)} draw counts")
+    counts = _draw_counts(draws_per_member, len(members), "members")
     shape = members[0].deterministic.classes.shape
     pooled = []
     for i, (outputs, n) in enumerate(zip(members, counts)):
@@ -122,10 +128,7 @@ def ensemble_outputs(models: Sequence[nn.Module], image: np.ndarray, draws_per_m
     list of WellOutputs
         One per member, in the order of ``models``.
     """
-    counts = ([int(draws_per_member)] * len(models) if np.ndim(draws_per_member) == 0
-              else [int(n) for n in draws_per_member])
-    if len(counts) != len(models):
-        raise ValueError(f"{len(models)} models but {len(counts)} draw counts")
+    counts = _draw_counts(draws_per_member, len(models), "models")
     return [well_outputs(model, image, draws=n, seed=member_seed(seed, i, well), device=device)
             for i, (model, n) in enumerate(zip(models, counts))]
 

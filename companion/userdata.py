@@ -34,7 +34,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from .data import CHANNEL_MAX, Sample
+from .data import CHANNEL_MAX, Sample, rescale
 
 __all__ = ["read_array", "read_image", "read_instances", "load_user_images", "match_percentiles",
            "save_prediction"]
@@ -90,7 +90,7 @@ def _single(path: PathLike) -> np.ndarray:
 def _scaled(raw: np.ndarray, divisor: float) -> np.ndarray:
     if divisor <= 0:
         raise ValueError(f"scale must be > 0, got {divisor}")
-    return np.clip(raw.astype(np.float32) / np.float32(divisor), 0.0, 1.0)
+    return rescale(raw, divisor)
 
 
 def read_image(source: PathLike | Sequence[PathLike], *, scale: float | Sequence[float] = CHANNEL_MAX,
