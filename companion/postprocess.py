@@ -90,7 +90,7 @@ def _resolve_device(points: np.ndarray | torch.Tensor, device: str | torch.devic
 
 
 def bin_seeds(points: np.ndarray | torch.Tensor, bandwidth: float, min_bin_freq: int = 1, *,
-              at: str = "center") -> np.ndarray:
+              at: str = "center", warn: bool = True) -> np.ndarray:
     """Seeds for mean-shift: one per occupied cell of a grid of spacing ``bandwidth``.
 
     Every point is rounded to the grid ``bandwidth * round(x / bandwidth)``; cells holding at
@@ -113,6 +113,8 @@ def bin_seeds(points: np.ndarray | torch.Tensor, bandwidth: float, min_bin_freq:
         Least number of points in a cell for it to seed.
     at : {"center", "mean"}
         Seed at the cell centre (scikit-learn) or at the mean of the cell's points.
+    warn : bool
+        Warn when binning failed (as scikit-learn does); :func:`segment` turns it off.
 
     Returns
     -------
@@ -133,8 +135,9 @@ def bin_seeds(points: np.ndarray | torch.Tensor, bandwidth: float, min_bin_freq:
     cells, inverse, counts = torch.unique(torch.round(tensor / bandwidth), dim=0,
                                           return_inverse=True, return_counts=True)
     if len(cells) == tensor.shape[0] and min_bin_freq <= 1:
-        warnings.warn(f"Binning data failed with bandwidth={bandwidth}: every point has a cell of its "
-                      "own, using the points as seeds.", stacklevel=2)
+        if warn:
+            warnings.warn(f"Binning data failed with bandwidth={bandwidth}: every point has a cell of its "
+                          "own, using the points as seeds.", stacklevel=2)
         return tensor.numpy().copy()
     if at == "mean":
         sums = torch.zeros_like(cells).index_add_(0, inverse, tensor)
@@ -487,11 +490,9 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
         chosen = np.random.default_rng(seed).choice(len(points), size=max_points, replace=False)
         points = points[np.sort(chosen)]
     try:
-        with warnings.catch_warnings():
-            # in 16-d a trained network's clusters are often wider than the grid, so every pixel
-            # gets a cell of its own; seeding from the pixels is then the expected path, not news
-            warnings.filterwarnings("ignore", message="Binning data failed")
-            seeds = bin_seeds(points, bandwidth, at="mean")
+        # in 16-d a trained network's clusters are often wider than the grid, so every pixel
+        # gets a cell of its own; seeding from the pixels is then the expected path, not news
+        seeds = bin_seeds(points, bandwidth, at="mean", warn=False)
         centers = mean_shift(points, bandwidth, seeds=seeds, device=device).centers
     except NoModesFoundError:
         return empty
