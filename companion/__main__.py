@@ -102,6 +102,16 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                    help="DataLoader processes preparing augmented crops (0: none)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:K (default: CUDA when present)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                   help="learning-rate schedule (cosine: warm-up, then decay to 0 at --iterations)")
+    p.add_argument("--lr-warmup", type=_non_negative_int, default=None,
+                   help="warm-up iterations of the cosine schedule")
+    p.add_argument("--snapshot-every", type=_non_negative_int, default=None,
+                   help="keep iter_<N>.pt every that many iterations (0: none)")
+    p.add_argument("--init-rate", type=float, default=None,
+                   help="initial Concrete Dropout rate")
+    p.add_argument("--no-standardize", action="store_true",
+                   help="feed the [0, 1]-scaled images as they are (the paper)")
     p.add_argument("--no-amp", action="store_true",
                    help="train in float32 on CUDA too (default: bf16/fp16 mixed precision)")
     p.add_argument("--no-augment", action="store_true",
@@ -116,8 +126,13 @@ def config_from_args(args: argparse.Namespace):
 
     overrides = {name: getattr(args, name) for name in
                  ("model", "iterations", "seed", "batch_size", "lr", "disc_warmup", "grad_clip", "crop_size",
-                  "init_from", "checkpoint_every", "log_every", "num_workers", "device")
+                  "init_from", "checkpoint_every", "log_every", "num_workers", "device",
+                  "lr_schedule", "lr_warmup", "snapshot_every")
                  if getattr(args, name) is not None}
+    if args.init_rate is not None:
+        overrides["init_dropout_rate"] = args.init_rate
+    if args.no_standardize:
+        overrides["standardize"] = False
     if args.no_amp:
         overrides["amp"] = False
     if args.no_augment:
@@ -131,9 +146,10 @@ def _training_data(args: argparse.Namespace, crop_size: int, seed: int) -> list:
 
         side = max(256, crop_size)
         return make_dataset(args.synthetic, seed=seed, shape=(side, side))
-    from companion.data import TRAIN_WELLS, load_bbbc010
+    from companion.data import FIT_WELLS, load_bbbc010
 
-    return load_bbbc010(args.data_root, TRAIN_WELLS, skip_incomplete=True)
+    # the validation wells (companion.data.VAL_WELLS) are held out for every recipe decision
+    return load_bbbc010(args.data_root, FIT_WELLS, skip_incomplete=True)
 
 
 def _run_train(args: argparse.Namespace) -> int:

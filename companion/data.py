@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 __all__ = [
-    "WELLS", "TRAIN_WELLS", "TEST_WELLS", "TEST_FOLDS", "IMAGE_SHAPE", "CHANNEL_MAX",
+    "WELLS", "TRAIN_WELLS", "VAL_WELLS", "FIT_WELLS", "TEST_WELLS", "TEST_FOLDS", "IMAGE_SHAPE", "CHANNEL_MAX",
     "BASE_URL", "IMAGES_ZIP", "MASKS_ZIP", "Sample", "IncompleteWellError", "CorruptFileError",
     "BBBC010Layout", "find_layout", "resolve_root", "default_cache_dir", "fetch_bbbc010",
     "load_well", "load_bbbc010", "normalize", "rescale", "BBBC010DownloadError",
@@ -40,6 +40,11 @@ WELLS: tuple[str, ...] = tuple(f"{row}{col:02d}" for row in "ABCD" for col in ra
 #: the first 50 wells train, the last 50 test.
 TRAIN_WELLS: tuple[str, ...] = WELLS[:50]
 TEST_WELLS: tuple[str, ...] = WELLS[50:]
+#: A fixed validation subset of the training wells (every fifth, from ``A03``): held out from
+#: training; every recipe and post-processing choice is decided on these, never on test wells.
+VAL_WELLS: tuple[str, ...] = TRAIN_WELLS[2::5]
+#: The training wells the networks are fitted on: :data:`TRAIN_WELLS` without :data:`VAL_WELLS`.
+FIT_WELLS: tuple[str, ...] = tuple(w for w in TRAIN_WELLS if w not in VAL_WELLS)
 
 _FOLD1 = ("C03 C06 C07 C12 C13 C14 C15 C19 C21 C22 C24 D02 D03 D04 D05 D08 D10 D12 D14 D17 D18 "
           "D20 D22 D24 E03").split()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -243,7 +243,9 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int = 2, embedding_dim: int = 16, n_classes: int = 3,
                  base_filters: int = 19, depth: int = 5, dropout: str | None = None,
-                 init_dropout_rate: float = 0.1, temperature: float = 0.1) -> None:
+                 init_dropout_rate: float = 0.1, temperature: float = 0.1,
+                 input_mean: Sequence[float] | None = None,
+                 input_std: Sequence[float] | None = None) -> None:
         super().__init__()
         if dropout not in (None, "concrete"):
             raise ValueError(f"dropout must be None or 'concrete', got {dropout!r}")
@@ -256,6 +258,7 @@ class UNet(nn.Module):
         self._temperature = temperature
         if dropout is not None:
             _logit(init_dropout_rate)  # validates the rate early
+        self._register_standardization(in_channels, input_mean, input_std)
         widths = [base_filters * 2 ** i for i in range(depth)]
         self.encoder = nn.ModuleList()
         channels = in_channels
@@ -272,6 +275,27 @@ class UNet(nn.Module):
         self.class_head = self._wrap(nn.Conv2d(channels, n_classes, 1))
         self.reset_parameters()
 
+    def _register_standardization(self, channels: int, mean: Sequence[float] | None,
+                                  std: Sequence[float] | None) -> None:
+        """Per-channel ``(x - mean) / std`` applied to the input (identity when both are None).
+
+        Kept as non-persistent buffers built from the constructor arguments, so the statistics
+        travel with ``model_kwargs`` and old state dicts load unchanged.
+        """
+        if (mean is None) != (std is None):
+            raise ValueError("give both input_mean and input_std, or neither")
+        mean_t = torch.zeros(channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std_t = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        if mean_t.shape != (channels,) or std_t.shape != (channels,):
+            raise ValueError(f"input_mean and input_std need {channels} values each, got "
+                             f"{list(mean_t.shape)} and {list(std_t.shape)}")
+        if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all() and (std_t > 0).all()):
+            raise ValueError(f"input_mean must be finite and input_std finite and > 0, got "
+                             f"{mean_t.tolist()} and {std_t.tolist()}")
+        self.standardizes = mean is not None
+        self.register_buffer("input_mean", mean_t.view(1, channels, 1, 1), persistent=False)
+        self.register_buffer("input_std", std_t.view(1, channels, 1, 1), persistent=False)
+
     def reset_parameters(self) -> None:
         """He (Kaiming) normal initialisation of every convolution, zero biases.
 
@@ -279,11 +303,19 @@ class UNet(nn.Module):
         after the ~20 layers of a depth-5 U-Net the embedding starts almost constant, where the
         push term of eq. (2) has (nearly) zero gradient. He initialisation keeps the activation
         scale through the ReLU layers, so training starts with spread-out embeddings.
+
+        A 2x2 stride-2 transposed convolution sums exactly ``C_in`` terms into each output
+        pixel (one kernel tap per input pixel), so its He standard deviation is
+        ``sqrt(2 / C_in)``; torch's ``fan_out`` of it is ``4 C_in`` and would halve it.
         """
         for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                fan_mode = "fan_out" if isinstance(module, nn.ConvTranspose2d) else "fan_in"
-                nn.init.kaiming_normal_(module.weight, mode=fan_mode, nonlinearity="relu")
+            if isinstance(module, nn.ConvTranspose2d):
+                stride_area = module.stride[0] * module.stride[1]
+                fan = module.in_channels * module.kernel_size[0] * module.kernel_size[1] // stride_area
+                nn.init.normal_(module.weight, std=math.sqrt(2.0 / fan))
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(module.bias)
 
     def _wrap(self, layer: nn.Module) -> DropoutLayer:
@@ -305,6 +337,8 @@ class UNet(nn.Module):
             raise ValueError(
                 f"UNet with depth={self.depth} needs H and W divisible by {self.divisor}, "
                 f"got input shape {tuple(x.shape)}; pad or crop the image first")
+        if self.standardizes:
+            x = (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
         skips = []
         for level, block in enumerate(self.encoder):
             if level > 0:

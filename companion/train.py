@@ -59,6 +59,7 @@ __all__ = [
     "single_threaded_numpy_blas",
     "to_device",
     "build_model",
+    "channel_statistics",
     "load_model",
     "read_checkpoint",
     "read_log",
@@ -133,6 +134,22 @@ class TrainConfig:
         must agree apart from the dropout layers.
     device : str or None
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when present.
+    standardize : bool
+        Standardise each input channel inside the network with the mean and standard deviation
+        of the training images (not in the paper, whose inputs are only scaled to [0, 1]: there
+        channel 0 has sd 0.022). The statistics are computed once by :func:`train` and stored as
+        ``input_mean`` / ``input_std`` (part of the model's architecture keywords).
+    input_mean, input_std : list of float or None
+        Set by :func:`train` when ``standardize`` is on (or given to fix them).
+    lr_schedule : {"constant", "cosine"}
+        ``"cosine"``: linear warm-up over ``lr_warmup`` iterations, then cosine decay to 0 at
+        ``iterations`` (not in the paper, which names no schedule). The rate is a function of
+        the iteration alone, so resuming needs no scheduler state.
+    lr_warmup : int
+        Warm-up iterations of the cosine schedule.
+    snapshot_every : int
+        Also keep a copy ``iter_<N>.pt`` of every that many iterations' checkpoint (0: none),
+        for learning curves measured afterwards on the validation wells.
     """
 
     model: str = "concrete"
@@ -160,8 +177,25 @@ class TrainConfig:
     channels_last: bool = True
     device: str | None = None
     init_from: str | None = None
+    standardize: bool = False
+    input_mean: list | None = None
+    input_std: list | None = None
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
+    snapshot_every: int = 0
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        for name in ("lr_warmup", "snapshot_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ValueError("give both input_mean and input_std, or neither")
+        if self.input_mean is not None:
+            self.input_mean = [float(v) for v in self.input_mean]
+            self.input_std = [float(v) for v in self.input_std]
         if self.model not in ("concrete", "baseline"):
             raise ValueError(f"model must be 'concrete' or 'baseline', got {self.model!r}")
         for name in ("iterations", "batch_size", "crop_size", "embedding_dim", "base_filters",
@@ -216,10 +250,57 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`companion.model.UNet` for this configuration."""
-        return dict(in_channels=2, embedding_dim=self.embedding_dim, n_classes=3,
-                    base_filters=self.base_filters, depth=self.depth,
-                    dropout="concrete" if self.model == "concrete" else None,
-                    init_dropout_rate=self.init_dropout_rate, temperature=self.temperature)
+        kwargs = dict(in_channels=2, embedding_dim=self.embedding_dim, n_classes=3,
+                      base_filters=self.base_filters, depth=self.depth,
+                      dropout="concrete" if self.model == "concrete" else None,
+                      init_dropout_rate=self.init_dropout_rate, temperature=self.temperature)
+        if self.input_mean is not None:  # absent otherwise: older checkpoints stay comparable
+            kwargs.update(input_mean=list(self.input_mean), input_std=list(self.input_std))
+        return kwargs
+
+    def lr_at(self, iteration: int) -> float:
+        """Learning rate of the step that follows ``iteration`` completed steps.
+
+        Examples
+        --------
+        >>> cfg = TrainConfig(iterations=100, lr=1.0, lr_schedule="cosine", lr_warmup=10)
+        >>> [round(cfg.lr_at(t), 3) for t in (0, 9, 10, 55, 99)]
+        [0.1, 1.0, 1.0, 0.5, 0.0]
+        """
+        if self.lr_schedule == "constant":
+            return self.lr
+        if iteration < self.lr_warmup:
+            return self.lr * (iteration + 1) / self.lr_warmup
+        span = max(1, self.iterations - self.lr_warmup)
+        progress = min(1.0, (iteration - self.lr_warmup) / span)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def channel_statistics(data: Sequence["Sample"]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation over all pixels of ``data``'s images.
+
+    Examples
+    --------
+    >>> from companion.synthetic import make_dataset
+    >>> mean, std = channel_statistics(make_dataset(2, shape=(64, 64)))
+    >>> len(mean), all(s > 0 for s in std)
+    (2, True)
+    """
+    sums = np.zeros(2, np.float64)
+    squares = np.zeros(2, np.float64)
+    count = 0
+    for sample in data:
+        image = np.asarray(sample.image, np.float64).reshape(len(sample.image), -1)
+        if len(image) != len(sums):
+            sums, squares = np.zeros(len(image)), np.zeros(len(image))
+        sums += image.sum(axis=1)
+        squares += (image ** 2).sum(axis=1)
+        count += image.shape[1]
+    mean = sums / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    if not (std > 0).all():
+        raise ValueError(f"cannot standardise: a channel of the training images is constant (sd {std.tolist()})")
+    return mean.tolist(), std.tolist()
 
 
 #: Named presets (overrides of the paper defaults). How they were sized:
@@ -244,7 +325,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "colab": dict(iterations=15_000, batch_size=2, checkpoint_every=1_000, log_every=100,
                   num_workers=2),
     "cpu": dict(iterations=20_000, crop_size=256, batch_size=1, checkpoint_every=500,
-                log_every=50, num_workers=1),
+                log_every=50, num_workers=1, lr=1e-3, disc_warmup=300, standardize=True,
+                lr_schedule="cosine", lr_warmup=200, snapshot_every=1_000),
     "quick": dict(iterations=30, crop_size=64, batch_size=2, lr=1e-3, base_filters=4, depth=5,
                   embedding_dim=8, checkpoint_every=10, log_every=2, num_workers=0),
 }
@@ -635,6 +717,7 @@ def _check_resumable(ckpt: dict, config: TrainConfig, path: Path) -> None:
                          f"{config.model_kwargs()}")
     changed = [f.name for f in fields(TrainConfig)
                if f.name not in ("iterations", "checkpoint_every", "log_every", "num_workers",
+                                 "snapshot_every",
                                  "device", "amp", "channels_last")
                and getattr(saved, f.name) != getattr(config, f.name)]
     if changed:
@@ -695,6 +778,17 @@ def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathL
     if len(data) == 0:
         raise ValueError("train() needs at least one training sample, got an empty sequence")
     out_dir = Path(out_dir)
+    if config.standardize and config.input_mean is None:
+        saved = out_dir / "last.pt"
+        if resume and saved.exists():  # the statistics the run started with
+            stored = read_checkpoint(saved)["config"]
+            mean, std = stored.get("input_mean"), stored.get("input_std")
+        else:
+            source = read_checkpoint(config.init_from)["config"] if config.init_from else {}
+            mean, std = source.get("input_mean"), source.get("input_std")
+            if mean is None:
+                mean, std = channel_statistics(data)
+        config = TrainConfig.from_dict({**config.to_dict(), "input_mean": mean, "input_std": std})
     device = _resolve_device(config)
     dist_info = _init_distributed(device.type)
     try:
@@ -795,6 +889,9 @@ def _loop(model, optimizer, scaler, loader, config, device, dist_info, net, bar,
     iteration = start
     for batch in loader:
         batch = to_device(batch, device, channels_last)
+        if config.lr_schedule != "constant":
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(iteration)
         terms = train_step(model, optimizer, batch, n_train=n_train, config=config,
                            scaler=scaler, amp_dtype=amp_dtype,
                            disc_weight=0.0 if iteration < config.disc_warmup else 1.0)
@@ -803,7 +900,7 @@ def _loop(model, optimizer, scaler, loader, config, device, dist_info, net, bar,
         bar.update(1)
         if iteration % config.log_every == 0 or iteration == config.iterations:
             record = _log_record(window, iteration, window_start, window_time, net, dist_info,
-                                 dropout_rates)
+                                 dropout_rates, optimizer.param_groups[0]["lr"])
             if dist_info.is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -814,10 +911,13 @@ def _loop(model, optimizer, scaler, loader, config, device, dist_info, net, bar,
         if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
             _write_checkpoint(model, optimizer, scaler, config, iteration, dist_info, last_path,
                               on_checkpoint)
+            if dist_info.is_main and config.snapshot_every and iteration % config.snapshot_every == 0:
+                snapshot = last_path.with_name(f"iter_{iteration:07d}.pt")
+                atomic_write(snapshot, lambda tmp: shutil.copyfile(last_path, tmp))
 
 
 def _log_record(window: list[torch.Tensor], iteration: int, window_start: int, window_time: float,
-                net: nn.Module, dist_info: DistInfo, dropout_rates: Callable) -> dict:
+                net: nn.Module, dist_info: DistInfo, dropout_rates: Callable, lr: float) -> dict:
     means = torch.stack(window).mean(dim=0)
     if dist_info.world_size > 1:
         import torch.distributed as dist
@@ -829,6 +929,7 @@ def _log_record(window: list[torch.Tensor], iteration: int, window_start: int, w
     record.update({name: float(v) for name, v in zip(TERM_NAMES, means.tolist())})
     record["dropout_rates"] = [float(p) for p in dropout_rates(net)]
     record["it_per_s"] = (iteration - window_start) / seconds if seconds > 0 else math.nan
+    record["lr"] = float(lr)
     record["time"] = time.time()
     return record
 

@@ -269,3 +269,23 @@ def test_mc_sampling_restores_previous_state():
     with mc_sampling(net):
         pass
     assert all(layer.sampling for layer in concrete_layers(net))
+
+
+def test_input_standardization_is_applied_and_validated():
+    torch.manual_seed(0)
+    plain = UNet(base_filters=2, depth=2)
+    scaled = UNet(base_filters=2, depth=2, input_mean=[1.0, 2.0], input_std=[2.0, 4.0])
+    scaled.load_state_dict(plain.state_dict())  # the statistics are not in the state dict
+    x = torch.rand(1, 2, 8, 8)
+    expected = plain((x - torch.tensor([1.0, 2.0]).view(1, 2, 1, 1)) / torch.tensor([2.0, 4.0]).view(1, 2, 1, 1))
+    assert torch.allclose(scaled(x).embedding, expected.embedding, atol=1e-6)
+    with pytest.raises(ValueError, match="input_std"):
+        UNet(input_mean=[0.0, 0.0], input_std=[1.0, 0.0])
+
+
+def test_transposed_convolutions_keep_the_activation_scale():
+    torch.manual_seed(0)
+    up = UNet(base_filters=16, depth=2).upconvs[0].layer
+    x = torch.relu(torch.randn(4, 32, 16, 16))
+    ratio = float(up(x).pow(2).mean() / x.pow(2).mean())
+    assert 1.4 < ratio < 2.6  # He: E[y^2] = 2 E[x^2] for ReLU inputs (half-He gave ~0.5)

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -455,3 +456,24 @@ def test_init_from_starts_a_concrete_model_from_baseline_weights(tmp_path):
     other = TrainConfig.preset("quick", model="concrete", base_filters=6)
     with pytest.raises(ValueError, match="do not fit this model"):
         init_weights(build_model(other), base)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(iterations=50, lr=2.0, lr_schedule="cosine", lr_warmup=5)
+    rates = [cfg.lr_at(t) for t in range(50)]
+    assert rates[0] == pytest.approx(0.4) and rates[4] == pytest.approx(2.0)
+    assert all(a >= b for a, b in zip(rates[5:], rates[6:]))
+    assert rates[-1] < 0.01 and TrainConfig(lr=0.3).lr_at(10**6) == 0.3
+
+
+def test_standardize_stores_training_statistics_in_the_checkpoint(tmp_path):
+    from companion.synthetic import make_dataset
+    from companion.train import channel_statistics
+
+    data = make_dataset(2, seed=0, shape=(96, 96))
+    cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1, standardize=True)
+    model = load_model(train(cfg, data, tmp_path, progress=False))
+    mean, std = channel_statistics(data)
+    assert model.input_mean.flatten().tolist() == pytest.approx(mean)
+    assert model.input_std.flatten().tolist() == pytest.approx(std)
+    assert std[0] == pytest.approx(float(np.concatenate([s.image[0].ravel() for s in data]).std()), rel=1e-4)
