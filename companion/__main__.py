@@ -209,6 +209,14 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-points", type=_positive_int, default=None,
                    help="mean-shift clusters at most this many foreground pixels per pass, drawn at "
                         "random (all are assigned); default all (exact, slow on a CPU)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="evaluate on the test wells (the paper's 2 folds) or on the validation "
+                        "wells (companion.data.VAL_WELLS, two halves as folds)")
+    p.add_argument("--clustering", choices=("global", "components"), default="global",
+                   help="mean-shift over the whole image (the paper) or inside each connected "
+                        "foreground component")
+    p.add_argument("--min-size", type=_positive_int, default=None,
+                   help="smallest instance kept, in pixels (default 50)")
     p.add_argument("--wells", nargs="+", default=None, metavar="WELL",
                    help="evaluate only these test wells (default: all 50 test wells; each "
                         "cross-validation fold must keep at least one)")
@@ -264,15 +272,21 @@ def _evaluation_data(args: argparse.Namespace):
                                                              seed=seed, size=args.synthetic_size)
     from companion.data import TEST_FOLDS, TEST_WELLS, load_bbbc010, resolve_root
 
-    wells = list(TEST_WELLS) if args.wells is None else list(dict.fromkeys(args.wells))
-    unknown = [w for w in wells if w not in TEST_WELLS]
+    if args.split == "val":  # the validation wells: every decision is made here, not on test wells
+        from companion.data import VAL_WELLS
+
+        pool, pool_folds = VAL_WELLS, (VAL_WELLS[0::2], VAL_WELLS[1::2])
+    else:
+        pool, pool_folds = TEST_WELLS, TEST_FOLDS
+    wells = list(pool) if args.wells is None else list(dict.fromkeys(args.wells))
+    unknown = [w for w in wells if w not in pool]
     if unknown:
-        raise ValueError(f"--wells {unknown} are not test wells ({TEST_WELLS[0]}..{TEST_WELLS[-1]})")
+        raise ValueError(f"--wells {unknown} are not {args.split} wells ({', '.join(pool[:3])}, ...)")
     root = resolve_root(args.data_root)
     samples = load_bbbc010(root, wells, skip_incomplete=True, progress=not args.no_progress)
     loaded = {s.well for s in samples}
     skipped = [w for w in wells if w not in loaded]
-    folds = [[w for w in fold if w in loaded] for fold in TEST_FOLDS]
+    folds = [[w for w in fold if w in loaded] for fold in pool_folds]
     if not all(folds):
         raise ValueError(f"each cross-validation fold needs at least one well; folds: {folds}")
     return samples, folds, skipped, dict(source="bbbc010", root=str(root))
@@ -298,7 +312,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"skipped {len(skipped)} incomplete well(s): {', '.join(skipped)}")
     result = evaluate_model(model, samples, folds=folds, bandwidths=args.bandwidths, thresholds=args.thresholds,
                             draws=args.draws, binarize_at=args.binarize, seed=args.seed, batch=args.batch,
-                            max_points=args.max_points, cache_dir=None if args.no_cache else args.out / "cache", device=device,
+                            max_points=args.max_points, clustering=args.clustering, min_size=args.min_size,
+                            cache_dir=None if args.no_cache else args.out / "cache", device=device,
                             progress=not args.no_progress)
     info = dict(command=" ".join(["python -m companion", *map(shlex.quote, getattr(args, "argv", []))]),
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

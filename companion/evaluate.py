@@ -480,6 +480,8 @@ def evaluate_model(
     pavpu_thresholds: Sequence[float] = PAVPU_THRESHOLDS,
     n_corrections: Sequence[int] = N_CORRECTIONS,
     max_points: int | None = None,
+    clustering: str = "global",
+    min_size: int | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
     """Evaluate a model on samples as the paper does (see the module docstring).
@@ -514,6 +516,11 @@ def evaluate_model(
         Mean-shift clusters a random subset of at most this many foreground pixels per pass
         (all pixels are still assigned; see :func:`companion.postprocess.segment`). Default:
         all, exact but slow on a CPU when the embedding clusters are wide.
+    clustering : {"global", "components"}
+        Mean-shift over the whole image (the paper) or inside each connected foreground
+        component (see :func:`companion.postprocess.segment`).
+    min_size : int, optional
+        Smallest instance kept (default :data:`companion.postprocess.DEFAULT_MIN_SIZE`).
     progress : bool
         tqdm bars.
 
@@ -528,7 +535,11 @@ def evaluate_model(
     from companion.tuning import grid_search
     from companion.uncertainty import pavpu
 
+    from companion.postprocess import DEFAULT_MIN_SIZE
+
     used_folds = _check_folds(samples, folds)
+    min_size = DEFAULT_MIN_SIZE if min_size is None else int(min_size)
+    segment_options = dict(max_points=max_points, clustering=clustering, min_size=min_size)
     if draws < 0:
         raise ValueError(f"draws must be >= 0, got {draws}")
     # fold by fold, the order of grid_search's pooled metrics (COCO AP breaks score ties by order)
@@ -542,7 +553,7 @@ def evaluate_model(
 
     @functools.lru_cache(maxsize=max(1, len(samples)))  # grid_search re-segments the chosen point
     def deterministic(well: str, bandwidth: float, threshold: float):
-        return predict_deterministic(outputs[well], float(bandwidth), float(threshold), max_points=max_points)
+        return predict_deterministic(outputs[well], float(bandwidth), float(threshold), **segment_options)
 
     tuning = grid_search(deterministic, gts, bandwidths, thresholds, used_folds, metric="avAP", progress=progress)
     chosen = {c.applied_to: (c.bandwidth, c.threshold) for c in tuning.choices}
@@ -560,7 +571,7 @@ def evaluate_model(
         mc_masks, mc_scores, counts, agg_scores = [], [], [], []
         for well in tqdm(wells, desc="MC draws: segment + agglomerate", unit="well", disable=not progress):
             masks, scores, agg = predict_agglomerated(outputs[well], *chosen[fold_of[well]], binarize_at=binarize_at,
-                                                      max_points=max_points)
+                                                      **segment_options)
             mc_masks.append(masks), mc_scores.append(scores)
             counts.append(_to_counts(agg.probs, n_draws)), agg_scores.append(agg.scores)
         mc_metrics = evaluate(gt_list, mc_masks, mc_scores)
@@ -577,6 +588,7 @@ def evaluate_model(
                                              scores=agg_scores).rows
     settings = dict(bandwidths=[float(b) for b in bandwidths], thresholds=[float(t) for t in thresholds],
                     max_points=None if max_points is None else int(max_points),
+                    clustering=clustering, min_size=min_size,
                     draws=n_draws, binarize_at=float(binarize_at), seed=int(seed), tuning_metric="avAP",
                     tuned_on="deterministic pass", pavpu_thresholds=[round(float(t), 9) for t in pavpu_thresholds],
                     n_corrections=[int(n) for n in n_corrections])

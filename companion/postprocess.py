@@ -40,6 +40,10 @@ __all__ = [
 #: Instances (and fragments) smaller than this many pixels are dropped by :func:`segment`.
 #: A BBBC010 worm covers roughly 500-3000 pixels; 50 pixels is a short stub of one.
 DEFAULT_MIN_SIZE = 50
+#: With per-component clustering, a foreground component smaller than this many pixels is
+#: taken as one worm without clustering (a BBBC010 worm covers ~500-3000 pixels, so a
+#: component under 1000 pixels rarely holds two).
+DEFAULT_SINGLE_BELOW = 1000
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -418,7 +422,8 @@ def fill_overlap(instance: np.ndarray, overlap: np.ndarray) -> np.ndarray:
 def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | torch.Tensor, bandwidth: float,
             threshold: float, *, min_size: int = DEFAULT_MIN_SIZE, max_points: int | None = None,
             cluster_overlap: bool = False, seed: int = 0,
-            device: str | torch.device | None = None) -> np.ndarray:
+            device: str | torch.device | None = None, clustering: str = "global",
+            single_below: int = DEFAULT_SINGLE_BELOW) -> np.ndarray:
     """Instance masks from one image's pixel embeddings and class logits.
 
     1. Foreground: pixels whose most likely class is not background (0); the overlap map
@@ -436,6 +441,15 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
        within ``threshold`` of it; a pixel may join several instances.
     4. :func:`fill_overlap` adds the overlap map and keeps the connected component that best
        matches the instance. Masks smaller than ``min_size`` pixels are dropped.
+
+    ``clustering="global"`` is the paper's: one mean-shift over the whole image, so two distant
+    worms that the network happens to embed alike merge into one instance.
+    ``clustering="components"`` (beyond the paper) runs steps 2-4 inside each 8-connected
+    component of the foreground (overlap pixels included, so crossing worms share a
+    component): worms that do not touch can never merge, and the embedding only has to
+    separate worms that touch, which is what the push term sees in training crops. A
+    component of fewer than ``single_below`` pixels (too small to hold two worms) is taken as
+    one instance without clustering.
 
     Parameters
     ----------
@@ -456,6 +470,10 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
         Seed of the subset drawn for ``max_points``.
     device : str or torch.device, optional
         Passed to :func:`mean_shift`.
+    clustering : {"global", "components"}
+        Cluster the whole image at once (the paper) or each connected foreground component.
+    single_below : int
+        With ``clustering="components"``: components smaller than this are one instance.
 
     Returns
     -------
@@ -478,13 +496,42 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
     """
     embedding, class_logits = _to_numpy(embedding), _to_numpy(class_logits)
     _check_network_output(embedding, class_logits)
+    if clustering not in ("global", "components"):
+        raise ValueError(f"clustering must be 'global' or 'components', got {clustering!r}")
     classes = np.argmax(class_logits, axis=0)
     foreground, overlap = classes != 0, classes == 2
-    empty = np.zeros((0,) + foreground.shape, dtype=bool)
+    options = dict(bandwidth=bandwidth, threshold=threshold, min_size=min_size,
+                   max_points=max_points, cluster_overlap=cluster_overlap, seed=seed, device=device)
+    if clustering == "global":
+        masks = _cluster_region(embedding, foreground, overlap, **options)
+    else:
+        masks = []
+        components, n = ndimage.label(foreground, structure=_EIGHT_CONNECTED)
+        for index, box in enumerate(ndimage.find_objects(components), start=1):
+            region = components[box] == index
+            size = int(region.sum())
+            if size < min_size:
+                continue
+            if size < single_below:
+                parts = [region]
+            else:
+                parts = _cluster_region(embedding[(slice(None),) + box] * region, region,
+                                        overlap[box] & region, **options)
+            for part in parts:
+                mask = np.zeros(foreground.shape, dtype=bool)
+                mask[box] = part
+                masks.append(mask)
+        masks.sort(key=lambda m: -int(m.sum()))
+    return np.stack(masks) if masks else np.zeros((0,) + foreground.shape, dtype=bool)
+
+
+def _cluster_region(embedding: np.ndarray, foreground: np.ndarray, overlap: np.ndarray, *,
+                    bandwidth: float, threshold: float, min_size: int, max_points: int | None,
+                    cluster_overlap: bool, seed: int, device) -> list[np.ndarray]:
+    """Steps 2-4 of :func:`segment` on one region: mean-shift, claim, fill overlap."""
     clustered = foreground if cluster_overlap or not (foreground & ~overlap).any() else foreground & ~overlap
     if not clustered.any():
-        return empty
-
+        return []
     points = embedding[:, clustered].T
     if max_points is not None and len(points) > max_points:
         chosen = np.random.default_rng(seed).choice(len(points), size=max_points, replace=False)
@@ -495,8 +542,7 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
         seeds = bin_seeds(points, bandwidth, at="mean", warn=False)
         centers = mean_shift(points, bandwidth, seeds=seeds, device=device).centers
     except NoModesFoundError:
-        return empty
-
+        return []
     masks = []
     for instance in claim_pixels(embedding, foreground, centers, threshold):
         if instance.sum() < min_size:
@@ -504,7 +550,7 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
         filled = fill_overlap(instance, overlap)
         if filled.sum() >= min_size:
             masks.append(filled)
-    return np.stack(masks) if masks else empty
+    return masks
 
 
 def claim_pixels(embedding: np.ndarray, mask: np.ndarray, centers: np.ndarray, threshold: float) -> np.ndarray:

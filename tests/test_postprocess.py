@@ -273,3 +273,31 @@ def test_segment_does_not_warn_when_every_pixel_is_its_own_seed():
         warnings.simplefilter("error")
         masks = pp.segment(embedding, pp.ideal_logits(instances), bandwidth=0.05, threshold=1.5, min_size=1)
     assert masks.ndim == 3
+
+
+def test_component_clustering_separates_distant_worms_with_one_embedding():
+    instances = np.zeros((3, 60, 60), bool)
+    instances[0, 5:15, 5:55] = True
+    instances[1, 40:50, 5:55] = True
+    instances[2, 30:60, 30:34] = True  # crosses worm 1: same component, other embedding
+    embedding = pp.simulate_embedding(instances, dim=4, seed=0)
+    embedding[:, instances[1] & ~instances[2]] = embedding[:, instances[0]].mean(axis=1, keepdims=True)
+    logits = pp.ideal_logits(instances)
+    merged = pp.segment(embedding, logits, 2.0, 1.5)
+    split = pp.segment(embedding, logits, 2.0, 1.5, clustering="components", single_below=0)
+    assert len(merged) == 2  # the paper's global clustering merges worms 0 and 1 (one is lost)
+    assert len(split) == 3
+    ious = [max((m & t).sum() / (m | t).sum() for m in split) for t in instances]
+    assert min(ious) > 0.9
+
+
+def test_component_clustering_takes_small_components_whole_and_checks_its_name():
+    instances = np.zeros((2, 40, 40), bool)
+    instances[0, 5:10, 5:30] = True
+    instances[1, 20:25, 5:30] = True
+    embedding = np.zeros((4, 40, 40))  # useless embedding: every pixel alike
+    masks = pp.segment(embedding, pp.ideal_logits(instances), 1.0, 1.0, clustering="components",
+                    single_below=1000)
+    assert sorted(m.sum() for m in masks) == [125, 125]
+    with pytest.raises(ValueError, match="clustering"):
+        pp.segment(embedding, pp.ideal_logits(instances), 1.0, 1.0, clustering="local")
