@@ -16,6 +16,12 @@ evaluate
         python -m companion evaluate --checkpoint runs/concrete/final.pt --out results/concrete
         python -m companion evaluate --pretrained baseline --out results/baseline --draws 0
 
+predict
+    Instance masks of wells or image files with a shipped model and the settings of one row of
+    its committed evaluation, e.g.::
+
+        python -m companion predict --pretrained baseline --wells C03 --out predictions
+
 New commands are added in :func:`build_parser` as further subparsers with a ``func`` default.
 """
 from __future__ import annotations
@@ -330,6 +336,100 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "predict", help="instance masks of BBBC010 wells or image files with a shipped model",
+        description="Predict instances with a shipped model and the inference settings of one row "
+                    "of its committed evaluation (results/NAME/results.json); writes "
+                    "OUT/<well or file stem>.npz (masks, scores, probabilities for MC rows) and a PNG "
+                    "overlay.")
+    p.add_argument("--pretrained", required=True, help="name of a shipped model (e.g. baseline)")
+    p.add_argument("--pretrained-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--results", type=Path, default=None,
+                   help="results.json whose row settings to use (default results/NAME/results.json)")
+    p.add_argument("--row", default=None, help="row name of results.json (default: best avAP)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--wells", nargs="+", metavar="WELL", help="BBBC010 wells")
+    source.add_argument("--images", nargs="+", type=Path, metavar="FILE",
+                        help="2-channel TIFF files (see companion.userdata.read_image)")
+    p.add_argument("--data-root", type=Path, default=None, help="BBBC010 root for --wells")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:K")
+    p.set_defaults(func=_run_predict)
+
+
+def _row_settings(results: dict, row: str | None) -> tuple[str, dict, dict]:
+    """The chosen row, its settings and the (bandwidth, threshold) per fold."""
+    rows = {r["name"]: r for r in results["rows"]}
+    if row is None:
+        row = max(rows, key=lambda name: rows[name]["avAP"])
+    if row not in rows:
+        raise ValueError(f"row {row!r} is not in results.json; rows: {sorted(rows)}")
+    settings = dict(results["settings"])
+    per_fold = {int(c["applied_to"]): (float(c["bandwidth"]), float(c["threshold"]))
+                for c in results["tuning"]["choices"]}
+    return row, settings, per_fold
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from companion import pretrained
+    from companion._io import atomic_savez
+    from companion.evaluate import _well_seed, plot_gallery, _save_figure
+    from companion.postprocess import DEFAULT_MIN_SIZE
+    from companion.predict import predict_instances
+
+    try:
+        model = pretrained.load(args.pretrained, directory=args.pretrained_dir)
+        results_path = args.results or Path(__file__).resolve().parent.parent / "results" / args.pretrained / "results.json"
+        if not results_path.is_file():
+            raise FileNotFoundError(f"{results_path} does not exist: pass --results")
+        results = json.loads(results_path.read_text())
+        row, settings, per_fold = _row_settings(results, args.row)
+        fold_of = {w: i for i, fold in enumerate(results["folds"]) for w in fold}
+        images = _predict_inputs(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    draws = int(settings.get("draws", 0)) if row == "mc" else 0
+    for stem, image, gt in images:
+        bandwidth, threshold = per_fold[fold_of.get(stem, 0)]
+        result = predict_instances(
+            model.to(args.device or "cpu"), image, bandwidth=bandwidth, threshold=threshold, draws=draws,
+            binarize_at=float(settings.get("binarize_at", 0.75)),
+            clustering=settings.get("clustering", "global"),
+            min_size=int(settings.get("min_size", DEFAULT_MIN_SIZE)), max_points=settings.get("max_points"),
+            seed=_well_seed(int(settings.get("seed", 0)), stem), device=args.device)
+        arrays = dict(masks=result.masks, scores=result.scores)
+        if result.probabilities is not None:
+            arrays["probabilities"] = result.probabilities
+        atomic_savez(args.out / f"{stem}.npz", arrays)
+        from companion.data import Sample
+
+        sample = Sample(stem, image, gt if gt is not None else np.zeros((0,) + image.shape[1:], bool))
+        _save_figure(plot_gallery([sample], [result.masks], [f"{stem}: {len(result.masks)} instances"]),
+                     args.out / f"{stem}.png")
+        print(f"{stem}: {len(result.masks)} instances (row {row}, bandwidth {bandwidth:g}, "
+              f"threshold {threshold:g})")
+    return 0
+
+
+def _predict_inputs(args: argparse.Namespace) -> list:
+    """(stem, image, ground truth or None) of each well or file."""
+    if args.wells:
+        from companion.data import load_bbbc010
+
+        samples = load_bbbc010(args.data_root, list(dict.fromkeys(args.wells)), progress=False)
+        return [(s.well, s.image, s.instances) for s in samples]
+    from companion.userdata import read_image
+
+    return [(path.stem, read_image(path), None) for path in args.images]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m companion``."""
     parser = argparse.ArgumentParser(
@@ -339,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(commands)
     _add_evaluate_parser(commands)
+    _add_predict_parser(commands)
     return parser
 
 

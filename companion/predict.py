@@ -1,0 +1,100 @@
+"""One path from a trained model and an image to instance masks: :func:`predict_instances`.
+
+The evaluation (:mod:`companion.evaluate`), the ``python -m companion predict`` command and the
+chapters all go through the same two steps: the network outputs of one image
+(:func:`companion.evaluate.well_outputs`: a deterministic pass, plus Monte-Carlo draws for a
+Concrete Dropout model) and their post-processing (:func:`companion.evaluate.predict_deterministic`
+or :func:`companion.evaluate.predict_agglomerated`). So a prediction made here with a row's
+settings reproduces that row's per-image line of an evaluation.
+
+Examples
+--------
+>>> import torch
+>>> from companion.model import UNet
+>>> torch.manual_seed(0) and None
+>>> net = UNet(base_filters=2, depth=3, embedding_dim=4, dropout="concrete")
+>>> result = predict_instances(net, np.zeros((2, 32, 40), np.float32), draws=2, bandwidth=1.0,
+...                            threshold=1.0)
+>>> result.masks.dtype, result.masks.shape[1:], result.probabilities.shape[1:]
+(dtype('bool'), (32, 40), (32, 40))
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from companion.agglomerate import binarized_indices
+from companion.evaluate import (has_concrete_dropout, predict_agglomerated, predict_deterministic,
+                                well_outputs)
+from companion.postprocess import DEFAULT_MIN_SIZE
+
+__all__ = ["Instances", "predict_instances"]
+
+
+class Instances(NamedTuple):
+    """The instances predicted for one image.
+
+    Attributes
+    ----------
+    masks : np.ndarray
+        bool ``(K, H, W)``; masks may overlap.
+    scores : np.ndarray
+        ``(K,)`` confidence of each mask (mean foreground probability for one pass, the
+        agglomeration score for Monte-Carlo draws); the order of the COCO ranking.
+    probabilities : np.ndarray or None
+        float16 ``(K, H, W)`` per-instance pixel probabilities of the agglomerated draws
+        (``None`` for a deterministic prediction).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    probabilities: np.ndarray | None
+
+
+def predict_instances(model: nn.Module, image: np.ndarray, *, bandwidth: float, threshold: float,
+                      draws: int = 0, binarize_at: float = 0.75, clustering: str = "global",
+                      min_size: int = DEFAULT_MIN_SIZE, max_points: int | None = None,
+                      seed: int = 0, device: str | torch.device | None = None) -> Instances:
+    """Instance masks of one ``(2, H, W)`` image.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`companion.model.UNet`.
+    image : np.ndarray
+        ``(2, H, W)`` float image scaled as :func:`companion.data.normalize` does.
+    bandwidth, threshold : float
+        Mean-shift bandwidth and assignment threshold.
+    draws : int
+        0: one deterministic pass. ``n > 0`` (Concrete Dropout models only): ``n`` Monte-Carlo
+        draws, each segmented, agglomerated and binarised at ``binarize_at``.
+    clustering, min_size, max_points
+        See :func:`companion.postprocess.segment`.
+    seed : int
+        Seed of the dropout masks (and of the ``max_points`` subset).
+    device : str or torch.device, optional
+        Where the network runs (default: the model's device).
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3 or image.shape[0] != 2 or min(image.shape[1:]) < 1:
+        raise ValueError(f"image must be a (2, H, W) array with H, W >= 1, got shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise ValueError("image holds NaN or infinite values")
+    if draws < 0:
+        raise ValueError(f"draws must be >= 0, got {draws}")
+    if draws and not has_concrete_dropout(model):
+        raise ValueError(f"draws={draws} needs a model with Concrete Dropout; this one has none "
+                         f"(use draws=0)")
+    options = dict(clustering=clustering, min_size=min_size, max_points=max_points)
+    outputs = well_outputs(model, image, draws=draws, seed=seed, device=device)
+    if not draws:
+        masks, scores = predict_deterministic(outputs, bandwidth, threshold, **options)
+        return Instances(np.asarray(masks, bool), np.asarray(scores, np.float64), None)
+    masks, scores, agglomeration = predict_agglomerated(outputs, bandwidth, threshold,
+                                                        binarize_at=binarize_at, **options)
+    keep = binarized_indices(agglomeration.probs, binarize_at)  # the masks' order
+    probabilities = np.asarray(agglomeration.probs, np.float32)[keep].astype(np.float16)
+    return Instances(np.asarray(masks, bool), np.asarray(scores, np.float64), probabilities)
