@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log", type=Path, default=None,
                         help="the run's log.jsonl if it is not beside the checkpoint")
     parser.add_argument("--calibrate", type=int, default=0, metavar="N",
-                        help="choose a shift of the background logit on N training wells (every "
-                             "k-th of companion.data.TRAIN_WELLS) by the foreground pixel F1 and fold it "
+                        help="choose a shift of the background logit on the first N validation wells "
+                             "(companion.data.VAL_WELLS, held out from training) by the foreground pixel F1 and fold it "
                              "into the weights (companion.calibration; not in the paper). 0: no shift")
     parser.add_argument("--data-root", default=None,
                         help="BBBC010 folder for --calibrate (default: $BBBC010_ROOT, else the cache)")
@@ -48,14 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     shift, calibration = 0.0, None
     if args.calibrate:
         from companion.calibration import choose_background_shift
-        from companion.data import TRAIN_WELLS, load_bbbc010
+        from companion.data import VAL_WELLS, load_bbbc010
         from companion.train import load_model
 
-        wells = list(TRAIN_WELLS[::max(1, len(TRAIN_WELLS) // args.calibrate)][:args.calibrate])
+        wells = list(VAL_WELLS[:args.calibrate])
         choice = choose_background_shift(load_model(args.checkpoint), load_bbbc010(args.data_root, wells=wells),
                                          progress=True)
         shift = choice.shift
-        calibration = dict(method="foreground pixel F1 on training wells", wells=choice.wells,
+        calibration = dict(method="foreground pixel F1 on validation wells", wells=choice.wells,
                            shifts=choice.shifts.tolist(), f1=[round(float(f), 5) for f in choice.f1])
         print(f"background shift {shift} (foreground F1 {choice.f1.max():.3f}; "
               f"{choice.f1[0]:.3f} without a shift) on {len(wells)} training wells")
