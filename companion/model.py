@@ -284,14 +284,17 @@ class UNet(nn.Module):
         """
         if (mean is None) != (std is None):
             raise ValueError("give both input_mean and input_std, or neither")
-        mean_t = torch.zeros(channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        std_t = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
-        if mean_t.shape != (channels,) or std_t.shape != (channels,):
+        mean_v = [0.0] * channels if mean is None else [float(v) for v in mean]
+        std_v = [1.0] * channels if std is None else [float(v) for v in std]
+        if len(mean_v) != channels or len(std_v) != channels:
             raise ValueError(f"input_mean and input_std need {channels} values each, got "
-                             f"{list(mean_t.shape)} and {list(std_t.shape)}")
-        if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all() and (std_t > 0).all()):
+                             f"{len(mean_v)} and {len(std_v)}")
+        if not all(math.isfinite(v) for v in mean_v) or not all(math.isfinite(v) and v > 0 for v in std_v):
             raise ValueError(f"input_mean must be finite and input_std finite and > 0, got "
-                             f"{mean_t.tolist()} and {std_t.tolist()}")
+                             f"{mean_v} and {std_v}")
+        # built on the CPU: a model created under torch.device("meta") still gets real statistics
+        mean_t = torch.tensor(mean_v, dtype=torch.float32, device="cpu")
+        std_t = torch.tensor(std_v, dtype=torch.float32, device="cpu")
         self.standardizes = mean is not None
         self.register_buffer("input_mean", mean_t.view(1, channels, 1, 1), persistent=False)
         self.register_buffer("input_std", std_t.view(1, channels, 1, 1), persistent=False)
