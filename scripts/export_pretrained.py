@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         calibration = dict(method="foreground pixel F1 on validation wells", wells=choice.wells,
                            shifts=choice.shifts.tolist(), f1=[round(float(f), 5) for f in choice.f1])
         print(f"background shift {shift} (foreground F1 {choice.f1.max():.3f}; "
-              f"{choice.f1[0]:.3f} without a shift) on {len(wells)} training wells")
+              f"{choice.f1[0]:.3f} without a shift) on {len(wells)} validation wells")
     weights, info = export(args.checkpoint, args.name, args.out_dir, command=args.command, log=args.log,
                            background_shift=shift, calibration=calibration)
     print(f"wrote {weights} ({weights.stat().st_size / 2**20:.2f} MiB) and {info}")
