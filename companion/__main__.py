@@ -114,7 +114,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                    help="warm-up iterations of the cosine schedule")
     p.add_argument("--snapshot-every", type=_non_negative_int, default=None,
                    help="keep iter_<N>.pt every that many iterations (0: none)")
-    p.add_argument("--init-rate", type=float, default=None,
+    p.add_argument("--init-rate", type=_checked(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+                   default=None,
                    help="initial Concrete Dropout rate")
     p.add_argument("--no-standardize", action="store_true",
                    help="feed the [0, 1]-scaled images as they are (the paper)")
