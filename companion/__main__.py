@@ -117,6 +117,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--init-rate", type=_checked(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
                    default=None,
                    help="initial Concrete Dropout rate")
+    p.add_argument("--downsample", type=_positive_int, default=None,
+                   help="internal resolution factor of the U-Net (2: the network runs on 2x2-"
+                        "pooled input and its outputs are resized back; not in the paper)")
     p.add_argument("--no-standardize", action="store_true",
                    help="feed the [0, 1]-scaled images as they are (the paper)")
     p.add_argument("--no-amp", action="store_true",
@@ -134,7 +137,7 @@ def config_from_args(args: argparse.Namespace):
     overrides = {name: getattr(args, name) for name in
                  ("model", "iterations", "seed", "batch_size", "lr", "disc_warmup", "grad_clip", "crop_size",
                   "init_from", "checkpoint_every", "log_every", "num_workers", "device",
-                  "lr_schedule", "lr_warmup", "snapshot_every")
+                  "lr_schedule", "lr_warmup", "snapshot_every", "downsample")
                  if getattr(args, name) is not None}
     if args.init_rate is not None:
         overrides["init_dropout_rate"] = args.init_rate

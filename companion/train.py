@@ -183,10 +183,13 @@ class TrainConfig:
     lr_schedule: str = "constant"
     lr_warmup: int = 0
     snapshot_every: int = 0
+    downsample: int = 1
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not isinstance(self.downsample, int) or isinstance(self.downsample, bool) or self.downsample < 1:
+            raise ValueError(f"downsample must be an integer >= 1, got {self.downsample!r}")
         for name in ("lr_warmup", "snapshot_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -203,9 +206,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.crop_size % 16:
-            raise ValueError(f"crop_size must be a multiple of 16 (the U-Net pools 4 times), "
-                             f"got {self.crop_size}")
+        if self.crop_size % (16 * self.downsample):
+            raise ValueError(f"crop_size must be a multiple of {16 * self.downsample} (the U-Net "
+                             f"pools 4 times after downsample={self.downsample}), got {self.crop_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not isinstance(self.disc_warmup, int) or self.disc_warmup < 0:
@@ -256,6 +259,8 @@ class TrainConfig:
                       init_dropout_rate=self.init_dropout_rate, temperature=self.temperature)
         if self.input_mean is not None:  # absent otherwise: older checkpoints stay comparable
             kwargs.update(input_mean=list(self.input_mean), input_std=list(self.input_std))
+        if self.downsample > 1:
+            kwargs.update(downsample=self.downsample)
         return kwargs
 
     def lr_at(self, iteration: int) -> float:

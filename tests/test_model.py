@@ -289,3 +289,23 @@ def test_transposed_convolutions_keep_the_activation_scale():
     x = torch.relu(torch.randn(4, 32, 16, 16))
     ratio = float(up(x).pow(2).mean() / x.pow(2).mean())
     assert 1.4 < ratio < 2.6  # He: E[y^2] = 2 E[x^2] for ReLU inputs (half-He gave ~0.5)
+
+
+def test_downsample_runs_the_network_on_pooled_input_and_resizes_back():
+    torch.manual_seed(0)
+    full = UNet(base_filters=2, depth=2)
+    half = UNet(base_filters=2, depth=2, downsample=2)
+    half.load_state_dict(full.state_dict())  # same weights: only the resolution differs
+    assert (full.divisor, half.divisor) == (2, 4)
+    x = torch.rand(1, 2, 8, 12)
+    inner = full(torch.nn.functional.avg_pool2d(x, 2))
+    out = half(x)
+    assert tuple(out.embedding.shape) == (1, 16, 8, 12) and tuple(out.logits.shape) == (1, 3, 8, 12)
+    expected = torch.nn.functional.interpolate(inner.embedding, size=(8, 12), mode="bilinear")
+    assert torch.allclose(out.embedding, expected, atol=1e-6)
+    assert not torch.allclose(out.embedding, full(x).embedding, atol=1e-3)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        half(torch.rand(1, 2, 8, 10))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="downsample"):
+            UNet(downsample=bad)

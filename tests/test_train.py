@@ -477,3 +477,15 @@ def test_standardize_stores_training_statistics_in_the_checkpoint(tmp_path):
     assert model.input_mean.flatten().tolist() == pytest.approx(mean)
     assert model.input_std.flatten().tolist() == pytest.approx(std)
     assert std[0] == pytest.approx(float(np.concatenate([s.image[0].ravel() for s in data]).std()), rel=1e-4)
+
+
+def test_downsample_travels_in_the_checkpoint_and_checks_the_crop(tmp_path):
+    from companion.synthetic import make_dataset
+
+    with pytest.raises(ValueError, match="multiple of 32"):
+        TrainConfig.preset("quick", downsample=2, crop_size=48)
+    assert "downsample" not in TrainConfig.preset("quick").model_kwargs()  # old checkpoints unchanged
+    data = make_dataset(2, seed=0, shape=(96, 96))
+    cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1, downsample=2)
+    model = load_model(train(cfg, data, tmp_path, progress=False))
+    assert model.downsample == 2 and model.divisor == 32
