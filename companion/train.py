@@ -150,6 +150,10 @@ class TrainConfig:
     snapshot_every : int
         Also keep a copy ``iter_<N>.pt`` of every that many iterations' checkpoint (0: none),
         for learning curves measured afterwards on the validation wells.
+    downsample : int
+        Internal resolution factor of the U-Net (see :class:`companion.model.UNet`; not in the
+        paper). ``crop_size`` must be a multiple of ``16 * downsample``; the loss is computed at
+        the crop's full resolution on the resized outputs.
     """
 
     model: str = "concrete"

@@ -194,3 +194,12 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
     assert "| paper, concrete | 0.770 | 0.974 | 0.883 | 0.810 | 0.703 |" in text
     assert pretrained.training_budget("concrete", shelf) in text and "skipped as incomplete: C13" in text
     assert "baseline:" not in text.split("Training budgets")[1]  # no results for it: no budget line
+    assert "per-component clustering" not in text.split("## Table 1")[1].split("paper, concrete")[0]
+    (tmp_path / "concrete_components").mkdir()
+    doc["rows"][1]["avAP"] = 0.375
+    (tmp_path / "concrete_components" / "results.json").write_text(json.dumps(doc))
+    assert module.main(["--results-dir", str(tmp_path), "--pretrained-dir", str(shelf)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert ("| ours, concrete: one deterministic pass, per-component clustering | 0.375 | 0.500 |"
+            in text)
+    assert text.count(pretrained.training_budget("concrete", shelf)) == 1  # one budget line per model

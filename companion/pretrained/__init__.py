@@ -184,7 +184,9 @@ def training_budget(name: str, directory: str | os.PathLike | None = None) -> st
     time = f"{seconds / 3600:.1f} h" if seconds and seconds >= 3600 else (
         f"{seconds:.0f} s" if seconds is not None else "time not recorded")
     start = f", starting from the weights of {Path(cfg['init_from']).name}" if cfg.get("init_from") else ""
-    return (f"{name}: {info['iterations']:,} iterations of {cfg.get('crop_size')} x {cfg.get('crop_size')} crops "
+    factor = cfg.get("downsample", 1)
+    scale = f" (network at 1/{factor} resolution)" if factor > 1 else ""
+    return (f"{name}: {info['iterations']:,} iterations of {cfg.get('crop_size')} x {cfg.get('crop_size')} crops{scale} "
             f"(batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}){start}, {time} on {device}")
 
 
