@@ -17,7 +17,9 @@ ground-truth masks. They are a teaching and testing device, not a model.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
@@ -46,6 +48,29 @@ DEFAULT_MIN_SIZE = 50
 DEFAULT_SINGLE_BELOW = 1000
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+#: Mean-shift centres of recently clustered point sets, keyed by the points' bytes and the
+#: bandwidth: a grid search segments each image once per threshold with the same points, and
+#: the centres do not depend on the threshold.
+_CENTRES_CACHE: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_CENTRES_CACHE_SIZE = 512
+
+
+def _cached_modes(points: np.ndarray, bandwidth: float, device) -> np.ndarray:
+    """``mean_shift(points, bandwidth, seeds=bin_seeds(..., at="mean")).centers``, memoised."""
+    key = (hashlib.sha1(np.ascontiguousarray(points).tobytes()).hexdigest(), points.shape,
+           str(points.dtype), float(bandwidth), str(device))
+    if key in _CENTRES_CACHE:
+        _CENTRES_CACHE.move_to_end(key)
+        return _CENTRES_CACHE[key].copy()
+    # in 16-d a trained network's clusters are often wider than the grid, so every pixel
+    # gets a cell of its own; seeding from the pixels is then the expected path, not news
+    seeds = bin_seeds(points, bandwidth, at="mean", warn=False)
+    centers = mean_shift(points, bandwidth, seeds=seeds, device=device).centers
+    _CENTRES_CACHE[key] = centers
+    while len(_CENTRES_CACHE) > _CENTRES_CACHE_SIZE:
+        _CENTRES_CACHE.popitem(last=False)
+    return centers.copy()
 
 
 class MeanShiftResult(NamedTuple):
@@ -537,10 +562,7 @@ def _cluster_region(embedding: np.ndarray, foreground: np.ndarray, overlap: np.n
         chosen = np.random.default_rng(seed).choice(len(points), size=max_points, replace=False)
         points = points[np.sort(chosen)]
     try:
-        # in 16-d a trained network's clusters are often wider than the grid, so every pixel
-        # gets a cell of its own; seeding from the pixels is then the expected path, not news
-        seeds = bin_seeds(points, bandwidth, at="mean", warn=False)
-        centers = mean_shift(points, bandwidth, seeds=seeds, device=device).centers
+        centers = _cached_modes(points, bandwidth, device)
     except NoModesFoundError:
         return []
     masks = []

@@ -301,3 +301,23 @@ def test_component_clustering_takes_small_components_whole_and_checks_its_name()
     assert sorted(m.sum() for m in masks) == [125, 125]
     with pytest.raises(ValueError, match="clustering"):
         pp.segment(embedding, pp.ideal_logits(instances), 1.0, 1.0, clustering="local")
+
+
+def test_segment_reuses_the_modes_across_thresholds(monkeypatch):
+    instances = np.zeros((2, 40, 40), bool)
+    instances[0, 5:10, 5:30] = True
+    instances[1, 20:25, 5:30] = True
+    embedding = pp.simulate_embedding(instances, dim=4, seed=1)
+    logits = pp.ideal_logits(instances)
+    pp._CENTRES_CACHE.clear()
+    fresh = [pp.segment(embedding, logits, 1.5, t, min_size=1) for t in (1.0, 2.0)]
+    calls = []
+    real = pp.mean_shift
+    monkeypatch.setattr(pp, "mean_shift", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pp._CENTRES_CACHE.clear()
+    cached = [pp.segment(embedding, logits, 1.5, t, min_size=1) for t in (1.0, 2.0)]
+    assert len(calls) == 1  # one mean-shift for both thresholds
+    assert all(np.array_equal(a, b) for a, b in zip(fresh, cached))
+    pp.segment(embedding + 1e-3, logits, 1.5, 1.0, min_size=1)  # other points: clustered anew
+    pp.segment(embedding, logits, 2.5, 1.0, min_size=1)  # other bandwidth: clustered anew
+    assert len(calls) == 3
