@@ -17,7 +17,7 @@ from typing import Mapping
 
 from companion.evaluate import TABLE1_KEYS  # the columns of Table 1, in the paper's order
 
-__all__ = ["TABLE1_KEYS", "TABLE1", "format_header", "format_row"]
+__all__ = ["TABLE1_KEYS", "TABLE1", "FIGURE2_AT_005", "format_header", "format_row"]
 
 
 #: Table 1 of the paper: BBBC010 test split; the concrete model's agglomerated Monte-Carlo
@@ -26,6 +26,10 @@ TABLE1: dict[str, dict[str, float]] = {
     "baseline": dict(avAP=0.761, AP50=0.963, AP75=0.879, recall80=0.81, avAP_dsb=0.686),
     "concrete": dict(avAP=0.770, AP50=0.974, AP75=0.883, recall80=0.81, avAP_dsb=0.703),
 }
+
+#: Figure 2 of the paper at the entropy threshold 0.05: the probability that an inaccurate 4 x 4
+#: patch is flagged uncertain.
+FIGURE2_AT_005: dict[str, float] = dict(threshold=0.05, p_uncertain_given_inaccurate=0.559)
 
 
 def format_header(width: int = 24) -> str:

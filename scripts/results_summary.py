@@ -24,6 +24,29 @@ def _metrics_line(label: str, metrics: dict) -> str:
     return f"| {label} | " + " | ".join(f"{metrics[k]:.3f}" for k in TABLE1_KEYS) + " |"
 
 
+def _figure2_and_table2_lines(results_dir: Path) -> list[str]:
+    """Figure 2 at entropy 0.05 beside the paper's, and Table 2's first and last rows (concrete)."""
+    from companion import pretrained
+    from companion.paper import FIGURE2_AT_005
+
+    try:
+        doc = pretrained.results("concrete", results_dir)
+    except FileNotFoundError:
+        return []
+    lines = []
+    at = [r for r in doc.get("pavpu") or [] if abs(r["threshold"] - FIGURE2_AT_005["threshold"]) < 1e-9]
+    if at and at[0]["p_uncertain_given_inaccurate"] is not None:
+        lines += ["", f"Figure 2 at entropy {FIGURE2_AT_005['threshold']}: p(uncertain | inaccurate) = "
+                      f"{at[0]['p_uncertain_given_inaccurate']:.3f} (paper: "
+                      f"{FIGURE2_AT_005['p_uncertain_given_inaccurate']:.3f}), PAvPU = {at[0]['pavpu']:.3f}."]
+    rows = doc.get("proofreading") or []
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        lines += ["", f"Table 2 (simulated guided proofreading, concrete): avAP {first['avAP']:.3f} with "
+                      f"{first['n_corrections']} corrections, {last['avAP']:.3f} with {last['n_corrections']}."]
+    return lines
+
+
 def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
     """The Markdown text of results/README.md."""
     from companion import pretrained
@@ -52,6 +75,7 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
                                f"{', '.join(doc.get('skipped_wells') or []) or 'none'}).")
     for name in ("concrete", "baseline"):
         lines.append(_metrics_line(f"paper, {name}", TABLE1[name]))
+    lines += _figure2_and_table2_lines(results_dir)
     lines += ["", "Training budgets (the paper: 800 000 iterations of 2 crops of 512 x 512 on a GPU):", "",
               *budgets, "", "Rows without a clustering note use the paper's global mean-shift, its bandwidth and",
               "threshold chosen by 2-fold cross-validation on the test folds. Per-component rows",

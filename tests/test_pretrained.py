@@ -185,7 +185,9 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
     spec.loader.exec_module(module)
     row = dict(avAP=0.25, AP50=0.5, AP75=0.125, recall80=0.2, avAP_dsb=0.3)
     doc = dict(rows=[dict(name="mc", **row), dict(name="deterministic", **row)], wells=["C03", "C04"],
-               settings=dict(draws=8, binarize_at=0.75), skipped_wells=["C13"])
+               settings=dict(draws=8, binarize_at=0.75), skipped_wells=["C13"],
+               pavpu=[dict(threshold=0.0, p_uncertain_given_inaccurate=1.0, pavpu=0.1),
+                      dict(threshold=0.05, p_uncertain_given_inaccurate=0.5, pavpu=0.25)])
     (tmp_path / "concrete").mkdir()
     (tmp_path / "concrete" / "results.json").write_text(json.dumps(doc))
     assert module.main(["--results-dir", str(tmp_path), "--pretrained-dir", str(shelf)]) == 0
@@ -194,6 +196,7 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
     assert "| paper, concrete | 0.770 | 0.974 | 0.883 | 0.810 | 0.703 |" in text
     assert pretrained.training_budget("concrete", shelf) in text and "skipped as incomplete: C13" in text
     assert "baseline:" not in text.split("Training budgets")[1]  # no results for it: no budget line
+    assert "p(uncertain | inaccurate) = 0.500 (paper: 0.559), PAvPU = 0.250" in text
     assert "per-component clustering" not in text.split("## Table 1")[1].split("paper, concrete")[0]
     (tmp_path / "concrete_components").mkdir()
     doc["rows"][1]["avAP"] = 0.375
