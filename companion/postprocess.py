@@ -405,6 +405,20 @@ def _check_network_output(embedding: np.ndarray, class_logits: np.ndarray) -> No
                          f"{class_logits.shape} and embedding {embedding.shape}")
     if not np.isfinite(embedding).all():
         raise ValueError("embedding contains NaN or inf values")
+    if not np.isfinite(class_logits).all():
+        raise ValueError("class_logits contain NaN or inf values")
+
+
+def _check_segment_settings(bandwidth: float, threshold: float, min_size: int,
+                            max_points: int | None) -> None:
+    for name, value in (("bandwidth", bandwidth), ("threshold", threshold)):
+        if not (np.isscalar(value) and np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+        raise ValueError(f"min_size must be an integer >= 0, got {min_size!r}")
+    if max_points is not None and (isinstance(max_points, bool) or not isinstance(max_points, (int, np.integer))
+                                   or max_points < 1):
+        raise ValueError(f"max_points must be None or an integer >= 1, got {max_points!r}")
 
 
 def _to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -509,7 +523,9 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
     Raises
     ------
     ValueError
-        For mismatched shapes (both are named) or NaN/inf in the embedding.
+        For mismatched shapes (both are named), NaN/inf in the embedding or the logits, a
+        bandwidth or threshold that is not a finite number > 0, ``min_size < 0`` or
+        ``max_points < 1``.
 
     Examples
     --------
@@ -521,6 +537,7 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
     """
     embedding, class_logits = _to_numpy(embedding), _to_numpy(class_logits)
     _check_network_output(embedding, class_logits)
+    _check_segment_settings(bandwidth, threshold, min_size, max_points)
     if clustering not in ("global", "components"):
         raise ValueError(f"clustering must be 'global' or 'components', got {clustering!r}")
     classes = np.argmax(class_logits, axis=0)

@@ -321,3 +321,26 @@ def test_segment_reuses_the_modes_across_thresholds(monkeypatch):
     pp.segment(embedding + 1e-3, logits, 1.5, 1.0, min_size=1)  # other points: clustered anew
     pp.segment(embedding, logits, 2.5, 1.0, min_size=1)  # other bandwidth: clustered anew
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(threshold=-1.0), "threshold"), (dict(threshold=float("nan")), "threshold"),
+    (dict(bandwidth=0.0), "bandwidth"), (dict(max_points=-1), "max_points"),
+    (dict(max_points=0), "max_points"), (dict(min_size=-5), "min_size"),
+])
+def test_segment_rejects_bad_settings_early(kwargs, match):
+    instances = np.zeros((1, 20, 20), bool)
+    instances[0, 5:10, 5:15] = True
+    embedding = pp.simulate_embedding(instances, dim=4, seed=0)
+    settings = {"bandwidth": 1.0, "threshold": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pp.segment(embedding, pp.ideal_logits(instances), **settings)
+
+
+def test_segment_rejects_nan_logits():
+    instances = np.zeros((1, 20, 20), bool)
+    instances[0, 5:10, 5:15] = True
+    logits = pp.ideal_logits(instances).astype(float)
+    logits[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="class_logits contain NaN"):
+        pp.segment(pp.simulate_embedding(instances, dim=4, seed=0), logits, 1.0, 1.0)
