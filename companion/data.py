@@ -369,6 +369,8 @@ def _check_wells(wells: Iterable[str] | str | None) -> list[str]:
     if isinstance(wells, str):
         wells = [wells]
     wells = list(wells)
+    if not wells:
+        raise ValueError("wells is empty: name at least one well, or pass None for all of them")
     unknown = [w for w in wells if w not in WELLS]
     if unknown:
         raise ValueError(f"unknown well id(s) {unknown}; valid ids are {WELLS[0]}..{WELLS[-1]}: {', '.join(WELLS)}")

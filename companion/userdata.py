@@ -227,7 +227,8 @@ def load_user_images(images: Sequence[PathLike | Sequence[PathLike]],
     Raises
     ------
     ValueError
-        Lists of different lengths, or a file :func:`read_image` / :func:`read_instances` refuses.
+        Lists of different lengths, an empty list, a single path where a list is expected, or a
+        file :func:`read_image` / :func:`read_instances` refuses.
 
     Examples
     --------
@@ -239,7 +240,15 @@ def load_user_images(images: Sequence[PathLike | Sequence[PathLike]],
     >>> s.well, s.image.shape, s.instances.shape
     ('a', (2, 6, 7), (1, 6, 7))
     """
+    if isinstance(images, (str, os.PathLike)):
+        raise ValueError(f"images must be a sequence of sources, one per image, got the single path "
+                         f"{str(images)!r}: wrap it in a list, [{str(images)!r}]")
     images = list(images)
+    if not images:
+        raise ValueError("images is empty: give at least one image source")
+    if isinstance(masks, (str, os.PathLike)):
+        raise ValueError(f"masks must be a sequence, one entry per image, got the single path "
+                         f"{str(masks)!r}: wrap it in a list")
     masks = [None] * len(images) if masks is None else list(masks)
     if len(masks) != len(images):
         raise ValueError(f"{len(images)} images but {len(masks)} mask entries")

@@ -131,6 +131,8 @@ def test_root_without_layout(tmp_path):
 def test_unknown_well(flat_copy):
     with pytest.raises(ValueError, match=r"unknown well id\(s\) \['Z99'\].*A01, A02"):
         load_bbbc010(flat_copy, wells=["A01", "Z99"])
+    with pytest.raises(ValueError, match="wells is empty"):
+        load_bbbc010(flat_copy, wells=[])
 
 
 def test_missing_channel_raises_or_skips(tmp_path):

@@ -140,3 +140,12 @@ def test_save_prediction_round_trips(tmp_path):
     np.testing.assert_allclose(tifffile.imread(paths["probabilities"]), probs)
     with pytest.raises(ValueError, match="uncertainty map"):
         save_prediction(tmp_path, "bad", masks, unc[:4])
+
+
+def test_load_user_images_refuses_a_bare_path_and_an_empty_list(tmp_path):
+    with pytest.raises(ValueError, match=r"wrap it in a list, \['img.tif'\]"):
+        load_user_images("img.tif")
+    with pytest.raises(ValueError, match="images is empty"):
+        load_user_images([])
+    with pytest.raises(ValueError, match="masks must be a sequence"):
+        load_user_images([tmp_path / "a.tif"], tmp_path / "a_mask.tif")
