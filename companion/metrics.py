@@ -78,6 +78,10 @@ def _as_stack(masks: np.ndarray, name: str) -> np.ndarray:
     masks = np.asarray(masks)
     if masks.ndim != 3:
         raise ValueError(f"{name} must be a (K, H, W) stack of masks, got shape {masks.shape}")
+    if masks.dtype != bool and masks.size and not np.isin(masks, (0, 1)).all():
+        raise ValueError(f"{name} must hold binary masks (bool or 0/1), got {masks.dtype} values such as "
+                         f"{masks[~np.isin(masks, (0, 1))].flat[0]!r}: binarise probability maps first "
+                         f"(e.g. companion.agglomerate.binarize)")
     return masks.astype(bool, copy=False)
 
 

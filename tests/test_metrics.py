@@ -250,3 +250,12 @@ def test_real_wells_against_pycocotools(bbbc010_root):
     assert ours["avAP"] == pytest.approx(stats[0], abs=1e-6)
     assert ours["AP50"] == pytest.approx(stats[1], abs=1e-6)
     assert ours["AP75"] == pytest.approx(stats[2], abs=1e-6)
+
+
+def test_probability_maps_are_refused_not_cast_to_true():
+    gt = np.zeros((1, 4, 4), bool)
+    gt[0, :2] = True
+    probs = np.full((1, 4, 4), 0.3)
+    with pytest.raises(ValueError, match="binary masks.*0.3.*binarize"):
+        iou_matrix(probs, gt)
+    assert iou_matrix(gt.astype(np.uint8), gt)[0, 0] == 1.0  # 0/1 integers are masks
