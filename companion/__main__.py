@@ -30,6 +30,7 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -447,11 +448,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def output_folder_error(out: Path) -> str | None:
+    """``None`` when ``out`` is (or can be made) a folder this process can write to, else why not.
+
+    Checked before a command loads data or a model, so that an unwritable ``--out`` fails in a
+    second, not after an hour of training or evaluation.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        return f"cannot write to the output folder {out}: {err.strerror or err}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m companion`` and of the ``companion`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    out = getattr(args, "out", None)
+    problem = output_folder_error(Path(out)) if out is not None else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

@@ -861,6 +861,10 @@ def _train(config: TrainConfig, data: Sequence["Sample"], out_dir: Path, device:
             torch.manual_seed(_rank_seed(config.seed, dist_info.rank) + start)
         if dist_info.is_main:
             _trim_log(log_path, start)
+            if start >= config.iterations:
+                warnings.warn(f"{last_path} is already at iteration {start} >= iterations="
+                              f"{config.iterations}: nothing to train (raise --iterations to "
+                              f"continue); final.pt is that checkpoint", stacklevel=3)
     elif resume and dist_info.is_main:
         warnings.warn(f"resume requested but {last_path} does not exist: starting afresh",
                       stacklevel=3)

@@ -63,6 +63,10 @@ def test_train_on_synthetic_data_then_resume_to_more_iterations(tmp_path, capsys
                  "--out", str(out)]) == 0
     assert read_checkpoint(out / "final.pt")["iteration"] == 4
     assert [r["iteration"] for r in read_log(out)] == [1, 2, 3, 4]
+    with pytest.warns(UserWarning, match="already at iteration 4 >= iterations=3: nothing to train"):
+        assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "3", "--resume",
+                     "--out", str(out)]) == 0
+    assert read_checkpoint(out / "final.pt")["iteration"] == 4
 
 
 def test_existing_run_without_resume_is_a_clear_error(tmp_path, capsys):
@@ -88,3 +92,15 @@ def test_train_on_the_bbbc010_training_wells(bbbc010_root, tmp_path):
                  "--out", str(out)]) == 0
     ckpt = read_checkpoint(out / "final.pt")
     assert ckpt["iteration"] == 1 and ckpt["config"]["crop_size"] == 32
+
+
+@pytest.mark.parametrize("command", [["train", *QUICK, "--synthetic", "2"],
+                                     ["evaluate", "--pretrained", "baseline"],
+                                     ["predict", "--pretrained", "baseline", "--wells", "C03"]])
+def test_an_unwritable_out_fails_before_any_work(tmp_path, capsys, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main([*command, "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write to the output folder") and str(blocker / "out") in err
+    assert err.count("\n") == 1  # one line, no traceback
