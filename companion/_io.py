@@ -6,14 +6,39 @@ the old target, if any, is left untouched.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_savez"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_savez", "tensors_sha256"]
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and values), e.g. a model's state dict.
+
+    The same on every device and after a save / load round trip; one changed bit changes it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> state = {"w": torch.zeros(3)}
+    >>> digest = tensors_sha256(state)
+    >>> state["w"][1] = 1e-30
+    >>> len(digest), tensors_sha256(state) == digest
+    (64, False)
+    """
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import atomic_savez, atomic_write_bytes
+from ._io import atomic_savez, atomic_write_bytes, tensors_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     from companion.data import Sample
@@ -229,12 +229,7 @@ def model_fingerprint(model: nn.Module) -> str:
     >>> model_fingerprint(a) == model_fingerprint(a), len(model_fingerprint(a))
     (True, 64)
     """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        value = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
+    return tensors_sha256(model.state_dict())
 
 
 def file_sha256(path: str | os.PathLike) -> str:

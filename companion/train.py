@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import atomic_write, atomic_write_bytes
+from ._io import atomic_write, atomic_write_bytes, tensors_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     from companion.data import Sample
@@ -593,7 +593,8 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         ``path`` does not exist.
     ValueError
         ``path`` is not a checkpoint written by :func:`train` (not a safe torch file, or a
-        file without the checkpoint's keys).
+        file without the checkpoint's keys), or its weights no longer match the sha256
+        recorded at save time.
     """
     import pickle
 
@@ -618,6 +619,10 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if ckpt["version"] > CHECKPOINT_VERSION:
         raise ValueError(f"checkpoint {path} has layout version {ckpt['version']}, newer than "
                          f"this package's {CHECKPOINT_VERSION}: update companion")
+    recorded = ckpt.get("model_sha256")  # absent in checkpoints written before it was recorded
+    if recorded is not None and tensors_sha256(ckpt["model"]) != recorded:
+        raise ValueError(f"checkpoint {path} is corrupted: its weights do not match the sha256 "
+                         f"recorded when it was saved")
     return ckpt
 
 
@@ -672,6 +677,7 @@ def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                       rng_per_rank: list[dict], dist_info: DistInfo) -> dict:
     import companion
 
+    weights = _unwrap(model).state_dict()
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -680,7 +686,8 @@ def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         "iteration": iteration,
         "config": config.to_dict(),
         "model_kwargs": config.model_kwargs(),
-        "model": _unwrap(model).state_dict(),
+        "model": weights,
+        "model_sha256": tensors_sha256(weights),  # verified by read_checkpoint
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": rng_per_rank[0],

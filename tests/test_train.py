@@ -489,3 +489,21 @@ def test_downsample_travels_in_the_checkpoint_and_checks_the_crop(tmp_path):
     cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1, downsample=2)
     model = load_model(train(cfg, data, tmp_path, progress=False))
     assert model.downsample == 2 and model.divisor == 32
+
+
+def test_a_changed_weight_is_caught_by_the_recorded_digest(tmp_path):
+    from companion.synthetic import make_dataset
+
+    cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1)
+    final = train(cfg, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False)
+    ckpt = torch.load(final, weights_only=True)
+    assert len(read_checkpoint(final)["model_sha256"]) == 64
+    name = next(iter(ckpt["model"]))
+    flat = ckpt["model"][name].view(-1).view(torch.int32)
+    flat[0] ^= 1  # one flipped bit
+    torch.save(ckpt, tmp_path / "flipped.pt")
+    with pytest.raises(ValueError, match="flipped.pt is corrupted"):
+        read_checkpoint(tmp_path / "flipped.pt")
+    del ckpt["model_sha256"]  # a checkpoint from before the digest still loads
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert read_checkpoint(tmp_path / "old.pt")["iteration"] == 2
