@@ -34,6 +34,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from ._io import atomic_write
 from .data import CHANNEL_MAX, Sample, rescale
 
 __all__ = ["read_array", "read_image", "read_instances", "load_user_images", "match_percentiles",
@@ -329,19 +330,31 @@ def save_prediction(folder: PathLike, name: str, masks: np.ndarray, uncertainty:
     masks = np.asarray(masks, bool)
     if masks.ndim != 3:
         raise ValueError(f"masks must be a (K, H, W) stack, got shape {masks.shape}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"instances": folder / f"{name}_instances.tif"}
-    labels = masks.astype(np.uint16) * np.arange(1, len(masks) + 1, dtype=np.uint16)[:, None, None]
-    tifffile.imwrite(paths["instances"], labels, photometric="minisblack")
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"name must be a plain file-name stem without folders, got {name!r}")
+    if len(masks) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{len(masks)} instances do not fit the uint16 labels of {name}_instances.tif "
+                         f"(at most {np.iinfo(np.uint16).max})")
     if uncertainty is not None:
         uncertainty = np.asarray(uncertainty, np.float64)
         if uncertainty.shape != masks.shape[1:]:
             raise ValueError(f"uncertainty map has shape {uncertainty.shape}, the masks {masks.shape[1:]}")
+    if probs is not None:
+        probs = np.asarray(probs, np.float32)
+        if probs.ndim != 3 or probs.shape[1:] != masks.shape[1:]:
+            raise ValueError(f"probs must be (K', H, W) with (H, W) = {masks.shape[1:]}, got shape {probs.shape}")
+    # everything is checked before the first file is written: no half-written prediction
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"instances": folder / f"{name}_instances.tif"}
+    labels = masks.astype(np.uint16) * np.arange(1, len(masks) + 1, dtype=np.uint16)[:, None, None]
+    atomic_write(paths["instances"], lambda tmp: tifffile.imwrite(tmp, labels, photometric="minisblack"))
+    if uncertainty is not None:
         paths["uncertainty"] = folder / f"{name}_uncertainty.png"
         scaled = np.clip(uncertainty / np.log(2.0), 0.0, 1.0) * 255.0
-        Image.fromarray(np.rint(scaled).astype(np.uint8)).save(paths["uncertainty"])
+        picture = Image.fromarray(np.rint(scaled).astype(np.uint8))
+        atomic_write(paths["uncertainty"], lambda tmp: picture.save(tmp, format="PNG"))
     if probs is not None:
         paths["probabilities"] = folder / f"{name}_probabilities.tif"
-        tifffile.imwrite(paths["probabilities"], np.asarray(probs, np.float32), photometric="minisblack")
+        atomic_write(paths["probabilities"], lambda tmp: tifffile.imwrite(tmp, probs, photometric="minisblack"))
     return paths

@@ -149,3 +149,20 @@ def test_load_user_images_refuses_a_bare_path_and_an_empty_list(tmp_path):
         load_user_images([])
     with pytest.raises(ValueError, match="masks must be a sequence"):
         load_user_images([tmp_path / "a.tif"], tmp_path / "a_mask.tif")
+
+
+def test_save_prediction_checks_everything_before_writing(tmp_path):
+    masks = np.zeros((2, 3, 4), bool)
+    masks[0, 0] = True
+    with pytest.raises(ValueError, match="uncertainty map has shape"):
+        save_prediction(tmp_path / "out", "x", masks, np.zeros((5, 5)))
+    with pytest.raises(ValueError, match="probs must be"):
+        save_prediction(tmp_path / "out", "x", masks, probs=np.zeros((1, 2, 2)))
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    for bad in ("../escaped", "a/b", "", ".."):
+        with pytest.raises(ValueError, match="plain file-name stem"):
+            save_prediction(tmp_path / "out", bad, masks)
+    with pytest.raises(ValueError, match="65536 instances do not fit"):
+        save_prediction(tmp_path / "out", "many", np.zeros((65536, 1, 1), bool))
+    paths = save_prediction(tmp_path / "out", "x", masks, np.zeros((3, 4)), probs=np.zeros((1, 3, 4)))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths.values())
