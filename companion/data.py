@@ -275,6 +275,9 @@ def _read_tiff(path: Path) -> np.ndarray:
         raise CorruptFileError(f"cannot read TIFF {str(path)!r}: {err}") from err
     if array.ndim != 2:
         raise CorruptFileError(f"TIFF {str(path)!r} should be a 2-D image, got shape {array.shape}")
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        raise CorruptFileError(f"TIFF {str(path)!r} holds {int((~np.isfinite(array)).sum())} NaN or "
+                               f"inf pixels")
     return array
 
 

@@ -61,13 +61,17 @@ def read_array(path: PathLike) -> np.ndarray:
         if path.suffix.lower() in _TIFF:
             import tifffile
 
-            return np.asarray(tifffile.imread(path))
-        from PIL import Image
+            array = np.asarray(tifffile.imread(path))
+        else:
+            from PIL import Image
 
-        with Image.open(path) as im:
-            return np.asarray(im)
+            with Image.open(path) as im:
+                array = np.asarray(im)
     except Exception as err:  # the readers raise many types for broken files
         raise ValueError(f"cannot read image {str(path)!r}: {err}") from err
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        raise ValueError(f"image {str(path)!r} holds {int((~np.isfinite(array)).sum())} NaN or inf pixels")
+    return array
 
 
 def _channels_first(array: np.ndarray, path: Path) -> np.ndarray:
@@ -89,8 +93,8 @@ def _single(path: PathLike) -> np.ndarray:
 
 
 def _scaled(raw: np.ndarray, divisor: float) -> np.ndarray:
-    if divisor <= 0:
-        raise ValueError(f"scale must be > 0, got {divisor}")
+    if not (np.isfinite(divisor) and divisor > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {divisor}")
     return rescale(raw, divisor)
 
 
@@ -139,6 +143,8 @@ def read_image(source: PathLike | Sequence[PathLike], *, scale: float | Sequence
         path = Path(source)
         array = read_array(path)
         if array.ndim == 2 and fill_missing is not None:
+            if not (np.isfinite(fill_missing) and 0 <= fill_missing <= 1):
+                raise ValueError(f"fill_missing must be a number in [0, 1], got {fill_missing!r}")
             brightfield = _scaled(array, divisors[1])
             return np.stack([np.full_like(brightfield, np.float32(fill_missing)), brightfield])
         array = _channels_first(array, path)

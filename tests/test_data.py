@@ -302,3 +302,12 @@ def test_progress_bar_only_when_asked(flat_copy, capsys):
     assert "loading BBBC010" in capsys.readouterr().err
     load_bbbc010(flat_copy, wells=["A01", "A02"], progress=False)
     assert "loading BBBC010" not in capsys.readouterr().err
+
+
+def test_a_nan_pixel_in_a_float_tiff_names_the_file(flat_copy):
+    path = next((flat_copy / "images").glob("*_A02_w1_*.tif"))
+    raw = tifffile.imread(path).astype(np.float32)
+    raw[0, 0] = np.nan
+    tifffile.imwrite(path, raw)
+    with pytest.raises(CorruptFileError, match=r"A02_w1.*holds 1 NaN or inf pixels"):
+        load_bbbc010(flat_copy, wells=["A02"], progress=False)

@@ -166,3 +166,19 @@ def test_save_prediction_checks_everything_before_writing(tmp_path):
         save_prediction(tmp_path / "out", "many", np.zeros((65536, 1, 1), bool))
     paths = save_prediction(tmp_path / "out", "x", masks, np.zeros((3, 4)), probs=np.zeros((1, 3, 4)))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths.values())
+
+
+def test_non_finite_pixels_and_settings_are_refused(tmp_path):
+    import tifffile
+
+    image = np.zeros((2, 4, 5), np.float32)
+    image[1, 2, 3] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", image)
+    with pytest.raises(ValueError, match=r"nan.tif' holds 1 NaN or inf pixels"):
+        read_image(tmp_path / "nan.tif")
+    tifffile.imwrite(tmp_path / "ok.tif", np.zeros((2, 4, 5), np.uint16))
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        read_image(tmp_path / "ok.tif", scale=float("nan"))
+    tifffile.imwrite(tmp_path / "bf.tif", np.zeros((4, 5), np.uint16))
+    with pytest.raises(ValueError, match="fill_missing must be a number in"):
+        read_image(tmp_path / "bf.tif", fill_missing=float("nan"))
