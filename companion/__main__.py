@@ -172,7 +172,11 @@ def _run_train(args: argparse.Namespace) -> int:
               f"continue it or choose another --out", file=sys.stderr)
         return 2
     data = _training_data(args, config.crop_size, config.seed)
-    final = train(config, data, args.out, resume=args.resume, progress=not args.no_progress)
+    try:
+        final = train(config, data, args.out, resume=args.resume, progress=not args.no_progress)
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line, not one per process
         print(f"final checkpoint: {final}")
     return 0

@@ -919,6 +919,9 @@ def _loop(model, optimizer, scaler, loader, config, device, dist_info, net, bar,
                            scaler=scaler, amp_dtype=amp_dtype,
                            disc_weight=0.0 if iteration < config.disc_warmup else 1.0)
         window.append(torch.stack([t.float() for t in terms]))
+        total = float(terms.total)
+        if not math.isfinite(total):  # stop before a poisoned step reaches a checkpoint
+            _stop_non_finite(f"the loss of iteration {iteration + 1} is {total}", optimizer, last_path)
         iteration += 1
         bar.update(1)
         if iteration % config.log_every == 0 or iteration == config.iterations:
@@ -932,11 +935,22 @@ def _loop(model, optimizer, scaler, loader, config, device, dist_info, net, bar,
                                 p=f"{np.mean(rates):.3f}" if rates else "-")
             window, window_start, window_time = [], iteration, time.perf_counter()
         if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+            if not all(torch.isfinite(p).all() for p in net.parameters()):
+                _stop_non_finite(f"the weights after iteration {iteration} are not finite",
+                                 optimizer, last_path)
             _write_checkpoint(model, optimizer, scaler, config, iteration, dist_info, last_path,
                               on_checkpoint)
             if dist_info.is_main and config.snapshot_every and iteration % config.snapshot_every == 0:
                 snapshot = last_path.with_name(f"iter_{iteration:07d}.pt")
                 atomic_write(snapshot, lambda tmp: shutil.copyfile(last_path, tmp))
+
+
+def _stop_non_finite(what: str, optimizer: torch.optim.Optimizer, last_path: Path) -> None:
+    kept = f"{last_path} keeps the last finite checkpoint" if last_path.exists() else \
+        "no checkpoint was written yet"
+    raise FloatingPointError(
+        f"training stopped: {what} (lr {optimizer.param_groups[0]['lr']:g}); {kept}. Lower "
+        f"--lr, keep --grad-clip on, or check the training images for NaN values")
 
 
 def _log_record(window: list[torch.Tensor], iteration: int, window_start: int, window_time: float,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -507,3 +508,19 @@ def test_a_changed_weight_is_caught_by_the_recorded_digest(tmp_path):
     del ckpt["model_sha256"]  # a checkpoint from before the digest still loads
     torch.save(ckpt, tmp_path / "old.pt")
     assert read_checkpoint(tmp_path / "old.pt")["iteration"] == 2
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(tmp_path):
+    from companion.synthetic import make_dataset
+
+    # an absurd learning rate without clipping blows the weights up within a few steps
+    cfg = TrainConfig.preset("quick", iterations=30, checkpoint_every=1, log_every=1, lr=1e12,
+                             grad_clip=0.0)
+    with pytest.raises(FloatingPointError, match=r"keeps the last finite checkpoint") as err:
+        train(cfg, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False)
+    found = re.search(r"the (loss of|weights after) iteration (\d+)", str(err.value))
+    failed = int(found.group(2))  # its loss or the weights after it were not finite
+    kept = read_checkpoint(tmp_path / "last.pt")
+    assert 1 < failed <= 30 and kept["iteration"] == failed - 1 and not (tmp_path / "final.pt").exists()
+    assert all(torch.isfinite(t).all() for t in kept["model"].values())
+    assert "lr 1e+12" in str(err.value)
