@@ -98,7 +98,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from the network weights of this training checkpoint (e.g. a "
                         "baseline run's last.pt, to fine-tune a Concrete Dropout model; not in "
-                        "the paper) instead of a random initialisation")
+                        "the paper) or exported model (companion/pretrained/NAME.pt) instead of "
+                        "a random initialisation")
     p.add_argument("--crop-size", type=_positive_int, default=None,
                    help="side of the square training crops (multiple of 16)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None,

@@ -127,8 +127,9 @@ class TrainConfig:
     channels_last : bool
         Channels-last memory format on CUDA (faster convolutions with tensor cores).
     init_from : str or None
-        Start from the network weights of another run's checkpoint instead of a random
-        initialisation (not in the paper): e.g. a Concrete Dropout model fine-tuned from a
+        Start from the network weights of another run's checkpoint, or of an exported model
+        file (``companion/pretrained/<name>.pt``), instead of a random initialisation (not in
+        the paper): e.g. a Concrete Dropout model fine-tuned from a
         baseline checkpoint, its dropout rates starting at ``init_dropout_rate``. Only the
         weights are taken (not the optimiser, not the iteration count); the architectures
         must agree apart from the dropout layers.
@@ -709,15 +710,40 @@ def _gather_rng(dist_info: DistInfo) -> list[dict]:
     return gathered
 
 
-def init_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
-    """Copy the network weights of a training checkpoint into ``model`` (see ``init_from``).
+#: ``format`` of the weight files that ``scripts/export_pretrained.py`` writes.
+EXPORTED_FORMAT = "companion-pretrained"
 
-    Raises ``ValueError`` (naming the file) when a weight of the checkpoint has no place in
-    ``model``, has another shape, or when ``model`` lacks anything but dropout rates.
+
+def init_source(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(state_dict, model_kwargs)`` of a training checkpoint or of an exported model file.
+
+    An exported ``.pt`` (e.g. ``companion/pretrained/baseline.pt``, float16) lets a fresh
+    machine continue from the committed weights with ``--init-from``; its weights come back
+    as float32.
     """
-    ckpt = read_checkpoint(checkpoint, map_location="cpu")
+    path = Path(path)
+    try:
+        ckpt = read_checkpoint(path, map_location="cpu")
+        return ckpt["model"], ckpt["model_kwargs"]
+    except ValueError as err:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not a torch file at all: report the checkpoint error
+            raise err from None
+        if not isinstance(payload, dict) or payload.get("format") != EXPORTED_FORMAT:
+            raise err from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    return state, payload["model_kwargs"]
+
+
+def init_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Copy the network weights of a training checkpoint or an exported model into ``model``.
+
+    See ``init_from``. Raises ``ValueError`` (naming the file) when a weight of the source has
+    no place in ``model``, has another shape, or when ``model`` lacks anything but dropout rates.
+    """
     target = model.state_dict()
-    source = ckpt["model"]
+    source, _ = init_source(checkpoint)
     unexpected = sorted(set(source) - set(target))
     missing = sorted(k for k in set(target) - set(source) if not k.endswith("p_logit"))
     wrong = sorted(k for k in set(source) & set(target) if source[k].shape != target[k].shape)
@@ -803,7 +829,7 @@ def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathL
             stored = read_checkpoint(saved)["config"]
             mean, std = stored.get("input_mean"), stored.get("input_std")
         else:
-            source = read_checkpoint(config.init_from)["config"] if config.init_from else {}
+            source = init_source(config.init_from)[1] if config.init_from else {}
             mean, std = source.get("input_mean"), source.get("input_std")
             if mean is None:
                 mean, std = channel_statistics(data)

@@ -206,3 +206,22 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
     assert ("| ours, concrete: one deterministic pass, per-component clustering | 0.375 | 0.500 |"
             in text)
     assert text.count(pretrained.training_budget("concrete", shelf)) == 1  # one budget line per model
+
+
+def test_training_can_start_from_an_exported_model(shelf, tmp_path):
+    from companion.synthetic import make_dataset
+    from companion.train import TrainConfig, build_model, init_weights, train
+
+    exported = pretrained.load("concrete", directory=shelf)
+    cfg = TrainConfig.preset("quick", iterations=3, checkpoint_every=3, log_every=1)
+    fresh = build_model(cfg)
+    init_weights(fresh, shelf / "concrete.pt")  # the float16 file: weights come back as float32
+    ours = fresh.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in exported.state_dict().items() if k in ours)
+    final = train(TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1,
+                                     init_from=str(shelf / "concrete.pt")),
+                  make_dataset(2, seed=0, shape=(96, 96)), tmp_path / "run", progress=False)
+    assert final.exists()
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        init_weights(fresh, tmp_path / "junk.pt")

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from ..train import EXPORTED_FORMAT
 
 __all__ = ["NAMES", "PRETRAINED_DIR", "RESULTS_DIR", "MAX_BYTES", "available", "provenance", "load",
            "load_or_train", "results", "training_budget", "export"]
@@ -52,7 +53,7 @@ PRETRAINED_DIR: Path = Path(__file__).resolve().parent
 #: ``pip install`` from PyPI or git has the weights but not the results.
 RESULTS_DIR: Path = PRETRAINED_DIR.parents[1] / "results"
 #: Marker stored in every exported ``.pt``.
-FORMAT = "companion-pretrained"
+FORMAT = EXPORTED_FORMAT  # written by export, read by load and by train(init_from=...)
 #: Largest ``.pt`` that :func:`export` writes (the full U-Net is ~5.5 MB in float16).
 MAX_BYTES = 15 * 1024 * 1024
 
