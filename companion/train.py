@@ -384,7 +384,10 @@ def _init_distributed(device_type: str) -> DistInfo:
 
 def _resolve_device(config: TrainConfig) -> torch.device:
     if config.device is not None:
-        device = torch.device(config.device)
+        try:
+            device = torch.device(config.device)
+        except RuntimeError as err:
+            raise ValueError(f"device {config.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from err
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} requested but CUDA is not available")
         return device
@@ -605,7 +608,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError,
-            ValueError, TypeError) as err:
+            ValueError, TypeError, KeyError, IndexError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path} is not a companion checkpoint that can be loaded safely "
                          f"(torch.load(weights_only=True) refused it: {first_line})") from err

@@ -104,3 +104,15 @@ def test_an_unwritable_out_fails_before_any_work(tmp_path, capsys, command):
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write to the output folder") and str(blocker / "out") in err
     assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_package_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    text = tmp_path / "notes.pt"
+    text.write_text("just some text\n")
+    assert main(["evaluate", "--checkpoint", str(text), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "notes.pt" in err and err.count("\n") == 1
+    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "1", "--device", "banana",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "banana" in err and err.count("\n") == 1
