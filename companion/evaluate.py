@@ -50,6 +50,8 @@ import hashlib
 import io
 import json
 import os
+import warnings
+import zipfile
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
@@ -299,8 +301,10 @@ def _read_cache(path: Path, meta: Mapping[str, Any]) -> WellOutputs | None:
             if json.loads(str(data["meta"])) != json.loads(json.dumps(dict(meta), sort_keys=True)):
                 return None
             return _unpack({key: data[key] for key in ("classes", "embedding", "foreground")})
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
-        return None  # unreadable or foreign: recomputed and overwritten
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        warnings.warn(f"cache file {path} is unreadable ({type(err).__name__}): recomputing it",
+                      stacklevel=2)
+        return None  # recomputed and overwritten
 
 
 def cached_well_outputs(model: nn.Module, samples: Sequence["Sample"], cache_dir: str | os.PathLike | None, *,

@@ -216,8 +216,15 @@ def test_cache_is_reused_and_invalidated(oracle_run, samples):
     assert model.calls > before
     (cache / f"{samples[1].well}.npz").write_bytes(b"not an npz")  # a broken file is recomputed
     calls = model.calls
-    out = cached_well_outputs(model, samples[1:2], cache, draws=4, progress=False)
+    with pytest.warns(UserWarning, match="unreadable.*recomputing"):
+        out = cached_well_outputs(model, samples[1:2], cache, draws=4, progress=False)
     assert model.calls > calls and len(out[samples[1].well].draws) == 4
+    path = cache / f"{samples[1].well}.npz"
+    path.write_bytes(path.read_bytes()[:200])  # truncated zip (BadZipFile): recomputed too
+    calls = model.calls
+    with pytest.warns(UserWarning, match="BadZipFile"):
+        cached_well_outputs(model, samples[1:2], cache, draws=4, progress=False)
+    assert model.calls > calls
     with torch.no_grad():
         model.drop.p_logit += 1.0  # other weights
     calls = model.calls
