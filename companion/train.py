@@ -193,8 +193,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if not isinstance(self.downsample, int) or isinstance(self.downsample, bool) or self.downsample < 1:
-            raise ValueError(f"downsample must be an integer >= 1, got {self.downsample!r}")
         for name in ("lr_warmup", "snapshot_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -207,7 +205,7 @@ class TrainConfig:
         if self.model not in ("concrete", "baseline"):
             raise ValueError(f"model must be 'concrete' or 'baseline', got {self.model!r}")
         for name in ("iterations", "batch_size", "crop_size", "embedding_dim", "base_filters",
-                     "depth", "checkpoint_every", "log_every"):
+                     "depth", "checkpoint_every", "log_every", "downsample"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -717,6 +715,18 @@ def _gather_rng(dist_info: DistInfo) -> list[dict]:
 EXPORTED_FORMAT = "companion-pretrained"
 
 
+def read_exported(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """``(state_dict, model_kwargs)`` of an exported model file, its weights as float32.
+
+    Raises ``ValueError`` naming the file when it is not an exported companion model.
+    """
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != EXPORTED_FORMAT:
+        raise ValueError(f"{path} is not an exported companion model (format {EXPORTED_FORMAT!r} missing)")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    return state, payload["model_kwargs"]
+
+
 def init_source(path: str | os.PathLike) -> tuple[dict, dict]:
     """``(state_dict, model_kwargs)`` of a training checkpoint or of an exported model file.
 
@@ -724,19 +734,14 @@ def init_source(path: str | os.PathLike) -> tuple[dict, dict]:
     machine continue from the committed weights with ``--init-from``; its weights come back
     as float32.
     """
-    path = Path(path)
     try:
         ckpt = read_checkpoint(path, map_location="cpu")
         return ckpt["model"], ckpt["model_kwargs"]
     except ValueError as err:
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # not a torch file at all: report the checkpoint error
+            return read_exported(path)
+        except Exception:  # neither kind: report why it is not a checkpoint
             raise err from None
-        if not isinstance(payload, dict) or payload.get("format") != EXPORTED_FORMAT:
-            raise err from None
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    return state, payload["model_kwargs"]
 
 
 def init_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..train import EXPORTED_FORMAT
+from ..train import EXPORTED_FORMAT, read_exported
 
 __all__ = ["NAMES", "PRETRAINED_DIR", "RESULTS_DIR", "MAX_BYTES", "available", "provenance", "load",
            "load_or_train", "results", "training_budget", "export"]
@@ -131,11 +131,8 @@ def load(name: str, *, directory: str | os.PathLike | None = None,
     if actual != expected:
         raise ValueError(f"{weights}: sha256 {actual} differs from {expected} recorded in "
                          f"{weights.with_suffix('.json').name}; the file is corrupt or was replaced")
-    payload = torch.load(weights, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{weights} is not an exported companion model (format {FORMAT!r} missing)")
-    model = UNet(**payload["model_kwargs"])
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    state, model_kwargs = read_exported(weights, map_location=map_location)
+    model = UNet(**model_kwargs)
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval()
 
