@@ -126,6 +126,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                    help="feed the [0, 1]-scaled images as they are (the paper)")
     p.add_argument("--no-amp", action="store_true",
                    help="train in float32 on CUDA too (default: bf16/fp16 mixed precision)")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="bf16 autocast + channels-last on the CPU (2x faster where the CPU has "
+                        "native bf16, e.g. AVX512-BF16; ~10x slower where it is emulated)")
     p.add_argument("--no-augment", action="store_true",
                    help="plain random crops, no rotations/flips/elastic deformations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -149,6 +152,8 @@ def config_from_args(args: argparse.Namespace):
         overrides["amp"] = False
     if args.no_augment:
         overrides["augment"] = False
+    if args.cpu_bf16:
+        overrides["cpu_bf16"] = True
     return TrainConfig.preset(args.preset, **overrides)
 
 

@@ -524,3 +524,18 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(t
     assert 1 < failed <= 30 and kept["iteration"] == failed - 1 and not (tmp_path / "final.pt").exists()
     assert all(torch.isfinite(t).all() for t in kept["model"].values())
     assert "lr 1e+12" in str(err.value)
+
+
+def test_cpu_bf16_turns_on_autocast_and_channels_last_on_the_cpu(tmp_path):
+    from companion.train import _amp_dtype
+
+    cpu = torch.device("cpu")
+    assert _amp_dtype(TrainConfig.preset("quick"), cpu) is None
+    assert _amp_dtype(TrainConfig.preset("quick", cpu_bf16=True), cpu) is torch.bfloat16
+    data = make_dataset(2, seed=0, shape=(64, 64))
+    config = TrainConfig.preset("quick", iterations=4, cpu_bf16=True, checkpoint_every=2)
+    final = train(config, data, tmp_path / "run", progress=False)
+    ckpt = read_checkpoint(final)
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert ckpt["config"]["cpu_bf16"] is True
