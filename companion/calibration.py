@@ -77,27 +77,55 @@ def foreground_f1(logits: np.ndarray, truth: np.ndarray, shift: float = 0.0) -> 
     return int((mask & truth).sum()), int((mask & ~truth).sum()), int((~mask & truth).sum())
 
 
+def _pass_logits(model: nn.Module, image: np.ndarray, draws: int, seed: int,
+                 device: str | torch.device | None) -> np.ndarray:
+    """``(P, 3, H, W)`` logits: the deterministic pass (``draws == 0``) or ``draws`` MC draws."""
+    from companion.sampling import mc_predict, predict
+
+    if draws == 0:
+        return np.asarray(predict(model, image, device=device).logits)
+    return np.asarray(mc_predict(model, image, n_draws=draws, device=device, seed=seed).logits)
+
+
+def _vote_counts(logits: np.ndarray, truth: np.ndarray, shifts: np.ndarray, agreement: float) -> np.ndarray:
+    """``(len(shifts), 3)`` tp/fp/fn of the pixels foreground in ``>= agreement`` of the passes."""
+    counts = np.zeros((len(shifts), 3))
+    for i, shift in enumerate(shifts):
+        votes = np.mean([_foreground(one, shift) for one in logits], axis=0)
+        mask = votes >= agreement if len(logits) > 1 else votes > 0
+        counts[i] = (mask & truth).sum(), (mask & ~truth).sum(), (~mask & truth).sum()
+    return counts
+
+
 def choose_background_shift(model: nn.Module, samples: Sequence, shifts: Sequence[float] = DEFAULT_SHIFTS, *,
+                            draws: int = 0, agreement: float = 0.75, seed: int = 0,
                             device: str | torch.device | None = None, progress: bool = False) -> ShiftChoice:
     """The shift of the background logit with the best pooled foreground F1 on ``samples``.
 
-    One deterministic pass per sample (:func:`companion.sampling.predict`); ties go to the
-    smaller shift. Use training wells: choosing on the test wells would leak them.
+    With ``draws == 0`` the foreground is that of one deterministic pass per sample
+    (:func:`companion.sampling.predict`). With ``draws > 0`` (a Concrete Dropout model whose
+    Monte-Carlo draws are agglomerated) it is the set of pixels that at least a fraction
+    ``agreement`` of ``draws`` Monte-Carlo draws (:func:`companion.sampling.mc_predict`, seeded
+    with ``seed``) call foreground: the shift is then chosen for the draws it will be applied
+    to, and for the agreement that binarising the agglomeration at ``agreement`` asks of them.
+    Ties go to the smaller shift. Use training wells: choosing on the test wells would leak them.
     """
     from tqdm.auto import tqdm
-
-    from companion.sampling import predict
 
     shifts = np.asarray(shifts, dtype=np.float64)
     if shifts.ndim != 1 or not len(shifts):
         raise ValueError(f"shifts must be a non-empty 1-d sequence, got shape {shifts.shape}")
     if not len(samples):
         raise ValueError("choose_background_shift needs at least one sample")
+    if not isinstance(draws, int) or isinstance(draws, bool) or draws < 0:
+        raise ValueError(f"draws must be an integer >= 0, got {draws!r}")
+    if not 0 < agreement <= 1:
+        raise ValueError(f"agreement must lie in (0, 1], got {agreement!r}")
     counts = np.zeros((len(shifts), 3))
     for sample in tqdm(samples, desc="calibrating the foreground", unit="well", disable=not progress):
-        logits = np.asarray(predict(model, sample.image, device=device).logits[0])
+        logits = _pass_logits(model, sample.image, draws, seed, device)
         truth = np.asarray(sample.instances, bool).any(axis=0)
-        counts += [foreground_f1(logits, truth, s) for s in shifts]
+        counts += _vote_counts(logits, truth, shifts, agreement)
     tp, fp, fn = counts.T
     f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
     best = int(np.argmax(f1))  # the first maximum: the smallest shift among ties

@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="choose a shift of the background logit on the first N validation wells "
                              "(companion.data.VAL_WELLS, held out from training) by the foreground pixel F1 and fold it "
                              "into the weights (companion.calibration; not in the paper). 0: no shift")
+    parser.add_argument("--calibrate-draws", type=int, default=0, metavar="D",
+                        help="with --calibrate: choose the shift on D Monte-Carlo draws per well (the "
+                             "pixels foreground in >= --agreement of them) instead of the deterministic "
+                             "pass; for a Concrete Dropout model whose draws are agglomerated")
+    parser.add_argument("--agreement", type=float, default=0.75,
+                        help="with --calibrate-draws: the fraction of draws that must call a pixel "
+                             "foreground (the binarisation threshold of the agglomeration)")
     parser.add_argument("--data-root", default=None,
                         help="BBBC010 folder for --calibrate (default: $BBBC010_ROOT, else the cache)")
     return parser
@@ -53,9 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         wells = list(VAL_WELLS[:args.calibrate])
         choice = choose_background_shift(load_model(args.checkpoint), load_bbbc010(args.data_root, wells=wells),
-                                         progress=True)
+                                         draws=args.calibrate_draws, agreement=args.agreement, progress=True)
         shift = choice.shift
-        calibration = dict(method="foreground pixel F1 on validation wells", wells=choice.wells,
+        method = "foreground pixel F1 on validation wells"
+        if args.calibrate_draws:
+            method += (f", of the pixels foreground in >= {args.agreement:g} of {args.calibrate_draws} "
+                       f"Monte-Carlo draws (seed 0)")
+        calibration = dict(method=method, wells=choice.wells,
                            shifts=choice.shifts.tolist(), f1=[round(float(f), 5) for f in choice.f1])
         print(f"background shift {shift} (foreground F1 {choice.f1.max():.3f}; "
               f"{choice.f1[0]:.3f} without a shift) on {len(wells)} validation wells")

@@ -53,3 +53,29 @@ def test_shift_changes_only_the_background_logit():
     assert torch.equal(before[:, 1:], after[:, 1:])
     with pytest.raises(ValueError, match="3-class head"):
         shift_background_logit(torch.nn.Linear(2, 2), 1.0)
+
+
+def test_shift_on_mc_draws_asks_for_the_agreement_of_the_binarisation(monkeypatch):
+    samples = make_dataset(1, seed=0, shape=(48, 48))
+    truth = np.asarray(samples[0].instances).any(0)
+    biases = [2.5, 2.5, 2.5, 4.5]  # three draws lean to background by 2.5, one by 4.5
+
+    def fake_mc_predict(model, image, n_draws, device=None, seed=None):
+        assert n_draws == len(biases) and seed == 7
+        logits = np.zeros((n_draws, 3) + truth.shape, np.float32)
+        logits[:, 1][:, truth] = 1.0
+        logits[:, 0] = np.asarray(biases)[:, None, None]
+        return type("Draws", (), {"logits": logits})
+
+    monkeypatch.setattr("companion.sampling.mc_predict", fake_mc_predict)
+    shifts = [0.0, 1.0, 2.0, 3.0, 4.0]
+    # 3 of 4 draws see every worm pixel from shift 2 on (worm 1 > 2.5 - 2); the background stays
+    choice = choose_background_shift(None, samples, shifts, draws=4, agreement=0.75, seed=7)
+    assert choice.shift == 2.0 and choice.f1[2] == pytest.approx(1.0) and choice.f1[1] == 0.0
+    # all 4 must agree: only shift 4 gets the last draw's worm, while its background (4 > 2.5
+    # in three draws only) stays below unanimity
+    assert choose_background_shift(None, samples, shifts, draws=4, agreement=1.0, seed=7).shift == 4.0
+    with pytest.raises(ValueError, match="draws must be"):
+        choose_background_shift(None, samples, shifts, draws=-1)
+    with pytest.raises(ValueError, match="agreement must"):
+        choose_background_shift(None, samples, shifts, draws=4, agreement=0.0)
