@@ -74,9 +74,14 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=("concrete", "baseline"), default=None,
                    help="concrete: U-Net with learned Concrete Dropout rates; baseline: no "
                         "dropout, L2 weight decay (default: the preset's, i.e. concrete)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/last.pt (bit-identical to an uninterrupted run on "
-                        "the CPU); without it an OUT that holds a checkpoint is refused")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from OUT/last.pt (bit-identical to an uninterrupted run on "
+                            "the CPU); without it (or --overwrite) an OUT that holds a run's files "
+                            "(last.pt, final.pt, log.jsonl, iter_N.pt) is refused")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an OUT that holds an earlier run, removing its "
+                            "last.pt, final.pt, log.jsonl and iter_N.pt first")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data-root", type=Path, default=None,
                         help="folder with the BBBC010 copy (default: $BBBC010_ROOT, else the "
@@ -170,16 +175,20 @@ def _training_data(args: argparse.Namespace, crop_size: int, seed: int) -> list:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from companion.train import train
+    from companion.train import _existing_run_files, train
 
     config = config_from_args(args)
-    if (args.out / "last.pt").exists() and not args.resume:
-        print(f"error: {args.out} already holds a training run (last.pt); add --resume to "
-              f"continue it or choose another --out", file=sys.stderr)
+    found = [p.name for p in _existing_run_files(args.out)]
+    if found and not (args.resume or args.overwrite):  # before loading the data
+        hint = "add --resume to continue it, --overwrite to replace it" if "last.pt" in found else \
+            "add --overwrite to replace it (there is no last.pt to --resume from)"
+        print(f"error: {args.out} already holds a training run ({', '.join(found)}); {hint}, or "
+              f"choose another --out", file=sys.stderr)
         return 2
     data = _training_data(args, config.crop_size, config.seed)
     try:
-        final = train(config, data, args.out, resume=args.resume, progress=not args.no_progress)
+        final = train(config, data, args.out, resume=args.resume, overwrite=args.overwrite,
+                      progress=not args.no_progress)
     except FloatingPointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

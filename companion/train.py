@@ -28,11 +28,13 @@ Design decisions
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import random
 import shutil
+import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -63,6 +65,8 @@ __all__ = [
     "load_model",
     "read_checkpoint",
     "read_log",
+    "RunFolderBusyError",
+    "check_map_location",
     "CHECKPOINT_FORMAT",
 ]
 
@@ -596,6 +600,31 @@ def _restore_rng(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_map_location(map_location: str | torch.device) -> None:
+    """Refuse a ``map_location`` this machine cannot load onto, before any file is read.
+
+    Without it ``torch.load`` fails on a CUDA location of a machine without CUDA with an error
+    that reads as if the file were broken.
+
+    Examples
+    --------
+    >>> check_map_location("cpu")
+    >>> check_map_location("banana")
+    Traceback (most recent call last):
+    ...
+    ValueError: map_location 'banana' is not a torch device (cpu, cuda, cuda:1, ...)
+    """
+    if not isinstance(map_location, (str, torch.device)):
+        return  # a dict or a callable: torch's own remapping, passed through
+    try:
+        device = torch.device(map_location)
+    except RuntimeError as err:
+        raise ValueError(f"map_location {map_location!r} is not a torch device (cpu, cuda, cuda:1, ...)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location {str(map_location)!r} asks for a GPU, but CUDA is not available "
+                         f"on this machine: use 'cpu'")
+
+
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
     """Read and validate a training checkpoint without executing any pickle.
 
@@ -613,6 +642,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_map_location(map_location)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError,
@@ -728,13 +758,29 @@ EXPORTED_FORMAT = "companion-pretrained"
 def read_exported(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
     """``(state_dict, model_kwargs)`` of an exported model file, its weights as float32.
 
-    Raises ``ValueError`` naming the file when it is not an exported companion model.
+    Raises ``ValueError`` naming the file when it is not an exported companion model (also a
+    truncated or otherwise unreadable one), and one saying so when ``map_location`` is a GPU
+    but CUDA is not available.
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    import pickle
+
+    check_map_location(map_location)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError,
+            KeyError, IndexError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable exported companion model (truncated or corrupt? "
+                         f"torch.load(weights_only=True) refused it: {first_line})") from err
     if not isinstance(payload, dict) or payload.get("format") != EXPORTED_FORMAT:
         raise ValueError(f"{path} is not an exported companion model (format {EXPORTED_FORMAT!r} missing)")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    return state, payload["model_kwargs"]
+    weights, kwargs = payload.get("state_dict"), payload.get("model_kwargs")
+    if not isinstance(weights, dict) or not isinstance(kwargs, dict) or \
+            not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{path} is not an exported companion model: it lacks a state_dict of "
+                         f"tensors or its model_kwargs")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    return state, kwargs
 
 
 def init_source(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -797,8 +843,114 @@ def _trim_log(log_path: Path, iteration: int) -> None:
     atomic_write_bytes(log_path, "".join(line + "\n" for line in kept).encode())
 
 
+class RunFolderBusyError(OSError):
+    """Another training process holds the run folder's lock (``OUT/.lock``)."""
+
+
+#: The lock file of a run folder (see :func:`lock_run_folder`).
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def lock_run_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on ``out_dir`` (created if needed) while the block runs.
+
+    The lock is an :func:`fcntl.flock` on ``out_dir/.lock``, which records the holder's pid and
+    host. The operating system drops it when the holder exits, also when it crashes or is
+    killed, so a stale lock file never blocks a later run. Where the file system cannot lock
+    (some network or FUSE mounts, Windows) the run goes on with a warning.
+
+    Raises
+    ------
+    RunFolderBusyError
+        Another process holds the lock (names the folder and, when recorded, its pid).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> with lock_run_folder(folder):
+    ...     with lock_run_folder(folder):  # doctest: +ELLIPSIS
+    ...         pass
+    Traceback (most recent call last):
+    ...
+    companion.train.RunFolderBusyError: ... is in use by another training process (pid ...
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        warnings.warn(f"cannot lock {out_dir} on this platform: make sure no other training writes "
+                      f"there", stacklevel=4)
+        yield path
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = os.read(fd, 200).decode(errors="replace").split()
+                who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") \
+                    if holder else "pid not recorded yet"
+                raise RunFolderBusyError(
+                    f"{out_dir} is in use by another training process ({who}; lock file "
+                    f"{path}): wait for it to finish or stop it, or choose another folder") from None
+            warnings.warn(f"cannot lock {out_dir} ({err.strerror or err}): make sure no other "
+                          f"training writes there", stacklevel=4)
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        yield path
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a waiting run)
+
+
+#: Files of a run in its folder, besides the ``iter_<N>.pt`` snapshots.
+_RUN_FILES = ("last.pt", "final.pt", "log.jsonl")
+
+
+def _existing_run_files(out_dir: Path) -> list[Path]:
+    found = [out_dir / name for name in _RUN_FILES if (out_dir / name).exists()]
+    return found + sorted(out_dir.glob("iter_*.pt"))
+
+
+def _prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse (or, with ``overwrite``, clear) an earlier run's files; drop stale temporary files.
+
+    Called on rank 0 while it holds the folder's lock, so no other run is writing there.
+    """
+    # a writer killed between filling its temporary file and the rename (see companion._io)
+    stale = sorted(p for pattern in (".last.pt.*.tmp", ".final.pt.*.tmp", ".log.jsonl.*.tmp",
+                                     ".iter_*.pt.*.tmp") for p in out_dir.glob(pattern))
+    for path in stale:
+        path.unlink()
+    if stale:
+        warnings.warn(f"removed {len(stale)} unfinished temporary file(s) of an interrupted run "
+                      f"from {out_dir}: {', '.join(p.name for p in stale)}", stacklevel=3)
+    if resume:
+        return
+    found = _existing_run_files(out_dir)
+    if found and overwrite:
+        for path in found:
+            path.unlink()
+        warnings.warn(f"overwrite: removed the earlier run's {', '.join(p.name for p in found)} "
+                      f"from {out_dir}", stacklevel=3)
+    elif (out_dir / "last.pt").exists():
+        raise FileExistsError(f"{out_dir} already holds a checkpoint (last.pt); pass resume=True "
+                              f"(--resume) to continue it, overwrite=True (--overwrite) to replace "
+                              f"it, or choose another folder")
+    elif found:
+        raise FileExistsError(f"{out_dir} already holds files of another run "
+                              f"({', '.join(p.name for p in found)}) but no last.pt to resume from; "
+                              f"pass overwrite=True (--overwrite) to replace them, or choose "
+                              f"another folder")
+
+
 def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathLike, *,
-          resume: bool = False, progress: bool = True,
+          resume: bool = False, overwrite: bool = False, progress: bool = True,
           on_checkpoint: Callable[[int, Path], None] | None = None) -> Path:
     """Train a U-Net; returns the path of the final checkpoint ``out_dir/final.pt``.
 
@@ -815,7 +967,11 @@ def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathL
         term over those iterations, every layer's dropout rate, iterations/s).
     resume : bool
         Continue from ``out_dir/last.pt`` (starts afresh, with a warning, if there is none).
-        Without it an ``out_dir`` that already holds a checkpoint is refused.
+        Without it an ``out_dir`` that already holds a run's files (``last.pt``, ``final.pt``,
+        ``log.jsonl``, ``iter_<N>.pt``) is refused with ``FileExistsError``.
+    overwrite : bool
+        Start afresh in an ``out_dir`` that holds an earlier run: its files are removed first
+        (with a warning naming them). Not together with ``resume``.
     progress : bool
         Show a tqdm progress bar (loss and mean dropout rate).
     on_checkpoint : callable, optional
@@ -827,6 +983,9 @@ def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathL
     Seeds the global Python, NumPy and torch random generators from ``config.seed``. Under
     ``torchrun`` (``WORLD_SIZE > 1``) it joins the process group, wraps the model in
     :class:`~torch.nn.parallel.DistributedDataParallel` and leaves the group at the end.
+
+    The main process holds :func:`lock_run_folder` on ``out_dir`` for the whole run: a second
+    training into the same folder raises :class:`RunFolderBusyError` naming the holder's pid.
 
     Examples
     --------
@@ -840,6 +999,8 @@ def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathL
     """
     if len(data) == 0:
         raise ValueError("train() needs at least one training sample, got an empty sequence")
+    if resume and overwrite:
+        raise ValueError("pass resume=True (continue the run) or overwrite=True (replace it), not both")
     out_dir = Path(out_dir)
     if config.standardize and config.input_mean is None:
         saved = out_dir / "last.pt"
@@ -855,7 +1016,10 @@ def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathL
     device = _resolve_device(config)
     dist_info = _init_distributed(device.type)
     try:
-        return _train(config, data, out_dir, device, dist_info, resume, progress, on_checkpoint)
+        with lock_run_folder(out_dir) if dist_info.is_main else contextlib.nullcontext():
+            if dist_info.is_main:
+                _prepare_run_folder(out_dir, resume, overwrite)
+            return _train(config, data, out_dir, device, dist_info, resume, progress, on_checkpoint)
     finally:
         if dist_info.initialized_here:
             import torch.distributed as dist
@@ -872,11 +1036,6 @@ def _train(config: TrainConfig, data: Sequence["Sample"], out_dir: Path, device:
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
     last_path, final_path, log_path = out_dir / "last.pt", out_dir / "final.pt", out_dir / "log.jsonl"
-    if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and last_path.exists():
-            raise FileExistsError(f"{out_dir} already holds a checkpoint ({last_path.name}); "
-                                  f"pass resume=True (--resume) or choose another folder")
 
     random.seed(config.seed)
     np.random.seed(config.seed % 2**32)
@@ -917,10 +1076,11 @@ def _train(config: TrainConfig, data: Sequence["Sample"], out_dir: Path, device:
                               f"{config.iterations}: nothing to train (raise --iterations to "
                               f"continue); final.pt is that checkpoint", stacklevel=3)
     elif resume and dist_info.is_main:
-        warnings.warn(f"resume requested but {last_path} does not exist: starting afresh",
+        dropped = " (dropping the records of its log.jsonl, which no checkpoint kept)" \
+            if log_path.exists() else ""
+        _trim_log(log_path, 0)  # the run repeats those iterations
+        warnings.warn(f"resume requested but {last_path} does not exist: starting afresh{dropped}",
                       stacklevel=3)
-    if not resume and dist_info.is_main and log_path.exists():
-        log_path.unlink()
 
     if dist_info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(

@@ -116,3 +116,28 @@ def test_package_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
                  "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "banana" in err and err.count("\n") == 1
+
+
+def test_an_earlier_log_needs_overwrite_and_a_locked_out_is_one_line(tmp_path, capsys):
+    from companion.train import lock_run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"iteration": 1, "total": 2.0}\n')
+    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "log.jsonl" in err and "--overwrite" in err and err.count("\n") == 1
+    assert (out / "log.jsonl").read_text() == '{"iteration": 1, "total": 2.0}\n'
+    with pytest.raises(SystemExit):  # continue and replace at once: a usage error
+        build_parser().parse_args(["train", "--out", "x", "--resume", "--overwrite"])
+    with pytest.warns(UserWarning, match="overwrite: removed"):
+        assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "1", "--overwrite",
+                     "--out", str(out)]) == 0
+    assert [r["iteration"] for r in read_log(out)] == [1]
+    capsys.readouterr()
+    with lock_run_folder(out):  # another training holds the folder
+        assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "2", "--resume",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} is in use by another training process (pid {os.getpid()}")
+    assert err.count("\n") == 1

@@ -539,3 +539,114 @@ def test_cpu_bf16_turns_on_autocast_and_channels_last_on_the_cpu(tmp_path):
     assert ckpt["iteration"] == 4
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert ckpt["config"]["cpu_bf16"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# one run per folder: the lock, earlier runs' files, an interrupted checkpoint write
+# --------------------------------------------------------------------------------------------
+HOLD_LOCK_SCRIPT = textwrap.dedent("""
+    import sys
+    from companion.train import lock_run_folder
+
+    with lock_run_folder(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.read()  # hold it until the test closes stdin or kills this process
+""")
+
+
+def test_a_second_training_into_a_locked_folder_is_refused_naming_the_holder(tmp_path, tiny_data):
+    from companion.train import RunFolderBusyError
+
+    script, out = tmp_path / "hold.py", tmp_path / "run"
+    script.write_text(HOLD_LOCK_SCRIPT)
+    holder = subprocess.Popen([sys.executable, str(script), str(out)], env=SUBPROCESS_ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked", holder.communicate(timeout=60)[1]
+        expected = rf"{re.escape(str(out))} is in use by another training process \(pid {holder.pid} "
+        with pytest.raises(RunFolderBusyError, match=expected):
+            train(tiny_config(), tiny_data, out, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written, nothing removed
+    finally:
+        holder.kill()  # like a crash: the operating system drops the lock
+        holder.wait(timeout=60)
+    assert read_checkpoint(train(tiny_config(), tiny_data, out, progress=False))["iteration"] == 4
+
+
+def test_the_lock_is_released_when_a_run_ends_or_fails(tmp_path, tiny_data):
+    from companion.train import lock_run_folder
+
+    out = tmp_path / "run"
+    train(tiny_config(), tiny_data, out, progress=False)
+    with pytest.raises(ValueError, match="architecture"):  # fails inside the locked section
+        train(tiny_config(base_filters=3, iterations=6), tiny_data, out, resume=True, progress=False)
+    with lock_run_folder(out) as lock:  # free again: this process takes it
+        assert lock.read_text().split()[0] == str(os.getpid())
+
+
+def test_a_fresh_run_refuses_an_earlier_log_unless_told_to_overwrite(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    out.mkdir()
+    earlier = json.dumps({"iteration": 7, "total": 1.5}) + "\n"
+    (out / "log.jsonl").write_text(earlier)
+    with pytest.raises(FileExistsError, match=r"log\.jsonl.*no last\.pt.*overwrite=True"):
+        train(tiny_config(), tiny_data, out, progress=False)
+    assert (out / "log.jsonl").read_text() == earlier  # nothing lost
+    with pytest.raises(ValueError, match="not both"):
+        train(tiny_config(), tiny_data, out, resume=True, overwrite=True, progress=False)
+    with pytest.warns(UserWarning, match=r"overwrite: removed the earlier run's log\.jsonl"):
+        train(tiny_config(), tiny_data, out, overwrite=True, progress=False)
+    assert [r["iteration"] for r in read_log(out)] == [2, 4]
+    # a finished run (last.pt, final.pt) is replaced as a whole, so --resume cannot mix the two
+    with pytest.warns(UserWarning, match=r"last\.pt, final\.pt, log\.jsonl"):
+        train(tiny_config(iterations=2), tiny_data, out, overwrite=True, progress=False)
+    assert read_checkpoint(out / "final.pt")["iteration"] == 2
+    assert [r["iteration"] for r in read_log(out)] == [2]
+
+
+def test_resume_without_a_checkpoint_drops_the_log_it_would_repeat(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps({"iteration": 1, "total": -1.0}) + "\n")
+    with pytest.warns(UserWarning, match="starting afresh.*dropping the records of its log.jsonl"):
+        train(tiny_config(), tiny_data, out, resume=True, progress=False)
+    assert [r["iteration"] for r in read_log(out)] == [2, 4]
+
+
+def test_a_kill_between_a_checkpoints_temp_file_and_its_rename_keeps_the_previous_one(
+        tmp_path, tiny_data, monkeypatch):
+    import companion._io
+
+    config = tiny_config(iterations=6, log_every=1)
+    whole = train(config, tiny_data, tmp_path / "whole", progress=False)
+    out = tmp_path / "broken"
+    real_replace = os.replace
+    renamed = []
+
+    class Killed(BaseException):
+        pass
+
+    def dying_replace(src, dst):
+        if Path(dst).name == "last.pt":
+            renamed.append(int(torch.load(src, weights_only=True)["iteration"]))
+            if len(renamed) == 2:  # iteration 4's checkpoint is complete in its temp file
+                os.link(src, Path(dst).with_name(".last.pt.killed.tmp"))  # what a kill leaves
+                raise Killed
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(companion._io.os, "replace", dying_replace)
+        with pytest.raises(Killed):
+            train(config, tiny_data, out, progress=False)
+    assert renamed == [2, 4]
+    assert read_checkpoint(out / "last.pt")["iteration"] == 2  # intact, its sha256 verified
+    assert not (out / "final.pt").exists() and (out / ".last.pt.killed.tmp").exists()
+    with pytest.warns(UserWarning, match=r"removed 1 unfinished temporary file.*\.last\.pt\.killed\.tmp"):
+        final = train(config, tiny_data, out, resume=True, progress=False)
+    assert not (out / ".last.pt.killed.tmp").exists()
+    assert [r["iteration"] for r in read_log(out)] == [1, 2, 3, 4, 5, 6]
+    a, b = read_checkpoint(whole), read_checkpoint(final)
+    assert b["iteration"] == 6
+    for key in a["model"]:  # continued from iteration 2 exactly as if never interrupted
+        assert torch.equal(a["model"][key], b["model"][key]), key
