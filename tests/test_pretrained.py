@@ -225,3 +225,57 @@ def test_training_can_start_from_an_exported_model(shelf, tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
         init_weights(fresh, tmp_path / "junk.pt")
+
+
+def _copy_with(shelf, folder, payload=None, weights=None):
+    """A copy of the shelf's concrete model whose .pt is replaced; its .json records the new sha256."""
+    if payload is not None:
+        torch.save(payload, folder / "concrete.pt")
+    else:
+        (folder / "concrete.pt").write_bytes(weights)
+    record = json.loads((shelf / "concrete.json").read_text())
+    record["sha256"] = hashlib.sha256((folder / "concrete.pt").read_bytes()).hexdigest()
+    (folder / "concrete.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_a_truncated_or_foreign_weights_file_is_a_value_error_naming_it(shelf, tmp_path):
+    data = (shelf / "concrete.pt").read_bytes()
+    _copy_with(shelf, tmp_path, weights=data[: len(data) // 2])  # truncated, but signed as such
+    with pytest.raises(ValueError, match=r"concrete\.pt is not a readable exported companion model \(truncated"):
+        pretrained.load("concrete", directory=tmp_path)
+    payload = torch.load(shelf / "concrete.pt", weights_only=True)
+    payload["model_kwargs"] = {**payload["model_kwargs"], "base_filters": 7}  # another architecture
+    _copy_with(shelf, tmp_path, payload=payload)
+    with pytest.raises(ValueError, match=r"concrete\.pt: its weights do not fit the architecture"):
+        pretrained.load("concrete", directory=tmp_path)
+    _copy_with(shelf, tmp_path, payload={"format": pretrained.FORMAT, "model_kwargs": {}})
+    with pytest.raises(ValueError, match=r"concrete\.pt is not an exported companion model: it lacks"):
+        pretrained.load("concrete", directory=tmp_path)
+
+
+def test_a_corrupt_provenance_file_is_a_value_error_naming_it(shelf, tmp_path):
+    (tmp_path / "concrete.pt").write_bytes((shelf / "concrete.pt").read_bytes())
+    (tmp_path / "concrete.json").write_text((shelf / "concrete.json").read_text()[:40])  # truncated
+    for call in (pretrained.load, pretrained.provenance):
+        with pytest.raises(ValueError, match=r"concrete\.json is not a readable provenance record"):
+            call("concrete", directory=tmp_path)
+    (tmp_path / "concrete.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"concrete\.json is not a provenance record: .* list"):
+        pretrained.load("concrete", directory=tmp_path)
+
+
+def test_a_gpu_location_without_cuda_says_so_and_does_not_blame_the_file(shelf, run_dir, monkeypatch):
+    from companion.train import read_checkpoint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for location in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        with pytest.raises(ValueError, match="CUDA is not available") as err:
+            pretrained.load("concrete", directory=shelf, map_location=location)
+        assert "concrete.pt" not in str(err.value) and "corrupt" not in str(err.value)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        pretrained.load_or_train("concrete", directory=shelf, device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):  # a training checkpoint too
+        read_checkpoint(run_dir / "final.pt", map_location="cuda")
+    with pytest.raises(ValueError, match="'banana' is not a torch device"):
+        pretrained.load("concrete", directory=shelf, map_location="banana")

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..train import EXPORTED_FORMAT, read_exported
+from ..train import EXPORTED_FORMAT, check_map_location, read_exported
 
 __all__ = ["NAMES", "PRETRAINED_DIR", "RESULTS_DIR", "MAX_BYTES", "available", "provenance", "load",
            "load_or_train", "results", "training_budget", "export"]
@@ -90,10 +90,21 @@ def _paths(name: str, directory: str | os.PathLike | None) -> tuple[Path, Path]:
 
 
 def provenance(name: str, directory: str | os.PathLike | None = None) -> dict:
-    """The provenance record ``<name>.json`` of a pretrained model (see the module docstring)."""
+    """The provenance record ``<name>.json`` of a pretrained model (see the module docstring).
+
+    Raises ``ValueError`` naming the file when it is not a JSON object (e.g. truncated).
+    """
     _, info = _paths(name, directory)
-    with open(info) as handle:
-        return json.load(handle)
+    try:
+        with open(info, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{info} is not a readable provenance record (corrupt or truncated JSON: "
+                         f"{err})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{info} is not a provenance record: it holds a JSON "
+                         f"{type(record).__name__}, not an object")
+    return record
 
 
 def _sha256(path: Path) -> str:
@@ -119,12 +130,15 @@ def load(name: str, *, directory: str | os.PathLike | None = None,
     ------
     ValueError
         Unknown name (lists the available ones); a ``.pt`` whose sha256 differs from the one
-        recorded in its ``.json`` (names the file), or that is not an exported model.
+        recorded in its ``.json``, that cannot be read (truncated), that is not an exported
+        model or whose weights do not fit its architecture, or a corrupt ``.json`` (each names
+        the file); ``map_location`` on a GPU where CUDA is not available (says so).
     FileNotFoundError
         The files are missing (explains how to train and export a model).
     """
     from companion.model import UNet
 
+    check_map_location(map_location)  # before the files: a missing GPU is not a broken file
     weights, _ = _paths(name, directory)
     expected = provenance(name, directory).get("sha256")
     actual = _sha256(weights)
@@ -132,8 +146,13 @@ def load(name: str, *, directory: str | os.PathLike | None = None,
         raise ValueError(f"{weights}: sha256 {actual} differs from {expected} recorded in "
                          f"{weights.with_suffix('.json').name}; the file is corrupt or was replaced")
     state, model_kwargs = read_exported(weights, map_location=map_location)
-    model = UNet(**model_kwargs)
-    model.load_state_dict(state, strict=True)
+    try:
+        model = UNet(**model_kwargs)
+        model.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"{weights}: its weights do not fit the architecture {model_kwargs} it "
+                         f"records (another model's file?): {detail}") from err
     return model.to(map_location).eval()
 
 
