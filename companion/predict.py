@@ -77,10 +77,18 @@ def predict_instances(model: nn.Module, image: np.ndarray, *, bandwidth: float, 
         Seed of the dropout masks (and of the ``max_points`` subset).
     device : str or torch.device, optional
         Where the network runs (default: the model's device).
+
+    Raises
+    ------
+    ValueError
+        ``image`` is not ``(2, H, W)`` with ``H, W >= 1`` (the message gives its shape), holds
+        NaN or infinite values, or ``draws`` does not fit the model.
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3 or image.shape[0] != 2 or min(image.shape[1:]) < 1:
-        raise ValueError(f"image must be a (2, H, W) array with H, W >= 1, got shape {image.shape}")
+        raise ValueError(f"image has shape {image.shape}, but the model expects a (2, H, W) array "
+                         f"with H, W >= 1: 2 channels, w1 fluorescence then w2 brightfield "
+                         f"(companion.userdata.read_image builds one from your files)")
     if not np.isfinite(image).all():
         raise ValueError("image holds NaN or infinite values")
     if draws < 0:

@@ -52,7 +52,7 @@ def read_array(path: PathLike) -> np.ndarray:
     FileNotFoundError
         ``path`` does not exist (names it).
     ValueError
-        The file cannot be decoded (names it).
+        The file cannot be decoded, e.g. it is truncated (names it), or holds NaN / inf pixels.
     """
     path = Path(path)
     if not path.is_file():
@@ -68,7 +68,9 @@ def read_array(path: PathLike) -> np.ndarray:
             with Image.open(path) as im:
                 array = np.asarray(im)
     except Exception as err:  # the readers raise many types for broken files
-        raise ValueError(f"cannot read image {str(path)!r}: {err}") from err
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read image {str(path)!r}: the file is truncated or unreadable "
+                         f"({detail})") from err
     if array.dtype.kind in "fc" and not np.isfinite(array).all():
         raise ValueError(f"image {str(path)!r} holds {int((~np.isfinite(array)).sum())} NaN or inf pixels")
     return array
@@ -83,6 +85,13 @@ def _channels_first(array: np.ndarray, path: Path) -> np.ndarray:
         f"{str(path)!r} has shape {array.shape}; expected a two-channel image (2, H, W) or (H, W, 2) "
         f"with w1 fluorescence first and w2 brightfield second, or pass the two channels as a pair of "
         f"single-channel files (w1_path, w2_path). A single-channel (H, W) file needs fill_missing=...")
+
+
+def _non_empty(image: np.ndarray, source: PathLike | Sequence[PathLike]) -> np.ndarray:
+    if min(image.shape[1:]) < 1:
+        name = str(source) if isinstance(source, (str, os.PathLike)) else ", ".join(map(str, source))
+        raise ValueError(f"{name!r} holds an empty image of shape {image.shape[1:]} (H or W is 0)")
+    return image
 
 
 def _single(path: PathLike) -> np.ndarray:
@@ -119,8 +128,9 @@ def read_image(source: PathLike | Sequence[PathLike], *, scale: float | Sequence
     Raises
     ------
     ValueError
-        A shape that is not one of the above (the message names the file and its shape), two
-        channel files of different shapes, or an unreadable file.
+        A shape that is not one of the above, an empty image (H or W is 0) (the message names
+        the file and its shape), two channel files of different shapes, or an unreadable file
+        (a truncated one: "truncated or unreadable", naming it).
 
     Examples
     --------
@@ -146,9 +156,10 @@ def read_image(source: PathLike | Sequence[PathLike], *, scale: float | Sequence
             if not (np.isfinite(fill_missing) and 0 <= fill_missing <= 1):
                 raise ValueError(f"fill_missing must be a number in [0, 1], got {fill_missing!r}")
             brightfield = _scaled(array, divisors[1])
-            return np.stack([np.full_like(brightfield, np.float32(fill_missing)), brightfield])
+            image = np.stack([np.full_like(brightfield, np.float32(fill_missing)), brightfield])
+            return _non_empty(image, path)
         array = _channels_first(array, path)
-        return np.stack([_scaled(array[c], divisors[c]) for c in range(2)])
+        return _non_empty(np.stack([_scaled(array[c], divisors[c]) for c in range(2)]), path)
     paths = [Path(p) for p in source]
     if len(paths) != 2:
         raise ValueError(f"expected a path or a pair (w1_path, w2_path), got {len(paths)} paths")
@@ -156,7 +167,7 @@ def read_image(source: PathLike | Sequence[PathLike], *, scale: float | Sequence
     if raws[0].shape != raws[1].shape:
         raise ValueError(f"channel files differ in shape: {str(paths[0])!r} {raws[0].shape} vs "
                          f"{str(paths[1])!r} {raws[1].shape}")
-    return np.stack([_scaled(raw, d) for raw, d in zip(raws, divisors)])
+    return _non_empty(np.stack([_scaled(raw, d) for raw, d in zip(raws, divisors)]), paths)
 
 
 def read_instances(source: PathLike | Sequence[PathLike], shape: tuple[int, int]) -> np.ndarray:

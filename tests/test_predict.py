@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -39,8 +40,12 @@ def test_mc_prediction_returns_probabilities_that_binarise_to_the_masks(tiny_con
     assert np.array_equal(result.probabilities >= np.float16(0.6), result.masks)
 
 
-@pytest.mark.parametrize("bad, match", [(np.zeros((3, 8, 8)), "shape"), (np.zeros((2, 0, 8)), "shape"),
-                                        (np.full((2, 8, 8), np.nan), "NaN")])
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((3, 8, 8)), r"shape \(3, 8, 8\), but the model expects a \(2, H, W\) array.*2 channels"),
+    (np.zeros((8, 8, 2)), r"shape \(8, 8, 2\), but the model expects a \(2, H, W\)"),
+    (np.zeros((2, 0, 8)), r"shape \(2, 0, 8\), but the model expects .* H, W >= 1"),
+    (np.zeros((2, 0, 0)), r"shape \(2, 0, 0\)"), (np.zeros((0,)), r"shape \(0,\)"),
+    (np.full((2, 8, 8), np.nan), "NaN")])
 def test_bad_images_are_refused(tiny_concrete, bad, match):
     with pytest.raises(ValueError, match=match):
         predict_instances(tiny_concrete, bad, bandwidth=1.0, threshold=1.0)
@@ -73,3 +78,30 @@ def test_predict_command_names_an_unknown_row(bbbc010_root, tmp_path, capsys):
     assert main(["predict", "--pretrained", "baseline", "--row", "nope", "--wells", "C03",
                  "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["three channels", "rgb", "empty", "truncated"])
+def test_predict_command_refuses_an_unusable_image_file_in_one_line(tmp_path, capsys, case):
+    import tifffile
+
+    path = tmp_path / f"{case.replace(' ', '_')}.tif"
+    if case == "three channels":
+        tifffile.imwrite(path, np.zeros((3, 12, 16), np.uint16), photometric="minisblack")
+        expected = r"\(3, 12, 16\); expected a two-channel image"
+    elif case == "rgb":
+        tifffile.imwrite(path, np.zeros((12, 16, 3), np.uint8), photometric="rgb")
+        expected = r"\(12, 16, 3\); expected a two-channel image"
+    elif case == "empty":
+        with pytest.warns(UserWarning):  # tifffile: a zero-size array makes a nonconformant TIFF
+            tifffile.imwrite(path, np.zeros((2, 0, 16), np.uint16), photometric="minisblack")
+        expected = r"empty image of shape \(0, 16\)"
+    else:
+        tifffile.imwrite(path, np.zeros((2, 64, 80), np.uint16), photometric="minisblack")
+        path.write_bytes(path.read_bytes()[:5000])
+        expected = "the file is truncated or unreadable"
+    assert main(["predict", "--pretrained", "baseline", "--images", str(path),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and path.name in err and err.count("\n") == 1, err
+    assert re.search(expected, err), err
+    assert not list((tmp_path / "out").glob("*.npz"))

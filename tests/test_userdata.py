@@ -182,3 +182,29 @@ def test_non_finite_pixels_and_settings_are_refused(tmp_path):
     tifffile.imwrite(tmp_path / "bf.tif", np.zeros((4, 5), np.uint16))
     with pytest.raises(ValueError, match="fill_missing must be a number in"):
         read_image(tmp_path / "bf.tif", fill_missing=float("nan"))
+
+
+def test_a_truncated_file_is_named_as_truncated_or_unreadable(tmp_path):
+    tifffile.imwrite(tmp_path / "cut.tif", np.zeros((2, 64, 80), np.uint16), photometric="minisblack")
+    whole = (tmp_path / "cut.tif").read_bytes()
+    for size in (len(whole) // 2, 100, 7):
+        (tmp_path / "cut.tif").write_bytes(whole[:size])
+        with pytest.raises(ValueError, match=r"cannot read image '.*cut\.tif': the file is truncated or unreadable"):
+            read_image(tmp_path / "cut.tif")
+    noise = np.random.default_rng(0).integers(0, 256, (40, 50)).astype(np.uint8)  # incompressible
+    Image.fromarray(noise).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cut\.png': the file is truncated or unreadable"):
+        read_image(tmp_path / "cut.png", fill_missing=0.0)
+
+
+def test_an_empty_image_is_refused_naming_the_file_and_shape(tmp_path):
+    with pytest.warns(UserWarning):  # tifffile: a zero-size array makes a nonconformant TIFF
+        tifffile.imwrite(tmp_path / "none.tif", np.zeros((2, 0, 5), np.uint16), photometric="minisblack")
+        tifffile.imwrite(tmp_path / "flat.tif", np.zeros((0, 5), np.uint16), photometric="minisblack")
+    with pytest.raises(ValueError, match=r"none\.tif' holds an empty image of shape \(0, 5\)"):
+        read_image(tmp_path / "none.tif")
+    with pytest.raises(ValueError, match=r"flat\.tif' holds an empty image of shape \(0, 5\)"):
+        read_image(tmp_path / "flat.tif", fill_missing=0.0)
+    with pytest.raises(ValueError, match=r"flat\.tif, .*flat\.tif' holds an empty image"):
+        read_image([tmp_path / "flat.tif", tmp_path / "flat.tif"])
