@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
 
-#: The book's repository. Forks: change it here, in ``_config.yml`` and run
-#: ``python scripts/nbtools.py --set-repo URL`` to update every chapter.
+#: The placeholder repository of a fresh checkout. ``python scripts/nbtools.py --set-repo URL``
+#: points ``_config.yml`` (the Colab launch button) and every chapter's set-up cell at ``URL``;
+#: the GitHub Pages workflow runs it with the repository it builds.
 REPO_URL = "https://github.com/your-org/probabilistic-instance-segmentation-book"
+
+#: The line of the set-up cell that names the repository.
+_REPO_LINE = re.compile(r'^REPO = "[^"\n]*"$', re.MULTILINE)
 
 COLAB_CELL = f'''# Set-up: in Colab this clones the book's repository (the chapters read its results/ folder)
 # and installs the `companion` package from it; locally (after the README's set-up) both are there.
@@ -48,6 +53,11 @@ if DEVICE.type == "cpu":
           "In Colab, choose Runtime > Change runtime type > GPU for the full one.")'''
 
 
+def setup_cell_source(url: str = REPO_URL) -> str:
+    """:data:`COLAB_CELL` installing from the repository ``url``."""
+    return _REPO_LINE.sub(f'REPO = "{url}"', COLAB_CELL)
+
+
 def _cell(kind: str, source: str, tags: list[str] | None = None) -> dict:
     meta = {"tags": list(tags)} if tags else {}
     if kind == "md":
@@ -63,12 +73,14 @@ def write_chapter(path: str | os.PathLike, cells: list[tuple], *, colab_cell: bo
 
     ``cells`` holds ``(kind, source)`` or ``(kind, source, tags)`` tuples, kind ``"md"`` or
     ``"code"``; tags such as ``["hide-input"]`` or ``["hide-cell"]`` are Jupyter Book's.
-    A first markdown cell (the title) is kept before the set-up cell.
+    A first markdown cell (the title) is kept before the set-up cell, which is tagged
+    ``hide-input`` (its printout stays visible) and installs from ``_config.yml``'s repository.
     """
     body = [_cell(*c) for c in cells]
     if colab_cell:
         title = body[:1] if body and body[0]["cell_type"] == "markdown" else []
-        body = title + [_cell("code", COLAB_CELL)] + body[len(title):]
+        setup = _cell("code", setup_cell_source(config_repository()), ["hide-input"])
+        body = title + [setup] + body[len(title):]
     nb = {
         "cells": body,
         "metadata": {
@@ -96,26 +108,77 @@ def strip_outputs(path: str | os.PathLike) -> None:
     _atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
-def set_repository(url: str, book_dir: str | os.PathLike = "book") -> int:
-    """Replace the repository URL in every chapter's set-up cell; returns the number changed."""
+def _repository_url_line(lines: list[str]) -> int | None:
+    """Index of the ``url:`` line inside the top-level ``repository:`` block of ``_config.yml``."""
+    inside = False
+    for i, line in enumerate(lines):
+        if re.match(r"^repository:\s*(#.*)?$", line):
+            inside = True
+        elif inside and line.strip() and not line.startswith((" ", "\t", "#")):
+            return None  # the block ended without a url
+        elif inside and re.match(r"^\s+url:", line):
+            return i
+    return None
+
+
+def config_repository(config: str | os.PathLike = "_config.yml") -> str:
+    """``repository.url`` of ``config``; :data:`REPO_URL` when the file or the key is missing."""
+    path = Path(config)
+    if not path.is_file():
+        return REPO_URL
+    lines = path.read_text().splitlines()
+    i = _repository_url_line(lines)
+    if i is None:
+        return REPO_URL
+    return lines[i].split("url:", 1)[1].split(" #", 1)[0].strip().strip("\"'")
+
+
+def set_repository(url: str, book_dir: str | os.PathLike = "book",
+                   config: str | os.PathLike | None = "_config.yml") -> int:
+    """Point the book at the repository ``url``; returns the number of chapters changed.
+
+    Rewrites ``repository.url`` in ``config`` (the Colab launch button's repository; ``None``
+    leaves it) and the ``REPO = "..."`` line of every chapter's set-up cell (whatever URL it held
+    before, so the rewrite can be repeated). Nothing else in either file changes.
+    """
+    if not re.fullmatch(r"https://[^\s\"'#]+", url):
+        raise ValueError(f"--set-repo wants an https:// URL without spaces or quotes, got {url!r}")
+    url = url.rstrip("/")
+    if config is not None:
+        path = Path(config)
+        lines = path.read_text().splitlines(keepends=True)
+        i = _repository_url_line([line.rstrip("\n") for line in lines])
+        if i is None:
+            raise ValueError(f"{path} has no repository: url: entry to rewrite")
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+        lines[i] = f"{indent}url: {url}\n"
+        _atomic_write_text(path, "".join(lines))
     changed = 0
     for nb_path in sorted(Path(book_dir).glob("*.ipynb")):
-        text = nb_path.read_text()
-        new = text.replace(REPO_URL, url)
-        if new != text:
-            _atomic_write_text(nb_path, new)
+        nb = json.loads(nb_path.read_text())
+        first = next((c for c in nb["cells"] if c["cell_type"] == "code"), None)
+        if first is None:
+            continue
+        source = "".join(first["source"])
+        new = _REPO_LINE.sub(f'REPO = "{url}"', source)
+        if new != source:
+            first["source"] = new
+            _atomic_write_text(nb_path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
             changed += 1
     return changed
 
 
-def refresh_setup_cells(book_dir: str | os.PathLike = "book") -> int:
-    """Make every chapter's first code cell the current :data:`COLAB_CELL`; returns the number changed."""
+def refresh_setup_cells(book_dir: str | os.PathLike = "book",
+                        config: str | os.PathLike = "_config.yml") -> int:
+    """Make every chapter's first code cell the current :data:`COLAB_CELL`, installing from
+    ``config``'s repository; returns the number changed. Cell metadata (tags) is kept."""
+    cell = setup_cell_source(config_repository(config))
     changed = 0
     for nb_path in sorted(Path(book_dir).glob("*.ipynb")):
         nb = json.loads(nb_path.read_text())
         first = next(c for c in nb["cells"] if c["cell_type"] == "code")
-        if "".join(first["source"]) != COLAB_CELL:
-            first["source"] = COLAB_CELL
+        if "".join(first["source"]) != cell:
+            first["source"] = cell
             _atomic_write_text(nb_path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
             changed += 1
     return changed
@@ -135,14 +198,22 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strip", nargs="*", default=[], help="notebooks to strip of outputs")
-    parser.add_argument("--set-repo", metavar="URL", help="point every chapter's set-up cell at URL")
+    parser.add_argument("--set-repo", metavar="URL",
+                        help="point _config.yml's repository.url and every chapter's set-up cell at URL")
+    parser.add_argument("--root", default=".",
+                        help="the book's root: _config.yml and book/ (default: the current directory)")
     parser.add_argument("--refresh-setup", action="store_true",
                         help="rewrite every chapter's set-up cell from COLAB_CELL")
     args = parser.parse_args()
     for p in args.strip:
         strip_outputs(p)
+    root = Path(args.root)
     if args.set_repo:
-        print(f"updated {set_repository(args.set_repo)} chapters")
+        try:
+            n = set_repository(args.set_repo, root / "book", root / "_config.yml")
+        except (OSError, ValueError) as err:
+            sys.exit(f"nbtools: {err}")
+        print(f"repository {args.set_repo.rstrip('/')}: _config.yml and {n} chapters updated")
     if args.refresh_setup:
-        print(f"refreshed the set-up cell of {refresh_setup_cells()} chapters")
+        print(f"refreshed the set-up cell of {refresh_setup_cells(root / 'book', root / '_config.yml')} chapters")
     sys.exit(0)

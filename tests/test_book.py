@@ -1,8 +1,12 @@
-"""Structure of the book: every notebook is listed in _toc.yml, starts with the Colab set-up cell
-and is stored without outputs; _config.yml carries what the Colab launch button needs."""
+"""Structure of the book: every notebook is listed in _toc.yml, starts with the (hidden) Colab set-up
+cell, ends with its key takeaways and is stored without outputs; _config.yml carries what the Colab
+launch button needs, and `scripts/nbtools.py --set-repo` points both at a repository."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +78,90 @@ def test_chapters_that_plot_select_the_inline_backend(path: Path):
     code = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
     if any("matplotlib" in src for src in code):
         assert any("%matplotlib inline" in src for src in code), f"{path.name}: add %matplotlib inline"
+
+
+_HIDING_TAGS = {"hide-input", "hide-cell", "remove-input"}
+_NOT_RUN_TAGS = {"remove-cell", "skip-execution", "raises-exception"}
+
+
+def _first_code_cell(path: Path) -> dict:
+    return next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_setup_cell_is_hidden_but_still_runs(path: Path):
+    tags = set(_first_code_cell(path).get("metadata", {}).get("tags", []))
+    assert tags & _HIDING_TAGS, f"{path.name}: tag the set-up cell hide-input"
+    assert not tags & _NOT_RUN_TAGS, f"{path.name}: the set-up cell must run ({sorted(tags & _NOT_RUN_TAGS)})"
+
+
+def test_set_repo_rewrites_config_and_every_setup_cell(tmp_path: Path):
+    """`nbtools.py --set-repo URL` (what the Pages workflow runs) on a copy of the book: the launch
+    button's repository and every chapter's set-up cell change, nothing else does, and the
+    rewrite can be repeated with another URL."""
+    (tmp_path / "book").mkdir()
+    (tmp_path / "_config.yml").write_text((REPO_ROOT / "_config.yml").read_text())
+    for path in NOTEBOOKS:
+        (tmp_path / "book" / path.name).write_text(path.read_text())
+    originals = {p.name: p.read_bytes() for p in NOTEBOOKS} | {"_config.yml": (REPO_ROOT / "_config.yml").read_bytes()}
+    config_before = yaml.safe_load((tmp_path / "_config.yml").read_text())
+    old_url = config_before["repository"]["url"]
+
+    for url in ("https://github.com/someone/fork-of-the-book", "https://github.com/other/book-two"):
+        done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "nbtools.py"), "--set-repo", url],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        config = yaml.safe_load((tmp_path / "_config.yml").read_text())
+        assert config["repository"]["url"] == url
+        config["repository"]["url"] = old_url
+        assert config == config_before, "--set-repo changed more of _config.yml than repository.url"
+        for path in NOTEBOOKS:
+            copy = tmp_path / "book" / path.name
+            source = "".join(_first_code_cell(copy)["source"])
+            assert f'REPO = "{url}"' in source, f"{path.name}: set-up cell not rewritten"
+            assert old_url not in copy.read_text()
+            before, after = json.loads(path.read_text()), json.loads(copy.read_text())
+            for nb in (before, after):
+                next(c for c in nb["cells"] if c["cell_type"] == "code")["source"] = ""
+            assert before == after, f"{path.name}: --set-repo changed more than the set-up cell's REPO line"
+
+    assert originals == {p.name: p.read_bytes() for p in NOTEBOOKS} | {
+        "_config.yml": (REPO_ROOT / "_config.yml").read_bytes()}, "the test touched the real book"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_chapter_ends_with_key_takeaways(path: Path):
+    last = json.loads(path.read_text())["cells"][-1]
+    text = "".join(last["source"])
+    assert last["cell_type"] == "markdown" and text.startswith("```{admonition} Key takeaways"), (
+        f"{path.name}: end the chapter with a Key takeaways admonition")
+    assert text.rstrip().endswith("```")
+    bullets = [line for line in text.splitlines() if line.startswith("* ")]
+    assert 3 <= len(bullets) <= 4, f"{path.name}: {len(bullets)} takeaways, want 3-4"
+
+
+def test_intro_chapter_map_links_every_chapter():
+    intro = (BOOK / "intro.md").read_text()
+    missing = [p.name for p in NOTEBOOKS if f"]({p.name})" not in intro and f"<{p.stem}>`" not in intro]
+    assert not missing, f"the intro's chapter map does not link {missing}"
+
+
+def test_chapters_cite_only_the_papers_figures():
+    """The paper has Figures 1 and 2 (and Tables 1 and 2) only."""
+    for path in NOTEBOOKS:
+        text = " ".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"])
+        figures = {int(n) for n in re.findall(r"\bFig(?:\.|ure)\s*(\d+)", text)}
+        assert figures <= {1, 2}, f"{path.name} cites the paper's Fig. {sorted(figures - {1, 2})}"
+
+
+def test_bibliography_renders_without_raw_latex():
+    pybtex_database = pytest.importorskip("pybtex.database")
+    from pybtex.plugin import find_plugin
+
+    config = yaml.safe_load((REPO_ROOT / "_config.yml").read_text())
+    style = find_plugin("pybtex.style.formatting", "unsrt")()
+    for bibfile in config["bibtex_bibfiles"]:
+        entries = pybtex_database.parse_file(str(REPO_ROOT / bibfile)).entries
+        for entry in style.format_entries(entries.values()):
+            text = entry.text.render_as("text")
+            assert "\\" not in text and "{" not in text, f"{bibfile}: {entry.key} renders as {text!r}"
