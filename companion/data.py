@@ -272,7 +272,8 @@ def _read_tiff(path: Path) -> np.ndarray:
     try:
         array = tifffile.imread(path)
     except Exception as err:  # tifffile raises many types for broken files
-        raise CorruptFileError(f"cannot read TIFF {str(path)!r}: {err}") from err
+        raise CorruptFileError(f"cannot read TIFF {str(path)!r}: the file is truncated or "
+                               f"unreadable ({err})") from err
     if array.ndim != 2:
         raise CorruptFileError(f"TIFF {str(path)!r} should be a 2-D image, got shape {array.shape}")
     if array.dtype.kind in "fc" and not np.isfinite(array).all():
@@ -361,6 +362,10 @@ def load_well(layout: BBBC010Layout, well: str) -> Sample:
             raise ValueError(
                 f"mask {str(path)!r} has shape {mask.shape} but the image of well {well} has shape {(height, width)}"
             )
+        if not mask.any():  # no worm: a broken export, not an instance (it could never be matched)
+            warnings.warn(f"mask {str(path)!r} is all zero (no worm pixel): dropped from well {well}",
+                          stacklevel=2)
+            continue
         masks.append(mask)
     instances = np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
     return Sample(well=well, image=image, instances=instances)
@@ -403,7 +408,7 @@ def load_bbbc010(root: str | os.PathLike | None = None, wells: Iterable[str] | N
     list of Sample
         Images ``float32 (2, H, W)`` scaled by the fixed :data:`CHANNEL_MAX` (see there why),
         instances ``bool (K, H, W)`` ordered by the mask files' worm number; ``K = 0`` for a
-        well without masks.
+        well without masks. An all-zero mask file is dropped with a warning naming it.
 
     Raises
     ------

@@ -490,7 +490,8 @@ def evaluate_model(
     model : nn.Module
         A :class:`companion.model.UNet` (on ``device``), with or without Concrete Dropout.
     samples : sequence of Sample
-        The evaluated wells with their ground truth.
+        The evaluated wells with their ground truth; a well without any instance raises
+        ``ValueError`` naming it (before any network pass).
     folds : sequence of sequences of well ids, optional
         Cross-validation folds; default :data:`companion.data.TEST_FOLDS`. Wells absent from
         ``samples`` (e.g. skipped incomplete wells) are dropped; every sample must be in a fold.
@@ -537,6 +538,10 @@ def evaluate_model(
     from companion.postprocess import DEFAULT_MIN_SIZE
 
     used_folds = _check_folds(samples, folds)
+    no_truth = [s.well for s in samples if len(s.instances) == 0]
+    if no_truth:  # COCO would score them -1 and the run would end "successfully"
+        raise ValueError(f"cannot evaluate well(s) without ground truth (no worm mask): "
+                         f"{', '.join(no_truth)}; predict them instead, or leave them out")
     min_size = DEFAULT_MIN_SIZE if min_size is None else int(min_size)
     segment_options = dict(max_points=max_points, clustering=clustering, min_size=min_size)
     if draws < 0:

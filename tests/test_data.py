@@ -311,3 +311,21 @@ def test_a_nan_pixel_in_a_float_tiff_names_the_file(flat_copy):
     tifffile.imwrite(path, raw)
     with pytest.raises(CorruptFileError, match=r"A02_w1.*holds 1 NaN or inf pixels"):
         load_bbbc010(flat_copy, wells=["A02"], progress=False)
+
+
+def test_an_all_zero_mask_is_dropped_with_a_warning_naming_it(flat_copy):
+    empty = flat_copy / "masks_eachworm" / "A01_02_ground_truth.png"
+    Image.fromarray(np.zeros(SHAPE, np.uint8)).save(empty)
+    with pytest.warns(UserWarning, match=r"A01_02_ground_truth\.png' is all zero \(no worm pixel\): dropped from well A01"):
+        (a01,) = load_bbbc010(flat_copy, wells=["A01"], progress=False)
+    np.testing.assert_array_equal(a01.instances, np.stack([_mask("A01", n) for n in (1, 10)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # wells with only drawn masks load silently
+        assert len(load_bbbc010(flat_copy, wells=["A02"], progress=False)[0].instances) == 1
+
+
+def test_a_truncated_tiff_says_so(flat_copy):
+    path = next((flat_copy / "images").glob("*_A02_w1_*.tif"))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CorruptFileError, match=rf"{path.name}': the file is truncated or unreadable"):
+        load_bbbc010(flat_copy, wells=["A02"], progress=False)

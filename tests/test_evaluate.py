@@ -349,3 +349,46 @@ def test_cli_data_lists_skipped_incomplete_wells(bbbc010_root):
         samples, folds, skipped, info = _evaluation_data(args)
     assert [s.well for s in samples] == ["C03", "C04"] and skipped == ["C13"]
     assert folds == [["C03"], ["C04"]] and samples[0].image.shape == (2, 520, 696)
+
+
+# --------------------------------------------------------------------------------------------
+# missing ground truth
+# --------------------------------------------------------------------------------------------
+class _NeverCalled(nn.Module):
+    def forward(self, x):  # pragma: no cover - the point is that it is not reached
+        raise AssertionError("the network ran although the ground truth was missing")
+
+
+def test_wells_without_ground_truth_are_an_error_naming_them(samples, folds):
+    from companion.data import Sample
+
+    empty = {samples[1].well, samples[2].well}
+    stripped = [Sample(s.well, s.image, np.zeros((0,) + s.image.shape[1:], bool)) if s.well in empty else s
+                for s in samples]
+    with pytest.raises(ValueError, match=rf"without ground truth \(no worm mask\): "
+                                         rf"{samples[1].well}, {samples[2].well};"):
+        evaluate_model(_NeverCalled(), stripped, folds=folds, progress=False)
+
+
+def test_cli_refuses_test_wells_whose_masks_are_all_empty(tiny_checkpoint, tmp_path, capsys):
+    import tifffile
+    from PIL import Image
+
+    from companion.__main__ import main
+
+    images, masks = tmp_path / "data" / "images", tmp_path / "data" / "masks_eachworm"
+    images.mkdir(parents=True), masks.mkdir(parents=True)
+    for well in ("C03", "C04"):  # one well of each test fold
+        for ch in ("w1", "w2"):
+            tifffile.imwrite(images / f"plate_{well}_{ch}_x.tif", np.full((32, 32), 500, np.uint16))
+    worm = np.zeros((32, 32), np.uint8)
+    worm[10:14, 4:28] = 255
+    Image.fromarray(worm).save(masks / "C03_01_ground_truth.png")
+    Image.fromarray(np.zeros_like(worm)).save(masks / "C04_01_ground_truth.png")  # no worm pixel
+    with pytest.warns(UserWarning, match="C04_01_ground_truth.png' is all zero"):
+        code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data-root", str(tmp_path / "data"),
+                     "--wells", "C03", "C04", "--no-progress", "--out", str(tmp_path / "res")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot evaluate well(s) without ground truth") and "C04" in err
+    assert "C03" not in err and err.count("\n") == 1
+    assert not (tmp_path / "res" / "results.json").exists()
