@@ -131,6 +131,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                    help="feed the [0, 1]-scaled images as they are (the paper)")
     p.add_argument("--no-amp", action="store_true",
                    help="train in float32 on CUDA too (default: bf16/fp16 mixed precision)")
+    p.add_argument("--dropout-lr-scale", type=_positive_float, default=None,
+                   help="multiplies the learning rate of the Concrete Dropout rates (not in the "
+                        "paper; lets the rates settle within a short budget)")
     p.add_argument("--cpu-bf16", action="store_true",
                    help="bf16 autocast + channels-last on the CPU (2x faster where the CPU has "
                         "native bf16, e.g. AVX512-BF16; ~10x slower where it is emulated)")
@@ -147,7 +150,7 @@ def config_from_args(args: argparse.Namespace):
     overrides = {name: getattr(args, name) for name in
                  ("model", "iterations", "seed", "batch_size", "lr", "disc_warmup", "grad_clip", "crop_size",
                   "init_from", "checkpoint_every", "log_every", "num_workers", "device",
-                  "lr_schedule", "lr_warmup", "snapshot_every", "downsample")
+                  "lr_schedule", "lr_warmup", "snapshot_every", "downsample", "dropout_lr_scale")
                  if getattr(args, name) is not None}
     if args.init_rate is not None:
         overrides["init_dropout_rate"] = args.init_rate

@@ -650,3 +650,21 @@ def test_a_kill_between_a_checkpoints_temp_file_and_its_rename_keeps_the_previou
     assert b["iteration"] == 6
     for key in a["model"]:  # continued from iteration 2 exactly as if never interrupted
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_dropout_lr_scale_moves_the_rates_faster_and_only_them(tmp_path):
+    data = make_dataset(2, seed=0, shape=(64, 64))
+    moved = {}
+    for scale in (1.0, 20.0):
+        config = TrainConfig.preset("quick", iterations=6, checkpoint_every=6, dropout_lr_scale=scale)
+        run = tmp_path / f"scale{scale:g}"
+        start = build_model(config)
+        final = read_checkpoint(train(config, data, run, progress=False))
+        rates = [k for k in final["model"] if k.endswith("p_logit")]
+        before = start.state_dict()
+        moved[scale] = max(float((final["model"][k] - before[k]).abs()) for k in rates)
+        lrs = [g["lr"] for g in final["optimizer"]["param_groups"]]
+        assert len(lrs) == (1 if scale == 1.0 else 2)
+    assert moved[20.0] > 5 * moved[1.0] > 0
+    with pytest.raises(ValueError, match="dropout_lr_scale"):
+        TrainConfig(dropout_lr_scale=0.0)
