@@ -43,13 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--agreement", type=float, default=0.75,
                         help="with --calibrate-draws: the fraction of draws that must call a pixel "
                              "foreground (the binarisation threshold of the agglomeration)")
+    parser.add_argument("--earlier-stage", type=Path, action="append", default=[], metavar="FILE",
+                        help="a stage this run continued from (init_from), oldest first: an exported "
+                             "model's .json provenance or a training checkpoint; repeatable")
     parser.add_argument("--data-root", default=None,
                         help="BBBC010 folder for --calibrate (default: $BBBC010_ROOT, else the cache)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from companion.pretrained import export
+    from companion.pretrained import export, stage_summary
 
     args = build_parser().parse_args(argv)
     shift, calibration = 0.0, None
@@ -71,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"background shift {shift} (foreground F1 {choice.f1.max():.3f}; "
               f"{choice.f1[0]:.3f} without a shift) on {len(wells)} validation wells")
     weights, info = export(args.checkpoint, args.name, args.out_dir, command=args.command, log=args.log,
-                           background_shift=shift, calibration=calibration)
+                           background_shift=shift, calibration=calibration,
+                           earlier_stages=[s for path in args.earlier_stage for s in stage_summary(path)])
     print(f"wrote {weights} ({weights.stat().st_size / 2**20:.2f} MiB) and {info}")
     return 0
 

@@ -279,3 +279,23 @@ def test_a_gpu_location_without_cuda_says_so_and_does_not_blame_the_file(shelf, 
         read_checkpoint(run_dir / "final.pt", map_location="cuda")
     with pytest.raises(ValueError, match="'banana' is not a torch device"):
         pretrained.load("concrete", directory=shelf, map_location="banana")
+
+
+def test_a_model_trained_in_stages_records_each_and_their_totals(run_dir, shelf, tmp_path):
+    first = pretrained.provenance("concrete", shelf)
+    stages = pretrained.stage_summary(shelf / "concrete.json") + pretrained.stage_summary(run_dir / "final.pt")
+    assert [s["iterations"] for s in stages] == [first["iterations"]] * 2
+    assert stages[0]["source"] == "concrete.json" and stages[1]["source"] == "final.pt"
+    pretrained.export(run_dir / "final.pt", "baseline", tmp_path, earlier_stages=stages)
+    record = pretrained.provenance("baseline", tmp_path)
+    assert record["total_iterations"] == 3 * first["iterations"]
+    assert record["total_training_time_s"] == pytest.approx(
+        sum(s["training_time_s"] for s in stages) + record["training_time_s"])
+    line = pretrained.training_budget("baseline", tmp_path)
+    assert line.startswith(f"baseline: {3 * first['iterations']:,} iterations of 32 x 32 crops")
+    assert "in 3 stages: " in line and line.count(", then ") == 2
+    # a continuation of an exported model lists the stages of that model before its own
+    assert len(pretrained.stage_summary(tmp_path / "baseline.json")) == 3
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(ValueError, match="broken.json: not a provenance record"):
+        pretrained.stage_summary(tmp_path / "broken.json")

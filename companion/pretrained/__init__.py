@@ -41,7 +41,7 @@ from .._io import atomic_write
 from ..train import EXPORTED_FORMAT, check_map_location, read_exported
 
 __all__ = ["NAMES", "PRETRAINED_DIR", "RESULTS_DIR", "MAX_BYTES", "available", "provenance", "load",
-           "load_or_train", "results", "training_budget", "export"]
+           "load_or_train", "results", "training_budget", "stage_summary", "export"]
 
 #: The models the package ships (when the lead has exported them).
 NAMES: tuple[str, ...] = ("concrete", "baseline")
@@ -187,24 +187,69 @@ def results(name: str, directory: str | os.PathLike | None = None) -> dict:
         return json.load(handle)
 
 
+def _hours(seconds: float | None) -> str:
+    if seconds is None:
+        return "time not recorded"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
 def training_budget(name: str, directory: str | os.PathLike | None = None) -> str:
     """One line on how a shipped model was trained, to print beside its numbers.
+
+    A model trained in stages (``earlier_stages`` in its provenance, see :func:`export`) gets
+    the iterations and time of every stage and their totals.
 
     >>> training_budget("concrete", directory=_example_dir())  # doctest: +ELLIPSIS
     'concrete: 3 iterations of 64 x 64 crops (batch 2, lr 0.001), ... s on a ...-core CPU'
     """
     info = provenance(name, directory)
     cfg = info.get("config", {})
-    seconds = info.get("training_time_s")
     hardware = info.get("hardware", {})
     device = hardware.get("cuda") or f"a {hardware.get('cpu_count', '?')}-core CPU"
-    time = f"{seconds / 3600:.1f} h" if seconds and seconds >= 3600 else (
-        f"{seconds:.0f} s" if seconds is not None else "time not recorded")
-    start = f", starting from the weights of {Path(cfg['init_from']).name}" if cfg.get("init_from") else ""
     factor = cfg.get("downsample", 1)
     scale = f" (network at 1/{factor} resolution)" if factor > 1 else ""
-    return (f"{name}: {info['iterations']:,} iterations of {cfg.get('crop_size')} x {cfg.get('crop_size')} crops{scale} "
-            f"(batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}){start}, {time} on {device}")
+    crops = f"{cfg.get('crop_size')} x {cfg.get('crop_size')} crops{scale}"
+    stages = info.get("earlier_stages") or []
+    if stages:
+        parts = [f"{s['iterations']:,} as {s['model']} at lr {s['lr']:g} ({_hours(s['training_time_s'])})"
+                 for s in stages]
+        parts.append(f"{info['iterations']:,} as {info.get('model')} at lr {cfg.get('lr'):g} "
+                     f"({_hours(info.get('training_time_s'))})")
+        return (f"{name}: {info['total_iterations']:,} iterations of {crops}, batch {cfg.get('batch_size')}, "
+                f"in {len(parts)} stages: " + ", then ".join(parts)
+                + f"; {_hours(info.get('total_training_time_s'))} in all on {device}")
+    start = f", starting from the weights of {Path(cfg['init_from']).name}" if cfg.get("init_from") else ""
+    return (f"{name}: {info['iterations']:,} iterations of {crops} "
+            f"(batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}){start}, "
+            f"{_hours(info.get('training_time_s'))} on {device}")
+
+
+def stage_summary(source: str | os.PathLike) -> list[dict[str, Any]]:
+    """The training stages behind ``source``, oldest first, as :func:`export` records them.
+
+    ``source`` is an exported model's provenance (``<name>.json``; its own earlier stages come
+    first) or a training checkpoint (its ``log.jsonl`` beside it gives the time).
+    """
+    from companion.train import read_checkpoint, read_log
+
+    path = Path(source)
+    if path.suffix == ".json":
+        try:
+            info = json.loads(path.read_text())
+            cfg = info["config"]
+            own = dict(source=path.name, model=info["model"], iterations=int(info["iterations"]),
+                       training_time_s=info.get("training_time_s"), lr=cfg["lr"],
+                       crop_size=cfg["crop_size"], command=info.get("command"))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a provenance record of an exported model ({err})") from err
+        return list(info.get("earlier_stages") or []) + [own]
+    ckpt = read_checkpoint(path)
+    cfg = ckpt["config"]
+    log = path.parent / "log.jsonl"
+    records = [r for r in read_log(log) if r["iteration"] <= ckpt["iteration"]] if log.is_file() else []
+    return [dict(source=path.name, model=cfg["model"], iterations=int(ckpt["iteration"]),
+                 training_time_s=_training_time(records), lr=cfg["lr"], crop_size=cfg["crop_size"],
+                 command=None)]
 
 
 def _example_dir() -> Path:  # a throw-away exported model for the doctests
@@ -337,7 +382,8 @@ def _hardware() -> dict[str, Any]:
 
 def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike | None = None, *,
            command: str | None = None, log: str | os.PathLike | None = None,
-           background_shift: float = 0.0, calibration: dict | None = None) -> tuple[Path, Path]:
+           background_shift: float = 0.0, calibration: dict | None = None,
+           earlier_stages: Sequence[dict] = ()) -> tuple[Path, Path]:
     """Write ``<name>.pt`` (float16 weights) and ``<name>.json`` (provenance) from a training checkpoint.
 
     Parameters
@@ -358,6 +404,9 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
         (:func:`companion.calibration.shift_background_logit`; 0: the trained weights as they are).
     calibration : dict, optional
         How the shift was chosen (wells, candidate shifts and their F1), recorded verbatim.
+    earlier_stages : sequence of dict
+        The stages whose weights this run started from (``init_from``), oldest first, from
+        :func:`stage_summary`; recorded with ``total_iterations`` and ``total_training_time_s``.
 
     Returns
     -------
@@ -424,6 +473,12 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
         source_checkpoint=checkpoint.name,
         exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+    if earlier_stages:
+        stages = [dict(stage) for stage in earlier_stages]
+        times = [s.get("training_time_s") for s in stages] + [record["training_time_s"]]
+        record.update(earlier_stages=stages,
+                      total_iterations=sum(int(s["iterations"]) for s in stages) + record["iterations"],
+                      total_training_time_s=None if None in times else float(sum(times)))
     text = json.dumps(record, indent=1, sort_keys=False, allow_nan=False) + "\n"
     atomic_write(info, lambda tmp: Path(tmp).write_text(text))
     return weights, info
