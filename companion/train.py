@@ -39,7 +39,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ __all__ = [
     "train",
     "train_step",
     "make_loader",
+    "uses_gpu_augment",
     "single_threaded_numpy_blas",
     "to_device",
     "build_model",
@@ -142,6 +143,11 @@ class TrainConfig:
         ``cpu`` preset, one thread, on an AMD EPYC with AVX512-BF16: 0.61 s fp32, 0.31 s bf16 +
         channels-last; on an AVX2-only CPU bf16 is emulated and ~10x slower
         (``results/TRAINING.md``).
+    gpu_augment : bool or None
+        Make the augmented crops in batches on the training device
+        (:class:`companion.augment_torch.DeviceCropSource`, the same transforms in torch) instead
+        of in DataLoader workers with scipy. ``None``: on when the device is CUDA, where the
+        workers cannot keep up with the GPU; the scipy path stays the default on the CPU.
     init_from : str or None
         Start from the network weights of another run's checkpoint, or of an exported model
         file (``companion/pretrained/<name>.pt``), instead of a random initialisation (not in
@@ -207,6 +213,7 @@ class TrainConfig:
     downsample: int = 1
     cpu_bf16: bool = False
     dropout_lr_scale: float = 1.0
+    gpu_augment: bool | None = None
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -243,6 +250,8 @@ class TrainConfig:
             raise ValueError(f"init_dropout_rate must lie in (0, 1), got {self.init_dropout_rate}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.gpu_augment not in (None, True, False):
+            raise ValueError(f"gpu_augment must be True, False or None (on with CUDA), got {self.gpu_augment!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
@@ -468,12 +477,26 @@ def _init_worker(worker_id: int) -> None:
     single_threaded_numpy_blas()  # stays in force for the worker's lifetime
 
 
+def uses_gpu_augment(config: TrainConfig, device: torch.device | str | None) -> bool:
+    """Whether crops are made on the training device (``config.gpu_augment``; ``None``: on CUDA).
+
+    >>> uses_gpu_augment(TrainConfig(), "cpu"), uses_gpu_augment(TrainConfig(gpu_augment=True), "cpu")
+    (False, True)
+    """
+    if config.gpu_augment is not None:
+        return config.gpu_augment
+    return device is not None and torch.device(device).type == "cuda"
+
+
 def make_loader(data: Sequence["Sample"], config: TrainConfig, *, start: int = 0, rank: int = 0,
-                world_size: int = 1, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                world_size: int = 1, pin_memory: bool = False,
+                device: torch.device | str | None = None) -> Iterable[dict]:
     """The training batches of iterations ``start .. config.iterations - 1`` for one rank.
 
-    Crops come from :class:`companion.augment.WormCropDataset`; iteration ``t`` of rank ``r``
-    reads the crops ``(t * world_size + r) * batch_size + j`` (see the module docs).
+    Crops come from :class:`companion.augment.WormCropDataset` in a DataLoader, or, when
+    :func:`uses_gpu_augment`, from :class:`companion.augment_torch.DeviceCropLoader` on
+    ``device`` (default the CPU), batches already there. Iteration ``t`` of rank ``r`` reads the
+    crops ``(t * world_size + r) * batch_size + j`` (see the module docs).
 
     Examples
     --------
@@ -483,6 +506,13 @@ def make_loader(data: Sequence["Sample"], config: TrainConfig, *, start: int = 0
     >>> [tuple(b["image"].shape) for b in loader]
     [(2, 2, 64, 64), (2, 2, 64, 64)]
     """
+    if uses_gpu_augment(config, device):
+        from companion.augment_torch import DeviceCropLoader, DeviceCropSource
+
+        source = DeviceCropSource(list(data), crop_size=config.crop_size, device=device or "cpu",
+                                  rotate=config.augment, flip=config.augment, elastic=config.augment)
+        return DeviceCropLoader(source, start=start, stop=config.iterations, batch_size=config.batch_size,
+                                seed=config.seed, rank=rank, world_size=world_size)
     from companion.augment import WormCropDataset, collate_crops
 
     n_crops = config.iterations * config.batch_size * world_size
@@ -1113,7 +1143,7 @@ def _train(config: TrainConfig, data: Sequence["Sample"], out_dir: Path, device:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     net = _unwrap(model)
     loader = make_loader(data, config, start=start, rank=dist_info.rank,
-                         world_size=dist_info.world_size, pin_memory=device.type == "cuda")
+                         world_size=dist_info.world_size, pin_memory=device.type == "cuda", device=device)
     n_train = len(data)
 
     bar = tqdm(total=config.iterations, initial=start, disable=not (progress and dist_info.is_main),
