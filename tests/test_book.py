@@ -4,6 +4,7 @@ launch button needs, and `scripts/nbtools.py --set-repo` points both at a reposi
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -165,3 +166,59 @@ def test_bibliography_renders_without_raw_latex():
         for entry in style.format_entries(entries.values()):
             text = entry.text.render_as("text")
             assert "\\" not in text and "{" not in text, f"{bibfile}: {entry.key} renders as {text!r}"
+
+
+_HIDDEN_CODE_TAGS = {"hide-input", "hide-cell", "remove-input", "remove-cell"}
+MAX_CODE_LINE = 88
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_visible_code_lines_fit_the_page(path: Path):
+    """A code line longer than 88 characters runs off the rendered page; cells whose input is
+    hidden or removed (hide-input, hide-cell, remove-input, remove-cell) are exempt."""
+    too_long = []
+    for cell in json.loads(path.read_text())["cells"]:
+        tags = set(cell.get("metadata", {}).get("tags", []))
+        if cell["cell_type"] != "code" or tags & _HIDDEN_CODE_TAGS:
+            continue
+        too_long += [f"{cell.get('id')}: {line[:60]}..." for line in "".join(cell["source"]).splitlines()
+                     if len(line) > MAX_CODE_LINE]
+    assert not too_long, f"{path.name}: code lines over {MAX_CODE_LINE} characters: {too_long}"
+
+
+_FIGURE = re.compile(r"^(?P<fence>`{3,}|:{3,})\{figure\}[ \t]*(?P<target>\S*)[ \t]*\n(?P<body>.*?)^(?P=fence)[ \t]*$",
+                     re.MULTILINE | re.DOTALL)
+
+
+def _book_markdown() -> list[tuple[str, str]]:
+    """(where, text) of every markdown cell of the chapters and of every .md page."""
+    texts = [(f"{p.name} {c.get('id')}", "".join(c["source"]))
+             for p in NOTEBOOKS for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "markdown"]
+    return texts + [(p.name, p.read_text()) for p in sorted(BOOK.glob("*.md"))]
+
+
+def test_figure_directives_have_a_caption_a_label_and_their_image():
+    figures = 0
+    for where, text in _book_markdown():
+        for match in _FIGURE.finditer(text):
+            figures += 1
+            lines = match["body"].splitlines()
+            options = [line for line in lines if re.match(r"^:[\w-]+:", line)]
+            caption = "\n".join(line for line in lines if line not in options).strip()
+            assert caption, f"{where}: the {{figure}} {match['target']} has no caption"
+            assert any(line.startswith(":name:") and line.split(":name:", 1)[1].strip() for line in options), (
+                f"{where}: give the {{figure}} {match['target']} a :name: label to reference it by")
+            assert match["target"] and (BOOK / match["target"]).is_file(), (
+                f"{where}: the {{figure}} image {match['target']!r} does not exist under book/")
+    assert figures >= 2, "the intro's pipeline diagram and chapter 2's U-Net diagram are {figure}s"
+
+
+def test_method_diagrams_regenerate(tmp_path: Path):
+    """book/figures/make_figures.py draws both committed diagrams (no data, no model needed)."""
+    done = subprocess.run([sys.executable, str(BOOK / "figures" / "make_figures.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert done.returncode == 0, done.stderr
+    for name in ("pipeline.png", "unet.png"):
+        png = tmp_path / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} was not written"
+        assert (BOOK / "images" / name).is_file(), f"book/images/{name} is not committed"
