@@ -703,6 +703,23 @@ def finish_evaluation(run: Run, settings: Settings, name: str, child: subprocess
     write_model_zip(run, name)
 
 
+def balanced_subset(samples: Sequence["Sample"], folds: Sequence[Sequence[str]], n: int) -> list:
+    """``n`` of ``samples`` taken from the folds in turn (each fold keeps at least one well).
+
+    >>> from types import SimpleNamespace as S
+    >>> [s.well for s in balanced_subset([S(well=w) for w in "abcde"], [["a", "b", "c"], ["d", "e"]], 3)]
+    ['a', 'd', 'b']
+    """
+    by_well = {s.well: s for s in samples}
+    queues = [[w for w in fold if w in by_well] for fold in folds]
+    chosen: list[str] = []
+    while len(chosen) < n and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop(0))
+    return [by_well[w] for w in chosen]
+
+
 def evaluate_worker(spec_path: str) -> int:
     """``_evaluate SPEC``: the child process of :func:`start_evaluation`."""
     import torch
@@ -737,8 +754,12 @@ def evaluate_worker(spec_path: str) -> int:
     bandwidths, thresholds = spec["bandwidths"], spec["thresholds"]
     if estimate > 0.8 * left:
         bandwidths, thresholds = [bandwidth], [threshold]
+        per_well = (network_s + det_s + mc_s) * 1.3
+        if len(samples) * per_well > 0.8 * left:  # not even one grid point for all wells: fewer wells
+            samples = balanced_subset(samples, spec["folds"], max(2, int(0.8 * left / per_well)))
     print(f"probe: network {network_s:.2f} s, segment {det_s:.2f} s, MC {mc_s:.2f} s per well; full grid "
-          f"~{estimate:.0f} s of {left:.0f} s left: grid {bandwidths} x {thresholds}", flush=True)
+          f"~{estimate:.0f} s of {left:.0f} s left: grid {bandwidths} x {thresholds}, {len(samples)} of "
+          f"{len(spec['wells'])} wells", flush=True)
     result = evaluate_model(model, samples, folds=spec["folds"], bandwidths=bandwidths, thresholds=thresholds,
                             draws=draws, max_points=spec["max_points"], device=device, progress=False)
     info = dict(command=f"scripts/gpu_run.py _evaluate ({spec['name']})", model=dict(name=spec["name"]),
@@ -748,7 +769,7 @@ def evaluate_worker(spec_path: str) -> int:
                    grid=dict(bandwidths=bandwidths, thresholds=thresholds, full_grid_estimate_s=round(estimate, 1)),
                    choices=[dict(applied_to=c.applied_to, bandwidth=c.bandwidth, threshold=c.threshold)
                             for c in result.tuning.choices],
-                   wells=len(samples), draws=draws, seconds=time.time() - started, files=[p.name for p in files])
+                   wells=len(samples), wells_planned=len(spec["wells"]), draws=draws, seconds=time.time() - started, files=[p.name for p in files])
     Path(spec["out"], "worker.json").write_text(json.dumps(_json_safe(summary), indent=1))
     print(f"done in {summary['seconds']:.0f} s", flush=True)
     return 0
