@@ -47,3 +47,25 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (REPO_ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make book" in readme
     assert re.search(r"^make test$", ci, re.M) and re.search(r"^make book$", ci, re.M)
+
+
+def _readme_section(title: str) -> str:
+    text = (REPO_ROOT / "README.md").read_text()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 3)
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_result_numbers_are_rows_of_the_committed_evaluations_or_the_paper():
+    import json
+
+    from companion.paper import TABLE1
+
+    pairs = {(round(r["avAP"], 3), round(r["AP50"], 3))
+             for path in (REPO_ROOT / "results").glob("*/results.json")
+             for r in json.loads(path.read_text())["rows"]}
+    pairs |= {(row["avAP"], row["AP50"]) for row in TABLE1.values()}
+    quoted = re.findall(r"(\d\.\d{3}) / (?:AP50 )?(\d\.\d{3})", _readme_section("Trained models and their results"))
+    assert len(quoted) >= 4
+    for avap, ap50 in quoted:
+        assert (float(avap), float(ap50)) in pairs, f"README quotes avAP {avap} / AP50 {ap50}, no evaluated row has it"

@@ -122,6 +122,13 @@ def test_export_refuses_oversized_weights_and_leaves_nothing(run_dir, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_exporting_the_same_checkpoint_twice_gives_the_same_file(run_dir, tmp_path):
+    (first, _), (second, _) = (pretrained.export(run_dir / "final.pt", "concrete", tmp_path / d) for d in "ab")
+    assert first.read_bytes() == second.read_bytes()
+    assert pretrained.provenance("concrete", directory=tmp_path / "a")["sha256"] == \
+        pretrained.provenance("concrete", directory=tmp_path / "b")["sha256"]
+
+
 def test_export_rejects_a_bad_name(run_dir, tmp_path):
     with pytest.raises(ValueError, match="file stem"):
         pretrained.export(run_dir / "final.pt", "../evil", tmp_path)

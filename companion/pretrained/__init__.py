@@ -27,6 +27,7 @@ Examples
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import platform
@@ -432,7 +433,11 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
     weights, info = folder / f"{name}.pt", folder / f"{name}.json"
 
     def save_checked(tmp: str) -> None:
-        torch.save(payload, tmp)
+        # through a buffer: torch.save names the archive after the (random) temporary file, and
+        # the same weights would get a different sha256 at every export
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        Path(tmp).write_bytes(buffer.getvalue())
         size = os.path.getsize(tmp)
         if size > MAX_BYTES:
             raise ValueError(f"{name}.pt would be {size / 2**20:.1f} MiB, over the "
