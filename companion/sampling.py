@@ -118,6 +118,11 @@ def _forward_cropped(model: nn.Module, batch: torch.Tensor) -> tuple[np.ndarray,
     output = model(padded.contiguous(memory_format=torch.channels_last))
     embedding = output.embedding[..., rows, cols].float().cpu().numpy()
     logits = output.logits[..., rows, cols].float().cpu().numpy()
+    if not (np.isfinite(embedding).all() and np.isfinite(logits).all()):
+        # caught here: downstream, the argmax of NaN logits reads as background and the run
+        # would end with empty segmentations and a table of zeros instead of an error
+        raise ValueError("the network's output is not finite (NaN or inf): its weights are "
+                         "probably corrupt, e.g. from a diverged training run")
     return embedding, logits
 
 

@@ -34,23 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-points", type=int, default=8000)
     parser.add_argument("--wells", nargs="+", default=None, help="default: companion.data.VAL_WELLS")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--start-minutes", type=float, nargs="+", default=None,
+                        help="CPU minutes spent before each run's first iteration (its earlier training "
+                             "stages), one per --runs entry; added to cpu_minutes (default: 0)")
     return parser
 
 
 def _minutes_at(log: list[dict], iteration: int) -> tuple[float, dict]:
-    """Training minutes (summed over logged windows, so pauses between sessions do not count)."""
-    seconds, record = 0.0, log[0]
-    previous = 0
-    for record in log:
-        if record["iteration"] > iteration:
+    """Training minutes up to ``iteration`` (summed over logged windows, so pauses between
+    sessions do not count) and the last log record at or before it."""
+    seconds, record, previous = 0.0, log[0], 0
+    for current in log:
+        if current["iteration"] > iteration:
             break
-        rate = record.get("it_per_s") or float("nan")
-        seconds += (record["iteration"] - previous) / rate if rate > 0 else 0.0
-        previous = record["iteration"]
+        rate = current.get("it_per_s") or float("nan")
+        seconds += (current["iteration"] - previous) / rate if rate > 0 else 0.0
+        previous, record = current["iteration"], current
     return seconds / 60.0, record
 
 
-def snapshot_rows(run: Path, samples, args) -> list[dict]:
+def snapshot_rows(run: Path, samples, args, start_minutes: float = 0.0) -> list[dict]:
     from companion.calibration import choose_background_shift, shift_background_logit
     from companion.evaluate import evaluate_model
     from companion.train import load_model, read_checkpoint, read_log
@@ -75,7 +78,7 @@ def snapshot_rows(run: Path, samples, args) -> list[dict]:
                                 bandwidths=args.bandwidths, thresholds=args.thresholds,
                                 clustering=args.clustering, max_points=args.max_points, progress=False)
         minutes, record = _minutes_at(log, iteration)
-        row = dict(run=run.name, iteration=iteration, cpu_minutes=round(minutes, 1), background_shift=shift,
+        row = dict(run=run.name, iteration=iteration, cpu_minutes=round(start_minutes + minutes, 1), background_shift=shift,
                    val_avAP=result.rows[0]["avAP"], val_AP50=result.rows[0]["AP50"],
                    var=record.get("var"), dist=record.get("dist"), ce=record.get("ce"))
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
@@ -108,8 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from companion.data import VAL_WELLS, load_bbbc010
 
     args = build_parser().parse_args(argv)
+    starts = args.start_minutes or [0.0] * len(args.runs)
+    if len(starts) != len(args.runs):
+        print(f"error: --start-minutes has {len(starts)} values for {len(args.runs)} runs", file=sys.stderr)
+        return 2
     samples = load_bbbc010(args.data_root, args.wells or list(VAL_WELLS), progress=False)
-    rows = [row for run in args.runs for row in snapshot_rows(run, samples, args)]
+    rows = [row for run, start in zip(args.runs, starts) for row in snapshot_rows(run, samples, args, start)]
     if not rows:
         print("error: no snapshots (iter_*.pt or final.pt) in the given runs", file=sys.stderr)
         return 2

@@ -118,6 +118,45 @@ def test_package_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert err.startswith("error: ") and "banana" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--crop-size", "17"], "crop_size must be a multiple of 16"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--data-root", "no/such/root"], "no/such/root"),
+    (["--init-from", "TEXT"], "notes.pt"),
+])
+def test_bad_training_settings_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says):
+    text = tmp_path / "notes.pt"
+    text.write_text("just some text\n")
+    extra = [str(text) if e == "TEXT" else e for e in extra]
+    data = [] if "--data-root" in extra else ["--synthetic", "2"]
+    assert main(["train", *QUICK, *data, "--iterations", "1", *extra, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1
+
+
+def test_a_truncated_last_checkpoint_on_resume_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "2", "--out", str(out)]) == 0
+    whole = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "4", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "last.pt" in err and err.count("\n") == 1
+
+
+def test_a_real_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    import companion.__main__ as cli
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "train", broken, raising=False)
+    monkeypatch.setattr("companion.train.train", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["train", *QUICK, "--synthetic", "2", "--iterations", "1", "--out", str(tmp_path / "run")])
+
+
 def test_an_earlier_log_needs_overwrite_and_a_locked_out_is_one_line(tmp_path, capsys):
     from companion.train import lock_run_folder
 

@@ -134,3 +134,14 @@ def test_segment_draws_segments_each_draw():
         expected = postprocess.segment(embedding.astype(np.float32), logits[0], 2.0, 1.5)
         np.testing.assert_array_equal(stack, expected)
         assert stack.shape == (2, 40, 40)
+
+
+def test_a_network_with_nan_weights_is_an_error_not_an_empty_segmentation(image):
+    torch.manual_seed(0)
+    broken = UNet(base_filters=4, dropout="concrete")
+    with torch.no_grad():
+        next(p for p in broken.parameters() if p.dim() == 4)[0].fill_(float("nan"))
+    with pytest.raises(ValueError, match="not finite.*corrupt"):
+        predict(broken, image)
+    with pytest.raises(ValueError, match="not finite"):
+        mc_predict(broken, image, n_draws=2, seed=0)
