@@ -269,7 +269,8 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
 
 def _evaluation_model(args: argparse.Namespace, device):
     """The model to evaluate (on ``device``) and a description of it for results.json."""
-    from companion.evaluate import file_sha256, has_concrete_dropout, model_fingerprint
+    from companion._io import file_sha256
+    from companion.evaluate import has_concrete_dropout, model_fingerprint
     from companion.model import dropout_rates
 
     if args.checkpoint is not None:
@@ -331,7 +332,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from companion.evaluate import TABLE1_KEYS, evaluate_model, write_report
+    from companion.evaluate import evaluate_model, write_report
+    from companion.paper import TABLE1_KEYS
 
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

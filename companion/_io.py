@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_savez", "tensors_sha256"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_savez", "file_sha256", "tensors_sha256"]
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -39,6 +39,23 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, read in chunks.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "empty"
+    >>> _ = target.write_bytes(b"")
+    >>> file_sha256(target)[:16]
+    'e3b0c44298fc1c14'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:

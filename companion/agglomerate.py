@@ -26,9 +26,8 @@ The per-instance ``score`` (the mean probability over the instance's support, ``
 a confidence usable for average precision; :func:`binarize` thresholds the maps (the paper
 uses 0.75).
 
-:func:`perturb_instances` is a *teaching device*: it simulates the disagreements of
-Monte-Carlo draws (thickening/thinning, false splits, false merges, missing instances) from
-a ground-truth stack, so agglomeration can be explored without a trained network.
+:func:`companion.simulate.perturb_instances` simulates the disagreements of Monte-Carlo draws
+from a ground-truth stack, so agglomeration can be explored without a trained network.
 """
 from __future__ import annotations
 
@@ -36,10 +35,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
-
-from .uncertainty import bernoulli_entropy  # re-exported: chapter 07 shows the entropy of P
 
 __all__ = [
     "Agglomeration",
@@ -47,11 +43,9 @@ __all__ = [
     "binarize",
     "binarized_indices",
     "binarize_with_scores",
-    "bernoulli_entropy",
     "instance_scores",
     "Matching",
     "match_instances",
-    "perturb_instances",
     "soft_iou_matrix",
 ]
 
@@ -318,123 +312,3 @@ def binarize_with_scores(agglomeration: Agglomeration, threshold: float = 0.75) 
     """
     masks = binarize(agglomeration.probs, threshold)
     return masks, agglomeration.scores[binarized_indices(agglomeration.probs, threshold)]
-
-
-# --- teaching device: simulated Monte-Carlo disagreements ------------------------------
-
-def _disk(radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-    return yy**2 + xx**2 <= radius**2
-
-
-def _morph(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Dilate (radius > 0) or erode (radius < 0) one mask by a disk, on its padded bounding box."""
-    if radius == 0:
-        return mask.copy()
-    r = abs(radius)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    y0, y1 = max(rows[0] - r - 1, 0), min(rows[-1] + r + 2, mask.shape[0])
-    x0, x1 = max(cols[0] - r - 1, 0), min(cols[-1] + r + 2, mask.shape[1])
-    op = ndimage.binary_dilation if radius > 0 else ndimage.binary_erosion
-    out = np.zeros_like(mask)
-    out[y0:y1, x0:x1] = op(mask[y0:y1, x0:x1], structure=_disk(r), border_value=0)
-    return out
-
-
-def _split_along_principal_axis(mask: np.ndarray) -> list[np.ndarray]:
-    """Cut a mask in two halves at the median of its projection on its principal axis."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) < 2:
-        return [mask]
-    coords = np.stack([ys, xs], 1).astype(np.float64)
-    coords -= coords.mean(0)
-    _, vectors = np.linalg.eigh(coords.T @ coords)
-    projection = coords @ vectors[:, -1]
-    first = projection < np.median(projection)
-    if first.all() or not first.any():
-        return [mask]
-    halves = [np.zeros_like(mask), np.zeros_like(mask)]
-    halves[0][ys[first], xs[first]] = True
-    halves[1][ys[~first], xs[~first]] = True
-    return halves
-
-
-def perturb_instances(
-    instances: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    max_radius: int = 2,
-    p_split: float = 0.1,
-    p_merge: float = 0.1,
-    p_drop: float = 0.05,
-) -> np.ndarray:
-    """Simulate one Monte-Carlo draw from a ground-truth stack (a teaching device).
-
-    Each instance independently is dropped (probability ``p_drop``), or else eroded or
-    dilated by a disk of random radius in ``[-max_radius, max_radius]``, then split in two
-    across its principal axis (``p_split``: a *false split*). Finally, with probability
-    ``p_merge`` per instance, it is united with a touching or overlapping neighbour
-    (a *false merge*). Instances emptied by erosion disappear.
-
-    This is *not* what a network does; it produces plausible, controllable disagreements so
-    :func:`agglomerate` can be studied without a trained model.
-
-    Parameters
-    ----------
-    instances : np.ndarray
-        bool ``(K, H, W)``.
-    rng : np.random.Generator
-        Source of randomness (seed it for reproducibility).
-    max_radius : int
-        Largest erosion/dilation radius in pixels (0 keeps the shapes).
-    p_split, p_merge, p_drop : float
-        Per-instance probabilities of a false split, a false merge and a missing instance.
-
-    Returns
-    -------
-    np.ndarray
-        bool ``(K', H, W)``.
-
-    Examples
-    --------
-    >>> gt = np.zeros((2, 8, 8), bool); gt[0, 1:3] = True; gt[1, 5:7] = True
-    >>> draw = perturb_instances(gt, np.random.default_rng(0), max_radius=0, p_split=0, p_merge=0, p_drop=0)
-    >>> bool((draw == gt).all())
-    True
-    """
-    instances = np.asarray(instances)
-    if instances.ndim != 3:
-        raise ValueError(f"instances must be a (K, H, W) stack, got shape {instances.shape}")
-    for name, p in (("p_split", p_split), ("p_merge", p_merge), ("p_drop", p_drop)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {p}")
-    if max_radius < 0:
-        raise ValueError(f"max_radius must be >= 0, got {max_radius}")
-    masks: list[np.ndarray] = []
-    for mask in instances.astype(bool):
-        if not mask.any() or rng.random() < p_drop:
-            continue
-        mask = _morph(mask, int(rng.integers(-max_radius, max_radius + 1)))
-        if not mask.any():
-            continue
-        masks.extend(_split_along_principal_axis(mask) if rng.random() < p_split else [mask])
-    masks = _false_merges(masks, rng, p_merge)
-    return np.stack(masks) if masks else np.zeros((0, *instances.shape[1:]), bool)
-
-
-def _false_merges(masks: list[np.ndarray], rng: np.random.Generator, p_merge: float) -> list[np.ndarray]:
-    """Unite, with probability ``p_merge`` each, instances with a touching or overlapping partner."""
-    masks = list(masks)
-    k = 0
-    while k < len(masks):
-        if rng.random() < p_merge:
-            grown = _morph(masks[k], 1)
-            partners = [j for j in range(len(masks)) if j != k and (grown & masks[j]).any()]
-            if partners:
-                j = partners[int(rng.integers(len(partners)))]
-                masks[k] = masks[k] | masks[j]
-                del masks[j]
-                if j < k:
-                    k -= 1
-        k += 1
-    return masks

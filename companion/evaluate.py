@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_savez, atomic_write_bytes, tensors_sha256
+from .paper import TABLE1_KEYS
 
 if TYPE_CHECKING:  # pragma: no cover
     from companion.data import Sample
@@ -71,7 +72,6 @@ __all__ = [
     "DEFAULT_BANDWIDTHS",
     "DEFAULT_THRESHOLDS",
     "PAVPU_THRESHOLDS",
-    "TABLE1_KEYS",
     "CompactPass",
     "WellOutputs",
     "EvaluationResult",
@@ -81,7 +81,6 @@ __all__ = [
     "compact_scores",
     "model_fingerprint",
     "has_concrete_dropout",
-    "file_sha256",
     "well_outputs",
     "cached_well_outputs",
     "predict_deterministic",
@@ -98,8 +97,6 @@ DEFAULT_BANDWIDTHS: tuple[float, ...] = (1.0, 1.5, 2.0)
 DEFAULT_THRESHOLDS: tuple[float, ...] = (1.0, 1.5, 2.0)
 #: Entropy thresholds of the PAvPU curves (Fig. 2).
 PAVPU_THRESHOLDS: np.ndarray = np.linspace(0.0, 0.7, 15)
-#: The metrics of a Table 1 row.
-TABLE1_KEYS: tuple[str, ...] = ("avAP", "AP50", "AP75", "recall80", "avAP_dsb")
 #: Numbers of simulated corrections of Table 2.
 N_CORRECTIONS: tuple[int, ...] = (0, 5, 10, 15, 20)
 #: Layout version of the per-well cache files; a change invalidates old caches.
@@ -232,15 +229,6 @@ def model_fingerprint(model: nn.Module) -> str:
     (True, 64)
     """
     return tensors_sha256(model.state_dict())
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _well_seed(seed: int, well: str) -> int:

@@ -12,8 +12,8 @@ The network predicts, for every pixel, an embedding vector and three class logit
    arise. The predicted overlap map then fills each mask's share of the crossings (the
    paper's overlap heuristic).
 
-:func:`simulate_embedding` and :func:`ideal_logits` build an *idealised* network output from
-ground-truth masks. They are a teaching and testing device, not a model.
+:func:`companion.simulate.simulate_embedding` and :func:`companion.simulate.ideal_logits` build
+an *idealised* network output from ground-truth masks, a teaching and testing device.
 """
 from __future__ import annotations
 
@@ -35,8 +35,6 @@ __all__ = [
     "mean_shift_trajectories",
     "fill_overlap",
     "segment",
-    "simulate_embedding",
-    "ideal_logits",
 ]
 
 #: Instances (and fragments) smaller than this many pixels are dropped by :func:`segment`.
@@ -529,6 +527,7 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
 
     Examples
     --------
+    >>> from companion.simulate import ideal_logits, simulate_embedding
     >>> instances = np.zeros((2, 40, 40), bool)
     >>> instances[0, 5:15, 5:35] = True; instances[1, 25:35, 5:35] = True
     >>> embedding = simulate_embedding(instances, dim=4, seed=0)
@@ -625,100 +624,3 @@ def claim_pixels(embedding: np.ndarray, mask: np.ndarray, centers: np.ndarray, t
     claimed = np.zeros((len(centers),) + mask.shape, dtype=bool)
     claimed[:, mask] = sq_dist <= threshold * threshold
     return claimed
-
-
-# --------------------------------------------------------------------------------------------
-# an idealised network output (teaching and testing device)
-# --------------------------------------------------------------------------------------------
-def _spread_centers(n: int, dim: int, separation: float, rng: np.random.Generator) -> np.ndarray:
-    """``n`` random points in R^dim, pairwise at least ``separation`` apart (rejection sampling)."""
-    sigma = 1.2 * separation / np.sqrt(2.0 * dim)  # N(0, sigma^2 I) points lie ~ sigma sqrt(2 dim) apart
-    centers: list[np.ndarray] = []
-    for _ in range(1000 * max(n, 1)):
-        if len(centers) == n:
-            break
-        candidate = rng.normal(0.0, sigma, size=dim)
-        if all(np.linalg.norm(candidate - c) >= separation for c in centers):
-            centers.append(candidate)
-    if len(centers) < n:
-        raise ValueError(f"could not place {n} centres {separation} apart in {dim} dimensions")
-    return np.array(centers).reshape(n, dim)
-
-
-def simulate_embedding(instances: np.ndarray, dim: int = 16, *, spread: float = 0.25,
-                       separation: float = 5.0, seed: int = 0) -> np.ndarray:
-    """An idealised embedding, as a well-trained network would predict it for ``instances``.
-
-    **A teaching and testing device, not a model.** Each instance gets a random centre in
-    R^dim (pairwise at least ``separation`` apart, like the discriminative loss's push margin);
-    a pixel of one instance is its centre plus Gaussian noise of standard deviation ``spread``
-    per dimension. A pixel shared by several instances sits at the mean of their centres (the
-    pull term drags it towards each of them) plus noise; background pixels are noise around
-    the origin.
-
-    Parameters
-    ----------
-    instances : (K, H, W) bool
-        Ground-truth masks, possibly overlapping.
-    dim : int
-        Embedding dimension E.
-    spread : float
-        Noise standard deviation per dimension (a pixel lies about ``spread * sqrt(dim)`` from
-        its centre).
-    separation : float
-        Least distance between instance centres.
-    seed : int
-
-    Returns
-    -------
-    np.ndarray
-        (E, H, W) float32.
-
-    Examples
-    --------
-    >>> instances = np.zeros((2, 8, 8), bool); instances[0, :4] = True; instances[1, 2:] = True
-    >>> simulate_embedding(instances, dim=3, seed=0).shape
-    (3, 8, 8)
-    """
-    instances = _check_instances(instances)
-    rng = np.random.default_rng(seed)
-    n, height, width = instances.shape
-    centers = _spread_centers(n, dim, separation, rng)
-    members = instances.reshape(n, -1).T.astype(np.float64)            # (H*W, K)
-    counts = members.sum(axis=1, keepdims=True)
-    means = members @ centers / np.maximum(counts, 1.0)                 # background -> origin
-    noise = rng.normal(0.0, spread, size=means.shape)
-    return (means + noise).T.reshape(dim, height, width).astype(np.float32)
-
-
-def ideal_logits(instances: np.ndarray, confidence: float = 5.0) -> np.ndarray:
-    """Class logits of a perfectly confident network: ``confidence`` for the true class of
-    :func:`companion.targets.three_class_target`, 0 for the others.
-
-    Parameters
-    ----------
-    instances : (K, H, W) bool
-    confidence : float
-
-    Returns
-    -------
-    np.ndarray
-        (3, H, W) float32.
-
-    Examples
-    --------
-    >>> instances = np.zeros((2, 1, 3), bool); instances[0, 0, :2] = True; instances[1, 0, 1:] = True
-    >>> ideal_logits(instances, confidence=1.0).argmax(axis=0)
-    array([[1, 2, 1]])
-    """
-    from companion.targets import three_class_target
-
-    target = np.asarray(three_class_target(_check_instances(instances)))
-    return (confidence * np.eye(3, dtype=np.float32)[target]).transpose(2, 0, 1).copy()
-
-
-def _check_instances(instances: np.ndarray) -> np.ndarray:
-    instances = np.asarray(instances)
-    if instances.ndim != 3:
-        raise ValueError(f"instances must be a (K, H, W) stack of masks, got shape {instances.shape}")
-    return instances.astype(bool, copy=False)

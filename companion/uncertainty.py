@@ -48,7 +48,6 @@ __all__ = [
     "match_instances",
     "pavpu",
     "pavpu_from_patches",
-    "simulated_agglomerations",
 ]
 
 
@@ -268,52 +267,3 @@ def pavpu(
     [0.0, 1.0]
     """
     return pavpu_from_patches(patch_table(gts, probs, patch_size=patch_size, binarize_at=binarize_at), thresholds)
-
-
-def simulated_agglomerations(
-    instances: Sequence[np.ndarray],
-    seed: int = 0,
-    *,
-    n_draws: int = 8,
-    **perturb_kwargs,
-):
-    """Teaching helper: *simulated* Monte-Carlo probability maps from ground truth.
-
-    Until trained checkpoints are available, the book's evaluation chapters stand in for the
-    network's Monte-Carlo draws with corrupted copies of the ground truth
-    (:func:`companion.agglomerate.perturb_instances`: thinner/thicker worms, false splits,
-    false merges, missing worms) and agglomerate them with the real
-    :func:`companion.agglomerate.agglomerate`. These are *not* network predictions.
-
-    Parameters
-    ----------
-    instances : sequence of ndarray of bool, shapes (K_i, H, W)
-        Ground truth per image.
-    seed : int
-        One seed for everything (image ``i`` uses ``default_rng([seed, i])``).
-    n_draws : int
-        Simulated draws per image.
-    **perturb_kwargs
-        Passed to :func:`companion.agglomerate.perturb_instances`.
-
-    Returns
-    -------
-    list of companion.agglomerate.Agglomeration
-
-    Examples
-    --------
-    >>> gt = np.zeros((1, 8, 8), bool); gt[0, 2:6, 2:6] = True
-    >>> agg = simulated_agglomerations([gt], n_draws=4, max_radius=0, p_split=0, p_merge=0, p_drop=0)
-    >>> float(agg[0].probs.max())
-    1.0
-    """
-    from .agglomerate import agglomerate, perturb_instances
-
-    if n_draws < 1:
-        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
-    out = []
-    for i, gt in enumerate(instances):
-        rng = np.random.default_rng([seed, i])
-        draws = [perturb_instances(gt, rng, **perturb_kwargs) for _ in range(n_draws)]
-        out.append(agglomerate(draws))
-    return out

@@ -11,15 +11,15 @@ from skimage.draw import ellipse
 from companion.agglomerate import (
     Agglomeration,
     agglomerate,
-    bernoulli_entropy,
     binarize,
     binarized_indices,
     binarize_with_scores,
     instance_scores,
     match_instances,
-    perturb_instances,
     soft_iou_matrix,
 )
+from companion.simulate import perturb_instances
+from companion.uncertainty import bernoulli_entropy
 
 SHAPE = (48, 64)
 

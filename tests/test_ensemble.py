@@ -9,7 +9,7 @@ from companion.agglomerate import agglomerate
 from companion.ensemble import annotation_order, ensemble_outputs, errors_caught, member_seed, pool_draws
 from companion.evaluate import WellOutputs, compact_pass, predict_agglomerated, segment_compact, well_outputs
 from companion.model import UNet
-from companion.postprocess import ideal_logits, simulate_embedding
+from companion.simulate import ideal_logits, simulate_embedding
 
 
 def _outputs(instances_per_draw, seed=0):

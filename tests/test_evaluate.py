@@ -10,14 +10,17 @@ import pytest
 import torch
 from torch import nn
 
+from companion._io import file_sha256
 from companion.agglomerate import agglomerate, binarize
 from companion.evaluate import (
-    TABLE1_KEYS, CompactPass, _ScaledCounts, _to_counts, _well_seed, cached_well_outputs, compact_pass,
-    compact_scores, evaluate_model, expand_pass, file_sha256, segment_compact, write_report,
+    CompactPass, _ScaledCounts, _to_counts, _well_seed, cached_well_outputs, compact_pass,
+    compact_scores, evaluate_model, expand_pass, segment_compact, write_report,
 )
 from companion.model import ConcreteDropout2d, UNet, UNetOutput
-from companion.postprocess import ideal_logits, segment, simulate_embedding
+from companion.paper import TABLE1_KEYS
+from companion.postprocess import segment
 from companion.sampling import mc_predict
+from companion.simulate import ideal_logits, simulate_embedding
 from companion.synthetic import make_dataset
 from companion.tuning import foreground_scores
 from companion.uncertainty import pavpu

@@ -235,7 +235,7 @@ def test_precision_recall_curve_hand_worked():
 
 @pytest.mark.realdata
 def test_real_wells_against_pycocotools(bbbc010_root):
-    from companion.agglomerate import perturb_instances
+    from companion.simulate import perturb_instances
     from companion.data import load_bbbc010
 
     samples = load_bbbc010(bbbc010_root, wells=["C03", "C04"], progress=False)

@@ -10,6 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from companion import postprocess as pp
 from companion import synthetic
+from companion.simulate import ideal_logits, simulate_embedding
 from companion.targets import OVERLAP, three_class_target
 
 
@@ -154,8 +155,8 @@ def synthetic_cases():
     cases = []
     for seed in range(6):
         instances = synthetic.make_sample(seed).instances
-        embedding = pp.simulate_embedding(instances, seed=seed)
-        cases.append((instances, embedding, pp.ideal_logits(instances)))
+        embedding = simulate_embedding(instances, seed=seed)
+        cases.append((instances, embedding, ideal_logits(instances)))
     return cases
 
 
@@ -205,11 +206,11 @@ def test_segment_drops_instances_below_min_size():
     instances = np.zeros((2, 40, 40), bool)
     instances[0, 5:15, 5:35] = True   # 300 pixels
     instances[1, 30:33, 5:15] = True  # 30 pixels
-    embedding = pp.simulate_embedding(instances, dim=8, seed=0)
-    out = pp.segment(embedding, pp.ideal_logits(instances), 2.0, 1.5, min_size=50)
+    embedding = simulate_embedding(instances, dim=8, seed=0)
+    out = pp.segment(embedding, ideal_logits(instances), 2.0, 1.5, min_size=50)
     assert len(out) == 1
     assert pairwise_iou(instances[:1], out)[0, 0] > 0.95
-    assert len(pp.segment(embedding, pp.ideal_logits(instances), 2.0, 1.5, min_size=10)) == 2
+    assert len(pp.segment(embedding, ideal_logits(instances), 2.0, 1.5, min_size=10)) == 2
 
 
 def test_segment_rejects_nan_and_mismatched_shapes():
@@ -230,7 +231,7 @@ def test_simulated_embedding_places_pixels_at_their_centres():
     instances[0, 2:10, :] = True
     instances[1, :, 2:10] = True
     instances[2, 20:28, 15:28] = True
-    embedding = pp.simulate_embedding(instances, dim=16, spread=0.1, separation=5.0, seed=3)
+    embedding = simulate_embedding(instances, dim=16, spread=0.1, separation=5.0, seed=3)
     assert embedding.shape == (16, 30, 30) and embedding.dtype == np.float32
     only = [inst & ~np.delete(instances, k, 0).any(0) for k, inst in enumerate(instances)]
     centres = np.array([embedding[:, m].mean(1) for m in only])
@@ -238,12 +239,12 @@ def test_simulated_embedding_places_pixels_at_their_centres():
     assert (gaps >= 5.0 - 0.1).all()
     shared = instances[0] & instances[1]
     np.testing.assert_allclose(embedding[:, shared].mean(1), centres[:2].mean(0), atol=0.05)
-    np.testing.assert_array_equal(embedding, pp.simulate_embedding(instances, dim=16, spread=0.1, seed=3))
+    np.testing.assert_array_equal(embedding, simulate_embedding(instances, dim=16, spread=0.1, seed=3))
 
 
 def test_ideal_logits_argmax_is_the_three_class_target():
     instances = synthetic.make_sample(2, shape=(64, 64)).instances
-    np.testing.assert_array_equal(pp.ideal_logits(instances).argmax(0), three_class_target(instances))
+    np.testing.assert_array_equal(ideal_logits(instances).argmax(0), three_class_target(instances))
 
 
 def test_claim_pixels_matches_a_naive_distance_check():
@@ -266,12 +267,12 @@ def test_segment_does_not_warn_when_every_pixel_is_its_own_seed():
     instances = np.zeros((2, 30, 30), bool)
     instances[0, 2:12, 2:28] = True
     instances[1, 16:26, 2:28] = True
-    embedding = pp.simulate_embedding(instances, dim=16, seed=0)  # 16-d: bins of 0.05 hold one pixel each
+    embedding = simulate_embedding(instances, dim=16, seed=0)  # 16-d: bins of 0.05 hold one pixel each
     with pytest.warns(UserWarning, match="Binning data failed"):
         pp.bin_seeds(embedding[:, instances.any(0)].T, 0.05, at="mean")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        masks = pp.segment(embedding, pp.ideal_logits(instances), bandwidth=0.05, threshold=1.5, min_size=1)
+        masks = pp.segment(embedding, ideal_logits(instances), bandwidth=0.05, threshold=1.5, min_size=1)
     assert masks.ndim == 3
 
 
@@ -280,9 +281,9 @@ def test_component_clustering_separates_distant_worms_with_one_embedding():
     instances[0, 5:15, 5:55] = True
     instances[1, 40:50, 5:55] = True
     instances[2, 30:60, 30:34] = True  # crosses worm 1: same component, other embedding
-    embedding = pp.simulate_embedding(instances, dim=4, seed=0)
+    embedding = simulate_embedding(instances, dim=4, seed=0)
     embedding[:, instances[1] & ~instances[2]] = embedding[:, instances[0]].mean(axis=1, keepdims=True)
-    logits = pp.ideal_logits(instances)
+    logits = ideal_logits(instances)
     merged = pp.segment(embedding, logits, 2.0, 1.5)
     split = pp.segment(embedding, logits, 2.0, 1.5, clustering="components", single_below=0)
     assert len(merged) == 2  # the paper's global clustering merges worms 0 and 1 (one is lost)
@@ -296,19 +297,19 @@ def test_component_clustering_takes_small_components_whole_and_checks_its_name()
     instances[0, 5:10, 5:30] = True
     instances[1, 20:25, 5:30] = True
     embedding = np.zeros((4, 40, 40))  # useless embedding: every pixel alike
-    masks = pp.segment(embedding, pp.ideal_logits(instances), 1.0, 1.0, clustering="components",
+    masks = pp.segment(embedding, ideal_logits(instances), 1.0, 1.0, clustering="components",
                     single_below=1000)
     assert sorted(m.sum() for m in masks) == [125, 125]
     with pytest.raises(ValueError, match="clustering"):
-        pp.segment(embedding, pp.ideal_logits(instances), 1.0, 1.0, clustering="local")
+        pp.segment(embedding, ideal_logits(instances), 1.0, 1.0, clustering="local")
 
 
 def test_segment_reuses_the_modes_across_thresholds(monkeypatch):
     instances = np.zeros((2, 40, 40), bool)
     instances[0, 5:10, 5:30] = True
     instances[1, 20:25, 5:30] = True
-    embedding = pp.simulate_embedding(instances, dim=4, seed=1)
-    logits = pp.ideal_logits(instances)
+    embedding = simulate_embedding(instances, dim=4, seed=1)
+    logits = ideal_logits(instances)
     pp._CENTRES_CACHE.clear()
     fresh = [pp.segment(embedding, logits, 1.5, t, min_size=1) for t in (1.0, 2.0)]
     calls = []
@@ -331,16 +332,16 @@ def test_segment_reuses_the_modes_across_thresholds(monkeypatch):
 def test_segment_rejects_bad_settings_early(kwargs, match):
     instances = np.zeros((1, 20, 20), bool)
     instances[0, 5:10, 5:15] = True
-    embedding = pp.simulate_embedding(instances, dim=4, seed=0)
+    embedding = simulate_embedding(instances, dim=4, seed=0)
     settings = {"bandwidth": 1.0, "threshold": 1.0, **kwargs}
     with pytest.raises(ValueError, match=match):
-        pp.segment(embedding, pp.ideal_logits(instances), **settings)
+        pp.segment(embedding, ideal_logits(instances), **settings)
 
 
 def test_segment_rejects_nan_logits():
     instances = np.zeros((1, 20, 20), bool)
     instances[0, 5:10, 5:15] = True
-    logits = pp.ideal_logits(instances).astype(float)
+    logits = ideal_logits(instances).astype(float)
     logits[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="class_logits contain NaN"):
-        pp.segment(pp.simulate_embedding(instances, dim=4, seed=0), logits, 1.0, 1.0)
+        pp.segment(simulate_embedding(instances, dim=4, seed=0), logits, 1.0, 1.0)

@@ -122,12 +122,14 @@ def test_invalid_inputs_are_rejected(net, image):
 
 
 def test_segment_draws_segments_each_draw():
-    postprocess = pytest.importorskip("companion.postprocess")
+    from companion import postprocess
+    from companion.simulate import ideal_logits, simulate_embedding
+
     instances = np.zeros((2, 40, 40), bool)
     instances[0, 5:15, 5:35] = True
     instances[1, 25:35, 5:35] = True
-    embeddings = np.stack([postprocess.simulate_embedding(instances, dim=4, seed=s) for s in range(2)])
-    logits = np.stack([postprocess.ideal_logits(instances)] * 2).astype(np.float32)
+    embeddings = np.stack([simulate_embedding(instances, dim=4, seed=s) for s in range(2)])
+    logits = np.stack([ideal_logits(instances)] * 2).astype(np.float32)
     stacks = segment_draws(MCDraws(embeddings.astype(np.float32), logits), bandwidth=2.0, threshold=1.5)
     assert len(stacks) == 2
     for embedding, stack in zip(embeddings, stacks):

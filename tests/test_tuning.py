@@ -106,7 +106,7 @@ def test_segmenter_deterministic_and_monte_carlo_paths():
 
 
 def test_grid_search_with_the_real_segment_on_an_ideal_embedding():
-    from companion.postprocess import ideal_logits, simulate_embedding
+    from companion.simulate import ideal_logits, simulate_embedding
     from companion.synthetic import make_sample
 
     samples = [make_sample(seed, shape=(96, 96), n_worms=2) for seed in range(2)]

@@ -12,8 +12,8 @@ from companion.uncertainty import (
     patch_table,
     pavpu,
     pavpu_from_patches,
-    simulated_agglomerations,
 )
+from companion.simulate import simulated_agglomerations
 
 
 def _h(p):

@@ -109,7 +109,7 @@ def provenance(name: str, directory: str | os.PathLike | None = None) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    from companion.evaluate import file_sha256
+    from companion._io import file_sha256
 
     return file_sha256(path)
 
