@@ -45,7 +45,6 @@ Examples
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import json
@@ -543,13 +542,12 @@ def evaluate_model(
     outputs = cached_well_outputs(model, samples, cache_dir, draws=draws, seed=seed, batch=batch,
                                   device=device, progress=progress)
 
-    @functools.lru_cache(maxsize=max(1, len(samples)))  # grid_search re-segments the chosen point
     def deterministic(well: str, bandwidth: float, threshold: float):
         return predict_deterministic(outputs[well], float(bandwidth), float(threshold), **segment_options)
 
     tuning = grid_search(deterministic, gts, bandwidths, thresholds, used_folds, metric="avAP", progress=progress)
     chosen = {c.applied_to: (c.bandwidth, c.threshold) for c in tuning.choices}
-    det = [deterministic(w, *chosen[fold_of[w]]) for w in wells]
+    det = [tuning.predictions[w] for w in wells]  # each well segmented at its fold's chosen point
     gt_list = [gts[w] for w in wells]
     det_metrics = evaluate(gt_list, [m for m, _ in det], [s for _, s in det])
     rows = [dict(name="deterministic", inference="one deterministic pass (dropout off)",

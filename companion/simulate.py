@@ -8,8 +8,7 @@ Two stand-ins let the book and the tests explore the pipeline without a trained 
   :func:`companion.postprocess.segment`;
 * :func:`perturb_instances` simulates the disagreements of Monte-Carlo draws (thickening /
   thinning, false splits, false merges, missing instances) from a ground-truth stack, so that
-  :func:`companion.agglomerate.agglomerate` can be studied;
-  :func:`simulated_agglomerations` agglomerates such draws.
+  :func:`companion.agglomerate.agglomerate` can be studied.
 
 Examples
 --------
@@ -19,15 +18,12 @@ Examples
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 from scipy import ndimage
 
-from .agglomerate import agglomerate
 from .targets import three_class_target
 
-__all__ = ["simulate_embedding", "ideal_logits", "perturb_instances", "simulated_agglomerations"]
+__all__ = ["simulate_embedding", "ideal_logits", "perturb_instances"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,50 +241,3 @@ def _false_merges(masks: list[np.ndarray], rng: np.random.Generator, p_merge: fl
                     k -= 1
         k += 1
     return masks
-
-
-def simulated_agglomerations(
-    instances: Sequence[np.ndarray],
-    seed: int = 0,
-    *,
-    n_draws: int = 8,
-    **perturb_kwargs,
-):
-    """Teaching helper: *simulated* Monte-Carlo probability maps from ground truth.
-
-    Until trained checkpoints are available, the book's evaluation chapters stand in for the
-    network's Monte-Carlo draws with corrupted copies of the ground truth
-    (:func:`perturb_instances`: thinner/thicker worms, false splits,
-    false merges, missing worms) and agglomerate them with the real
-    :func:`companion.agglomerate.agglomerate`. These are *not* network predictions.
-
-    Parameters
-    ----------
-    instances : sequence of ndarray of bool, shapes (K_i, H, W)
-        Ground truth per image.
-    seed : int
-        One seed for everything (image ``i`` uses ``default_rng([seed, i])``).
-    n_draws : int
-        Simulated draws per image.
-    **perturb_kwargs
-        Passed to :func:`perturb_instances`.
-
-    Returns
-    -------
-    list of companion.agglomerate.Agglomeration
-
-    Examples
-    --------
-    >>> gt = np.zeros((1, 8, 8), bool); gt[0, 2:6, 2:6] = True
-    >>> agg = simulated_agglomerations([gt], n_draws=4, max_radius=0, p_split=0, p_merge=0, p_drop=0)
-    >>> float(agg[0].probs.max())
-    1.0
-    """
-    if n_draws < 1:
-        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
-    out = []
-    for i, gt in enumerate(instances):
-        rng = np.random.default_rng([seed, i])
-        draws = [perturb_instances(gt, rng, **perturb_kwargs) for _ in range(n_draws)]
-        out.append(agglomerate(draws))
-    return out

@@ -1,12 +1,11 @@
-"""Tests of companion.tuning: cross-validated grid search, output cache, segmenter."""
+"""Tests of companion.tuning: cross-validated grid search and foreground scores."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from companion.agglomerate import agglomerate, binarize
 from companion.metrics import evaluate
-from companion.tuning import cached_outputs, foreground_scores, grid_search, segmenter
+from companion.tuning import foreground_scores, grid_search
 
 
 def _square(shift=0):
@@ -52,25 +51,6 @@ def test_grid_search_validates_inputs():
         grid_search(_stand_in, GTS, [1], [0.5], folds=(("a1",), ("zz",)), progress=False)
 
 
-def test_cached_outputs_compute_each_well_once(tmp_path):
-    calls = []
-
-    def compute(well):
-        calls.append(well)
-        return {"embedding": np.full((2, 3, 3), len(calls), np.float32), "logits": np.zeros((3, 3, 3))}
-
-    path = tmp_path / "sub" / "outputs.npz"
-    first = cached_outputs(path, ["A01", "A02"], compute, progress=False)
-    again = cached_outputs(path, ["A01", "A02"], compute, progress=False)
-    more = cached_outputs(path, ["A02", "A03"], compute, progress=False)
-    assert calls == ["A01", "A02", "A03"]
-    np.testing.assert_array_equal(again["A02"]["embedding"], first["A02"]["embedding"])
-    assert set(more) == {"A02", "A03"} and more["A03"]["embedding"][0, 0, 0] == 3
-    assert sorted(p.name for p in path.parent.iterdir()) == ["outputs.npz"]  # no temp file left
-    with pytest.raises(ValueError, match="__"):
-        cached_outputs(path, ["A__1"], compute, progress=False)
-
-
 def test_foreground_scores_is_mean_non_background_probability():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, 4, 5))
@@ -80,42 +60,46 @@ def test_foreground_scores_is_mean_non_background_probability():
     np.testing.assert_allclose(foreground_scores(masks, logits), expected)
 
 
-def test_segmenter_deterministic_and_monte_carlo_paths():
-    logits = np.zeros((3, 8, 8))
-    logits[1, 2:6, 2:6] = 5.0
-
-    def fake_segment(embedding, class_logits, bandwidth, threshold):
-        # the "instance" is where the first embedding channel exceeds the threshold
-        return (embedding[0] > threshold)[None]
-
-    emb = np.zeros((2, 8, 8))
-    emb[0, 2:6, 2:6] = 1.0
-    predict = segmenter({"w": {"embedding": emb, "logits": logits}}, fake_segment)
-    masks, scores = predict("w", 1.0, 0.5)
-    np.testing.assert_array_equal(masks, _square())
-    np.testing.assert_allclose(scores, foreground_scores(masks, logits))
-    # Monte-Carlo: 4 draws, the last one shifted; agglomerated and binarised at 0.75
-    draws = np.stack([emb, emb, emb, np.roll(emb, 1, axis=2)])
-    predict_mc = segmenter({"w": {"embedding": draws, "logits": np.stack([logits] * 4)}}, fake_segment)
-    masks_mc, scores_mc = predict_mc("w", 1.0, 0.5)
-    agg = agglomerate([fake_segment(d, None, 1.0, 0.5) for d in draws])
-    np.testing.assert_array_equal(masks_mc, binarize(agg.probs, 0.75))
-    np.testing.assert_allclose(scores_mc, agg.scores)
-    with pytest.raises(ValueError, match="embedding must be"):
-        segmenter({"w": {"embedding": emb[0], "logits": logits}}, fake_segment)("w", 1.0, 0.5)
-
-
 def test_grid_search_with_the_real_segment_on_an_ideal_embedding():
+    from companion.postprocess import segment
     from companion.simulate import ideal_logits, simulate_embedding
     from companion.synthetic import make_sample
 
     samples = [make_sample(seed, shape=(96, 96), n_worms=2) for seed in range(2)]
     cache = {s.well: {"embedding": simulate_embedding(s.instances, dim=4, seed=i),
                       "logits": ideal_logits(s.instances)} for i, s in enumerate(samples)}
+
+    def predict(well, bandwidth, threshold):
+        embedding, logits = cache[well]["embedding"], cache[well]["logits"]
+        masks = segment(embedding, logits, bandwidth, threshold)
+        return masks, foreground_scores(masks, logits)
+
     gts = {s.well: s.instances for s in samples}
     folds = ((samples[0].well,), (samples[1].well,))
-    result = grid_search(cache, gts, [1.0], [1.5], folds=folds, progress=False)
+    result = grid_search(predict, gts, [1.0], [1.5], folds=folds, progress=False)
     assert result.scores.shape == (2, 1, 1)
     # an ideal embedding (well separated centres) is segmented perfectly
     assert result.pooled["avAP"] == pytest.approx(1.0)
     assert [c.bandwidth for c in result.choices] == [1.0, 1.0]
+
+
+def test_grid_search_segments_each_well_once_per_grid_point():
+    calls = []
+
+    def counting(well, bandwidth, threshold):
+        calls.append((well, bandwidth, threshold))
+        return _stand_in(well, bandwidth, threshold)
+
+    result = grid_search(counting, GTS, [1, 2], [0.5, 0.7], folds=FOLDS, progress=False)
+    assert len(calls) == len(set(calls)) == 4 * len(GTS)  # the chosen points are not segmented again
+    reference = grid_search(_stand_in, GTS, [1, 2], [0.5, 0.7], folds=FOLDS, progress=False)
+    assert result.pooled["avAP"] == reference.pooled["avAP"]
+    assert [c[:5] for c in result.choices] == [c[:5] for c in reference.choices]
+    # the kept predictions are those of each fold's chosen point
+    for choice in result.choices:
+        for well in FOLDS[choice.applied_to]:
+            masks, scores = result.predictions[well]
+            expected_masks, expected_scores = _stand_in(well, choice.bandwidth, choice.threshold)
+            np.testing.assert_array_equal(masks, expected_masks)
+            np.testing.assert_array_equal(scores, expected_scores)
+    assert list(result.predictions) == [w for fold in FOLDS for w in fold]

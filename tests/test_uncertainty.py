@@ -13,7 +13,6 @@ from companion.uncertainty import (
     pavpu,
     pavpu_from_patches,
 )
-from companion.simulate import simulated_agglomerations
 
 
 def _h(p):
@@ -137,17 +136,3 @@ def test_input_validation():
         pavpu([np.zeros((1, 4, 4), bool)], [], [0.1])
     with pytest.raises(ValueError, match=r"image 0"):
         pavpu([np.zeros((1, 4, 4), bool)], [np.zeros((1, 4, 5))], [0.1])
-
-
-def test_simulated_agglomerations_are_seeded_probabilities():
-    rng = np.random.default_rng(0)
-    gt = np.zeros((3, 32, 32), bool)
-    for k in range(3):
-        y, x = rng.integers(0, 24, size=2)
-        gt[k, y:y + 8, x:x + 6] = True
-    a = simulated_agglomerations([gt], seed=3, n_draws=5)
-    b = simulated_agglomerations([gt], seed=3, n_draws=5)
-    np.testing.assert_array_equal(a[0].probs, b[0].probs)
-    assert a[0].probs.min() >= 0 and a[0].probs.max() <= 1
-    # with 5 draws every probability is a multiple of 1/5
-    np.testing.assert_allclose(a[0].probs * 5, np.round(a[0].probs * 5), atol=1e-5)
