@@ -3,7 +3,7 @@
 Measures, in one run, with the ``cpu`` preset's crop size and batch size (full-size U-Net):
 
 1. iterations/s of :func:`companion.train.train_step` fed by the real pipeline
-   (:func:`companion.train.make_loader`: ``WormCropDataset`` augmentation in DataLoader
+   (:func:`companion.batches.make_loader`: ``WormCropDataset`` augmentation in DataLoader
    workers, pinned memory on CUDA) on the BBBC010 training wells if ``$BBBC010_ROOT`` is set,
    else on synthetic 520 x 696 worms;
 2. iterations/s of the same model stepping on the same batches already in memory (on the device);
@@ -26,8 +26,9 @@ import time
 import torch
 
 from companion.augment import WormCropDataset
-from companion.train import (TrainConfig, _amp_dtype, build_model, make_loader,
-                             single_threaded_numpy_blas, to_device, train_step)
+from companion.batches import make_loader, single_threaded_numpy_blas, to_device
+from companion.config import TrainConfig
+from companion.train import _amp_dtype, build_model, train_step
 
 
 def training_data(n_synthetic: int = 8):

@@ -55,7 +55,7 @@ _probability = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
-    from companion.train import PRESETS
+    from companion.config import PRESETS
 
     p = commands.add_parser(
         "train", help="train a U-Net (see `python -m companion train --help`)",
@@ -144,8 +144,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`~companion.train.TrainConfig` of parsed ``train`` arguments."""
-    from companion.train import TrainConfig
+    """The :class:`~companion.config.TrainConfig` of parsed ``train`` arguments."""
+    from companion.config import TrainConfig
 
     overrides = {name: getattr(args, name) for name in
                  ("model", "iterations", "seed", "batch_size", "lr", "disc_warmup", "grad_clip", "crop_size",
@@ -178,10 +178,11 @@ def _training_data(args: argparse.Namespace, crop_size: int, seed: int) -> list:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from companion.train import _existing_run_files, train
+    from companion.run_folder import existing_run_files
+    from companion.train import train
 
     config = config_from_args(args)
-    found = [p.name for p in _existing_run_files(args.out)]
+    found = [p.name for p in existing_run_files(args.out)]
     if found and not (args.resume or args.overwrite):  # before loading the data
         hint = "add --resume to continue it, --overwrite to replace it" if "last.pt" in found else \
             "add --overwrite to replace it (there is no last.pt to --resume from)"
@@ -274,7 +275,7 @@ def _evaluation_model(args: argparse.Namespace, device):
     from companion.model import dropout_rates
 
     if args.checkpoint is not None:
-        from companion.train import load_model, read_checkpoint
+        from companion.checkpoint import load_model, read_checkpoint
 
         model = load_model(args.checkpoint)
         ckpt = read_checkpoint(args.checkpoint)

@@ -327,7 +327,7 @@ def batch_seed(seed: int, first_index: int) -> int:
 class DeviceCropLoader:
     """Training batches of iterations ``start .. stop - 1`` made on the device, for one rank.
 
-    The crop order is the one of :func:`companion.train.make_loader`: iteration ``t`` of rank
+    The crop order is the one of :func:`companion.batches.make_loader`: iteration ``t`` of rank
     ``r`` (of ``world_size``) reads the global crop indices ``(t * world_size + r) * B + j``,
     crop ``i`` is of sample ``i % len(samples)``, and the transforms of a batch are drawn from a
     generator seeded with :func:`batch_seed` of ``(seed, first index)``: resuming at iteration

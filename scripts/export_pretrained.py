@@ -58,8 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shift, calibration = 0.0, None
     if args.calibrate:
         from companion.calibration import choose_background_shift
+        from companion.checkpoint import load_model
         from companion.data import VAL_WELLS, load_bbbc010
-        from companion.train import load_model
 
         wells = list(VAL_WELLS[:args.calibrate])
         choice = choose_background_shift(load_model(args.checkpoint), load_bbbc010(args.data_root, wells=wells),

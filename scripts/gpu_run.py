@@ -331,7 +331,7 @@ def settings_for(smoke: bool, device: str) -> Settings:
 
 def train_config(settings: Settings, model: str, iterations: int, batch: int, **extra: Any):
     """The ``cpu`` preset's recipe for a GPU run of ``iterations`` steps of ``batch`` crops."""
-    from companion.train import PRESETS, TrainConfig
+    from companion.config import PRESETS, TrainConfig
 
     cpu = PRESETS["cpu"]
     scale = min(1.0, iterations / cpu["iterations"])  # warm-ups in proportion when fewer iterations fit
@@ -447,7 +447,8 @@ def bench_training(data: Data, settings: Settings, source, batch: int, *, mixed:
     """Training iterations/s (crops from ``source`` on the device + one ``train_step``), Concrete model."""
     import torch
 
-    from companion.train import _amp_dtype, build_model, make_optimizer, to_device, train_step
+    from companion.batches import to_device
+    from companion.train import _amp_dtype, build_model, make_optimizer, train_step
 
     device = torch.device(settings.device)
     config = train_config(settings, "concrete", 1000, batch, cpu_bf16=mixed and device.type == "cpu",
@@ -574,8 +575,10 @@ def run_benchmarks(run: Run, data: Data, settings: Settings) -> tuple[int, float
 def train_one(run: Run, data: Data, settings: Settings, name: str, batch: int, it_per_s: float,
               seconds: float) -> Path | None:
     """Train ``name`` from scratch for about ``seconds``; the checkpoint to export, or None."""
+    from companion.checkpoint import load_model, read_checkpoint
     from companion.model import dropout_rates
-    from companion.train import load_model, read_checkpoint, read_log, train
+    from companion.run_folder import read_log
+    from companion.train import train
 
     started = time.monotonic()
     iterations = max(settings.min_iterations, int(it_per_s * seconds * 0.9))
@@ -625,8 +628,8 @@ def export_one(run: Run, data: Data, settings: Settings, name: str, checkpoint: 
     import torch
 
     from companion.calibration import choose_background_shift
+    from companion.checkpoint import load_model
     from companion.pretrained import export
-    from companion.train import load_model
 
     started = time.monotonic()
     device = torch.device(settings.device)

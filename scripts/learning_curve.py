@@ -55,8 +55,9 @@ def _minutes_at(log: list[dict], iteration: int) -> tuple[float, dict]:
 
 def snapshot_rows(run: Path, samples, args, start_minutes: float = 0.0) -> list[dict]:
     from companion.calibration import choose_background_shift, shift_background_logit
+    from companion.checkpoint import load_model, read_checkpoint
     from companion.evaluate import evaluate_model
-    from companion.train import load_model, read_checkpoint, read_log
+    from companion.run_folder import read_log
 
     log = read_log(run)
     paths = sorted(run.glob("iter_*.pt"))

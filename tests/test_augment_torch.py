@@ -11,9 +11,11 @@ from scipy import stats
 from companion.augment import MIN_PIXELS, WormCropDataset
 from companion.augment_torch import (CropParams, DeviceCropLoader, DeviceCropSource, augment_batch,
                                      batch_seed)
+from companion.batches import make_loader, uses_gpu_augment
+from companion.config import TrainConfig
 from companion.synthetic import make_dataset, make_sample
 from companion.targets import three_class_target
-from companion.train import TrainConfig, make_loader, train, uses_gpu_augment
+from companion.train import train
 
 OFF = dict(rotate=False, flip=False, elastic=False)
 

@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from companion.__main__ import build_parser, config_from_args, main
-from companion.train import TrainConfig, read_checkpoint, read_log
+from companion.checkpoint import read_checkpoint
+from companion.config import TrainConfig
+from companion.run_folder import read_log
 from conftest import REPO_ROOT
 
 QUICK = ["--preset", "quick", "--crop-size", "32", "--checkpoint-every", "2", "--log-every", "1",
@@ -158,7 +160,7 @@ def test_a_real_bug_keeps_its_traceback(tmp_path, monkeypatch):
 
 
 def test_an_earlier_log_needs_overwrite_and_a_locked_out_is_one_line(tmp_path, capsys):
-    from companion.train import lock_run_folder
+    from companion.run_folder import lock_run_folder
 
     out = tmp_path / "run"
     out.mkdir()

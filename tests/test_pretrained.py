@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from companion import pretrained
+from companion.checkpoint import load_model
+from companion.config import TrainConfig
 from companion.model import dropout_rates
-from companion.train import TERM_NAMES, TrainConfig, load_model, read_log, train
+from companion.run_folder import TERM_NAMES, read_log
 from companion.synthetic import make_dataset
+from companion.train import train
 from conftest import REPO_ROOT
 
 
@@ -216,8 +219,10 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
 
 
 def test_training_can_start_from_an_exported_model(shelf, tmp_path):
+    from companion.checkpoint import init_weights
+    from companion.config import TrainConfig
     from companion.synthetic import make_dataset
-    from companion.train import TrainConfig, build_model, init_weights, train
+    from companion.train import build_model, train
 
     exported = pretrained.load("concrete", directory=shelf)
     cfg = TrainConfig.preset("quick", iterations=3, checkpoint_every=3, log_every=1)
@@ -273,7 +278,7 @@ def test_a_corrupt_provenance_file_is_a_value_error_naming_it(shelf, tmp_path):
 
 
 def test_a_gpu_location_without_cuda_says_so_and_does_not_blame_the_file(shelf, run_dir, monkeypatch):
-    from companion.train import read_checkpoint
+    from companion.checkpoint import read_checkpoint
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for location in ("cuda", "cuda:1", torch.device("cuda", 0)):

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from companion.augment import WormCropDataset, collate_crops
+from companion.batches import _IterationSampler
+from companion.checkpoint import load_model, read_checkpoint
+from companion.config import PRESETS, TrainConfig
 from companion.model import concrete_layers
+from companion.run_folder import TERM_NAMES, read_log
 from companion.synthetic import make_dataset
-from companion.train import (
-    PRESETS, TERM_NAMES, TrainConfig, _IterationSampler, build_model, load_model,
-    read_checkpoint, read_log, train, train_step,
-)
+from companion.train import build_model, train, train_step
 from conftest import REPO_ROOT
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -97,7 +98,7 @@ def test_ranks_read_disjoint_shards_whose_union_is_the_single_process_batch():
 
 def test_numpy_blas_runs_single_threaded_inside_the_training_loop():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from companion.train import single_threaded_numpy_blas
+    from companion.batches import single_threaded_numpy_blas
 
     def openblas_threads():
         return [i["num_threads"] for i in threadpoolctl.threadpool_info()
@@ -268,8 +269,9 @@ def test_load_model_rejects_other_files_with_a_clear_error(finished_run, tmp_pat
 # --------------------------------------------------------------------------------------------
 RUN_SCRIPT = textwrap.dedent("""
     import os, sys
+    from companion.config import TrainConfig
     from companion.synthetic import make_dataset
-    from companion.train import TrainConfig, train
+    from companion.train import train
 
     out, resume, kill_at = sys.argv[1], sys.argv[2] == "resume", int(sys.argv[3])
     config = TrainConfig.preset("quick", iterations=6, checkpoint_every=2, log_every=1,
@@ -328,8 +330,9 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     from companion.augment import WormCropDataset, collate_crops
+    from companion.config import TrainConfig
     from companion.synthetic import make_dataset
-    from companion.train import TrainConfig, build_model, train, train_step
+    from companion.train import build_model, train, train_step
 
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
@@ -435,7 +438,8 @@ def test_mixed_precision_is_off_on_the_cpu():
 
 
 def test_init_from_starts_a_concrete_model_from_baseline_weights(tmp_path):
-    from companion.train import build_model, init_weights
+    from companion.checkpoint import init_weights
+    from companion.train import build_model
 
     data = make_dataset(2, seed=0, shape=(96, 96))
     base_cfg = TrainConfig.preset("quick", model="baseline", iterations=2, checkpoint_every=2, log_every=1)
@@ -468,8 +472,8 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def test_standardize_stores_training_statistics_in_the_checkpoint(tmp_path):
+    from companion.config import channel_statistics
     from companion.synthetic import make_dataset
-    from companion.train import channel_statistics
 
     data = make_dataset(2, seed=0, shape=(96, 96))
     cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1, standardize=True)
@@ -546,7 +550,7 @@ def test_cpu_bf16_turns_on_autocast_and_channels_last_on_the_cpu(tmp_path):
 # --------------------------------------------------------------------------------------------
 HOLD_LOCK_SCRIPT = textwrap.dedent("""
     import sys
-    from companion.train import lock_run_folder
+    from companion.run_folder import lock_run_folder
 
     with lock_run_folder(sys.argv[1]):
         print("locked", flush=True)
@@ -555,7 +559,7 @@ HOLD_LOCK_SCRIPT = textwrap.dedent("""
 
 
 def test_a_second_training_into_a_locked_folder_is_refused_naming_the_holder(tmp_path, tiny_data):
-    from companion.train import RunFolderBusyError
+    from companion.run_folder import RunFolderBusyError
 
     script, out = tmp_path / "hold.py", tmp_path / "run"
     script.write_text(HOLD_LOCK_SCRIPT)
@@ -575,7 +579,7 @@ def test_a_second_training_into_a_locked_folder_is_refused_naming_the_holder(tmp
 
 
 def test_the_lock_is_released_when_a_run_ends_or_fails(tmp_path, tiny_data):
-    from companion.train import lock_run_folder
+    from companion.run_folder import lock_run_folder
 
     out = tmp_path / "run"
     train(tiny_config(), tiny_data, out, progress=False)

@@ -15,8 +15,9 @@ training checkpoint of :func:`companion.train.train`.
 Examples
 --------
 >>> import tempfile
->>> from companion.train import TrainConfig, train
+>>> from companion.config import TrainConfig
 >>> from companion.synthetic import make_dataset
+>>> from companion.train import train
 >>> run, shelf = tempfile.mkdtemp(), tempfile.mkdtemp()
 >>> cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1)
 >>> ckpt = train(cfg, make_dataset(2, seed=0, shape=(96, 96)), run, progress=False)
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..train import EXPORTED_FORMAT, check_map_location, read_exported
+from ..checkpoint import EXPORTED_FORMAT, check_map_location, read_exported
 
 __all__ = ["NAMES", "PRETRAINED_DIR", "RESULTS_DIR", "MAX_BYTES", "available", "provenance", "load",
            "load_or_train", "results", "training_budget", "stage_summary", "export"]
@@ -231,7 +232,8 @@ def stage_summary(source: str | os.PathLike) -> list[dict[str, Any]]:
     ``source`` is an exported model's provenance (``<name>.json``; its own earlier stages come
     first) or a training checkpoint (its ``log.jsonl`` beside it gives the time).
     """
-    from companion.train import read_checkpoint, read_log
+    from companion.checkpoint import read_checkpoint
+    from companion.run_folder import read_log
 
     path = Path(source)
     if path.suffix == ".json":
@@ -256,8 +258,9 @@ def stage_summary(source: str | os.PathLike) -> list[dict[str, Any]]:
 def _example_dir() -> Path:  # a throw-away exported model for the doctests
     import tempfile
 
+    from companion.config import TrainConfig
     from companion.synthetic import make_dataset
-    from companion.train import TrainConfig, train
+    from companion.train import train
 
     run, shelf = tempfile.mkdtemp(), tempfile.mkdtemp()
     cfg = TrainConfig.preset("quick", iterations=3, checkpoint_every=3, log_every=1)
@@ -305,8 +308,10 @@ def load_or_train(name: str = "concrete", *, retrain: bool = False, quick: bool 
     import time
     import warnings
 
+    from companion.checkpoint import load_model
+    from companion.config import TrainConfig
     from companion.data import TRAIN_WELLS, load_bbbc010
-    from companion.train import TrainConfig, load_model, train
+    from companion.train import train
 
     if name not in NAMES:
         raise ValueError(f"retrain knows the models {list(NAMES)}, got {name!r}")
@@ -334,7 +339,7 @@ def load_or_train(name: str = "concrete", *, retrain: bool = False, quick: bool 
 # --------------------------------------------------------------------------------------------
 def _preset_and_overrides(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The preset that differs from ``config`` in the fewest fields, and those fields."""
-    from companion.train import PRESETS, TrainConfig
+    from companion.config import PRESETS, TrainConfig
 
     best: tuple[str, dict[str, Any]] | None = None
     for preset in PRESETS:
@@ -415,8 +420,9 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
         The ``.pt`` and ``.json`` written (each atomically, the ``.pt`` first).
     """
     import companion
+    from companion.checkpoint import load_model, read_checkpoint
     from companion.model import dropout_rates
-    from companion.train import TERM_NAMES, load_model, read_checkpoint, read_log
+    from companion.run_folder import TERM_NAMES, read_log
 
     if not name or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"name must be a plain file stem (letters, digits, - and _), got {name!r}")
