@@ -19,8 +19,9 @@ import torch
 
 from companion import pretrained
 from companion.data import TEST_WELLS, load_bbbc010
-from companion.evaluate import predict_deterministic, well_outputs
 from companion.metrics import evaluate as instance_metrics
+from companion.outputs import well_outputs
+from companion.predict import predict_deterministic
 
 
 def main() -> None:

@@ -271,7 +271,7 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
 def _evaluation_model(args: argparse.Namespace, device):
     """The model to evaluate (on ``device``) and a description of it for results.json."""
     from companion._io import file_sha256
-    from companion.evaluate import has_concrete_dropout, model_fingerprint
+    from companion.outputs import has_concrete_dropout, model_fingerprint
     from companion.model import dropout_rates
 
     if args.checkpoint is not None:
@@ -333,8 +333,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from companion.evaluate import evaluate_model, write_report
+    from companion.evaluate import evaluate_model
     from companion.paper import TABLE1_KEYS
+    from companion.report import write_report
 
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -408,9 +409,10 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from companion import pretrained
     from companion._io import atomic_savez
-    from companion.evaluate import _well_seed, plot_gallery, _save_figure
+    from companion.outputs import _well_seed
     from companion.postprocess import DEFAULT_MIN_SIZE
     from companion.predict import predict_instances
+    from companion.report import _save_figure, plot_gallery
 
     try:
         model = pretrained.load(args.pretrained, directory=args.pretrained_dir)

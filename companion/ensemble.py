@@ -4,8 +4,8 @@ Two ideas the paper leaves as future work, made computable (chapter 11 of the bo
 
 * **Ensembles.** Draws of several models (here: snapshots of one training run) are pooled and
   agglomerated exactly as the draws of one model. :func:`pool_draws` pools the stored
-  outputs of the members (:class:`companion.evaluate.WellOutputs`), so
-  :func:`companion.evaluate.predict_agglomerated` evaluates the ensemble unchanged;
+  outputs of the members (:class:`companion.outputs.WellOutputs`), so
+  :func:`companion.predict.predict_agglomerated` evaluates the ensemble unchanged;
   :func:`ensemble_outputs` runs the members on one image.
 * **Active learning.** Which image should a human annotate first? Ranking images by their
   uncertainty (:func:`companion.proofreading.image_uncertainty`) is useful if the most
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evaluate import WellOutputs, well_outputs
+from .outputs import WellOutputs, _well_seed, well_outputs
 
 __all__ = ["member_seed", "pool_draws", "ensemble_outputs", "annotation_order", "errors_caught"]
 
@@ -50,8 +50,6 @@ def member_seed(seed: int, member: int, well: str = "") -> int:
     if member < 0:
         raise ValueError(f"member must be >= 0, got {member}")
     if member == 0:
-        from .evaluate import _well_seed
-
         return _well_seed(seed, well)
     return int(np.random.SeedSequence([seed, zlib.crc32(well.encode()), member]).generate_state(1)[0])
 
@@ -79,7 +77,7 @@ def pool_draws(members: Sequence[WellOutputs], draws_per_member: int | Sequence[
     -------
     WellOutputs
         The first member's deterministic pass and the pooled draws, member by member; feed it to
-        :func:`companion.evaluate.predict_agglomerated` like the outputs of one model.
+        :func:`companion.predict.predict_agglomerated` like the outputs of one model.
 
     Raises
     ------
@@ -89,7 +87,7 @@ def pool_draws(members: Sequence[WellOutputs], draws_per_member: int | Sequence[
 
     Examples
     --------
-    >>> from companion.evaluate import compact_pass
+    >>> from companion.outputs import compact_pass
     >>> logits = np.zeros((3, 3, 3), np.float32); logits[1] = 5.0  # every pixel foreground
     >>> def member(n, value):
     ...     one = compact_pass(np.full((2, 3, 3), value, np.float32), logits)

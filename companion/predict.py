@@ -2,9 +2,9 @@
 
 The evaluation (:mod:`companion.evaluate`), the ``python -m companion predict`` command and the
 chapters all go through the same two steps: the network outputs of one image
-(:func:`companion.evaluate.well_outputs`: a deterministic pass, plus Monte-Carlo draws for a
-Concrete Dropout model) and their post-processing (:func:`companion.evaluate.predict_deterministic`
-or :func:`companion.evaluate.predict_agglomerated`). So a prediction made here with a row's
+(:func:`companion.outputs.well_outputs`: a deterministic pass, plus Monte-Carlo draws for a
+Concrete Dropout model) and their post-processing (:func:`predict_deterministic` or
+:func:`predict_agglomerated`, on the compact passes through :func:`segment_compact`). So a prediction made here with a row's
 settings reproduces that row's per-image line of an evaluation.
 
 Examples
@@ -26,13 +26,47 @@ import numpy as np
 import torch
 from torch import nn
 
-from companion.agglomerate import binarized_indices
-from companion.evaluate import (has_concrete_dropout, predict_agglomerated, predict_deterministic,
-                                well_outputs)
-from companion.postprocess import DEFAULT_MIN_SIZE
+from companion.agglomerate import agglomerate, binarize_with_scores, binarized_indices
+from companion.outputs import CompactPass, WellOutputs, compact_scores, expand_pass, has_concrete_dropout, well_outputs
+from companion.postprocess import DEFAULT_MIN_SIZE, segment
 
-__all__ = ["Instances", "predict_instances"]
+__all__ = ["Instances", "predict_instances", "segment_compact", "predict_deterministic", "predict_agglomerated"]
 
+
+
+def segment_compact(compact: CompactPass, bandwidth: float, threshold: float, **segment_kwargs) -> np.ndarray:
+    """:func:`companion.postprocess.segment` on a :class:`CompactPass` (bool ``(K, H, W)``).
+
+    Equal to ``segment`` on the full outputs with the embedding rounded to float16.
+    """
+    embedding, logits = expand_pass(compact)
+    return np.asarray(segment(embedding, logits, bandwidth, threshold, **segment_kwargs), bool)
+
+
+def predict_deterministic(outputs: WellOutputs, bandwidth: float, threshold: float,
+                          **segment_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Instances of the deterministic pass and their mean foreground probabilities."""
+    masks = segment_compact(outputs.deterministic, bandwidth, threshold, **segment_kwargs)
+    return masks, compact_scores(outputs.deterministic, masks)
+
+
+def predict_agglomerated(outputs: WellOutputs, bandwidth: float, threshold: float, *,
+                         binarize_at: float = 0.75, **segment_kwargs):
+    """Segment every draw, agglomerate, binarise.
+
+    Returns
+    -------
+    masks : np.ndarray
+        bool ``(K', H, W)``, the agglomerated instances with at least one pixel ``>= binarize_at``.
+    scores : np.ndarray
+        ``(K',)`` their agglomeration scores.
+    agglomeration : companion.agglomerate.Agglomeration
+        All agglomerated instances (probabilities and scores), before binarising.
+    """
+    if not outputs.draws:
+        raise ValueError("these outputs hold no Monte-Carlo draws (a model without Concrete Dropout, or draws=0)")
+    agg = agglomerate([segment_compact(d, bandwidth, threshold, **segment_kwargs) for d in outputs.draws])
+    return (*binarize_with_scores(agg, binarize_at), agg)
 
 class Instances(NamedTuple):
     """The instances predicted for one image.

@@ -728,8 +728,10 @@ def evaluate_worker(spec_path: str) -> int:
     import torch
 
     from companion import pretrained
-    from companion.evaluate import (cached_well_outputs, evaluate_model, has_concrete_dropout,
-                                    predict_agglomerated, predict_deterministic, write_report)
+    from companion.evaluate import evaluate_model
+    from companion.outputs import cached_well_outputs, has_concrete_dropout
+    from companion.predict import predict_agglomerated, predict_deterministic
+    from companion.report import write_report
 
     started = time.time()
     spec = json.loads(Path(spec_path).read_text())

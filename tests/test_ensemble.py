@@ -7,8 +7,9 @@ import torch
 
 from companion.agglomerate import agglomerate
 from companion.ensemble import annotation_order, ensemble_outputs, errors_caught, member_seed, pool_draws
-from companion.evaluate import WellOutputs, compact_pass, predict_agglomerated, segment_compact, well_outputs
 from companion.model import UNet
+from companion.outputs import WellOutputs, compact_pass, well_outputs
+from companion.predict import predict_agglomerated, segment_compact
 from companion.simulate import ideal_logits, simulate_embedding
 
 
@@ -61,7 +62,7 @@ def test_pooled_ensemble_agglomerates_like_the_draws_it_holds():
 
 
 def test_member_seed_matches_the_evaluation_for_member_zero_and_differs_otherwise():
-    from companion.evaluate import _well_seed
+    from companion.outputs import _well_seed
 
     assert member_seed(3, 0, "C03") == _well_seed(3, "C03")
     seeds = {member_seed(3, m, "C03") for m in range(4)} | {member_seed(3, 1, "C04")}

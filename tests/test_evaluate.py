@@ -12,13 +12,13 @@ from torch import nn
 
 from companion._io import file_sha256
 from companion.agglomerate import agglomerate, binarize
-from companion.evaluate import (
-    CompactPass, _ScaledCounts, _to_counts, _well_seed, cached_well_outputs, compact_pass,
-    compact_scores, evaluate_model, expand_pass, segment_compact, write_report,
-)
+from companion.evaluate import _ScaledCounts, _to_counts, evaluate_model
 from companion.model import ConcreteDropout2d, UNet, UNetOutput
+from companion.outputs import CompactPass, _well_seed, cached_well_outputs, compact_pass, compact_scores, expand_pass
 from companion.paper import TABLE1_KEYS
 from companion.postprocess import segment
+from companion.predict import segment_compact
+from companion.report import write_report
 from companion.sampling import mc_predict
 from companion.simulate import ideal_logits, simulate_embedding
 from companion.synthetic import make_dataset

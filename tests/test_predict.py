@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from companion.__main__ import main
-from companion.evaluate import predict_deterministic, well_outputs
 from companion.metrics import evaluate as instance_metrics
 from companion.model import UNet
+from companion.outputs import well_outputs
+from companion.predict import predict_deterministic
 from companion.predict import predict_instances
 from conftest import REPO_ROOT
 

@@ -171,7 +171,7 @@ def results(name: str, directory: str | os.PathLike | None = None) -> dict:
     Returns
     -------
     dict
-        As written by :func:`companion.evaluate.write_report`: ``rows`` (Table 1), ``pavpu``
+        As written by :func:`companion.report.write_report`: ``rows`` (Table 1), ``pavpu``
         (the Figure 2 curves), ``proofreading`` (Table 2), ``per_image``, ``tuning``, ...
 
     Raises
