@@ -48,6 +48,8 @@ __all__ = [
     "match_instances",
     "pavpu",
     "pavpu_from_patches",
+    "PAvPUReferences",
+    "pavpu_references",
 ]
 
 
@@ -233,6 +235,43 @@ def pavpu_from_patches(table: PatchTable, thresholds: Sequence[float]) -> PAvPU:
         ratio(n_ac + n_iu, n_ac + n_au + n_ic + n_iu),
         n_ac, n_au, n_ic, n_iu,
     )
+
+
+class PAvPUReferences(NamedTuple):
+    """What PAvPU would be for the same patches with an uninformative uncertainty.
+
+    ``all_certain``: an uncertainty that calls every patch certain (PAvPU = the share of
+    accurate patches, p(uncertain | inaccurate) = 0). ``random_*``: the expectation for an
+    uncertainty that flags as many patches as the measured one at each threshold, but at random
+    (p(uncertain | inaccurate) = the share of uncertain patches).
+    """
+
+    all_certain: np.ndarray
+    random_pavpu: np.ndarray
+    random_p_uncertain_given_inaccurate: np.ndarray
+
+
+def pavpu_references(curves: PAvPU) -> PAvPUReferences:
+    """Reference values for :func:`pavpu` curves (arrays over the same thresholds).
+
+    An uncertainty is informative where the measured PAvPU and p(uncertain | inaccurate) lie
+    above the random ones.
+
+    Examples
+    --------
+    >>> c = PAvPU(np.array([0.1]), *[np.array([np.nan])] * 3, *[np.array([n]) for n in (6, 2, 1, 1)])
+    >>> r = pavpu_references(c)  # 8 accurate, 2 inaccurate patches; 3 of 10 uncertain
+    >>> r.all_certain.tolist(), r.random_pavpu.round(2).tolist(), r.random_p_uncertain_given_inaccurate.tolist()
+    ([0.8], [0.62], [0.3])
+    """
+    n_acc = np.asarray(curves.n_ac + curves.n_au, dtype=np.float64)
+    n_inacc = np.asarray(curves.n_ic + curves.n_iu, dtype=np.float64)
+    total = n_acc + n_inacc
+    with np.errstate(invalid="ignore", divide="ignore"):
+        uncertain = np.where(total > 0, (curves.n_au + curves.n_iu) / np.maximum(total, 1), np.nan)
+        all_certain = np.where(total > 0, n_acc / np.maximum(total, 1), np.nan)
+    random_pavpu = all_certain * (1 - uncertain) + (1 - all_certain) * uncertain
+    return PAvPUReferences(all_certain, random_pavpu, uncertain)
 
 
 def pavpu(

@@ -12,6 +12,7 @@ from companion.uncertainty import (
     patch_table,
     pavpu,
     pavpu_from_patches,
+    pavpu_references,
 )
 
 
@@ -136,3 +137,25 @@ def test_input_validation():
         pavpu([np.zeros((1, 4, 4), bool)], [], [0.1])
     with pytest.raises(ValueError, match=r"image 0"):
         pavpu([np.zeros((1, 4, 4), bool)], [np.zeros((1, 4, 5))], [0.1])
+
+
+def test_pavpu_references_by_hand_and_against_random_flags():
+    # 4 accurate patches (entropies 0.1-0.4), 2 inaccurate (0.5, 0.6); at t = 0.35, 3 patches are uncertain
+    table = PatchTable(*[np.zeros(6, int)] * 4, np.array([1, 1, 1, 1, 0, 0.0]),
+                       np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
+    curves = pavpu_from_patches(table, [0.35])
+    refs = pavpu_references(curves)
+    assert refs.all_certain.tolist() == [4 / 6]
+    assert refs.random_p_uncertain_given_inaccurate.tolist() == [0.5]
+    assert np.isclose(refs.random_pavpu[0], 4 / 6 * 0.5 + 2 / 6 * 0.5)
+    assert curves.pavpu[0] == pytest.approx(5 / 6)  # this uncertainty beats random: informative
+    # the random reference is the mean over random choices of 3 uncertain patches out of 6
+    rng = np.random.default_rng(0)
+    accurate = table.accuracy >= 0.5
+    hits = [np.mean(accurate != np.isin(np.arange(6), rng.choice(6, 3, replace=False))) for _ in range(20000)]
+    assert np.mean(hits) == pytest.approx(refs.random_pavpu[0], abs=0.01)
+
+
+def test_pavpu_references_are_nan_without_patches():
+    refs = pavpu_references(pavpu_from_patches(PatchTable(*[np.zeros(0, int)] * 4, np.zeros(0), np.zeros(0)), [0.1]))
+    assert np.isnan(refs.all_certain).all() and np.isnan(refs.random_pavpu).all()
