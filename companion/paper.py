@@ -13,9 +13,9 @@ Examples
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
-__all__ = ["TABLE1_KEYS", "TABLE1", "FIGURE2_AT_005", "format_header", "format_row"]
+__all__ = ["TABLE1_KEYS", "TABLE1", "FIGURE2_AT_005", "format_header", "format_row", "table1_html"]
 
 
 #: The columns of Table 1, in the paper's order (the metrics of a Table 1 row).
@@ -43,3 +43,27 @@ def format_row(label: str, metrics: Mapping[str, float], width: int = 24) -> str
     cells = "".join(f"{metrics[k]:9.3f}" if k in metrics and metrics[k] is not None else f"{'-':>9s}"
                     for k in TABLE1_KEYS)
     return f"{label:{width}s}" + cells
+
+
+def table1_html(rows: Sequence[tuple[str, Mapping[str, float]]]) -> str:
+    """Table 1 rows as an HTML table (a rendered table in the book and in Jupyter).
+
+    ``rows`` are ``(label, metrics)`` pairs; missing metrics show as ``-``. Labels are escaped.
+
+    Examples
+    --------
+    >>> html = table1_html([("paper: baseline", TABLE1["baseline"]), ("ours", {"avAP": 0.5})])
+    >>> html.count("<tr>"), "<td>0.761</td>" in html, "<td>-</td>" in html
+    (3, True, True)
+    """
+    from html import escape
+
+    def cell(metrics: Mapping[str, float], key: str) -> str:
+        value = metrics.get(key)
+        return f"<td>{value:.3f}</td>" if value is not None else "<td>-</td>"
+
+    head = "<tr><th></th>" + "".join(f"<th>{escape(k)}</th>" for k in TABLE1_KEYS) + "</tr>"
+    body = ["<tr><th>" + escape(label) + "</th>" + "".join(cell(m, k) for k in TABLE1_KEYS) + "</tr>"
+            for label, m in rows]
+    return "<table>" + head + "".join(body) + "</table>"
+
