@@ -141,15 +141,12 @@ def grid_search(
                 best[f] = (value, (i, j), *point[f])
     choices, all_gts, all_preds, all_scores, predictions = [], [], [], [], {}
     for f, fold in enumerate(folds):
-        tuning = scores[others[f]].mean(axis=0)
-        i, j = np.unravel_index(np.argmax(tuning), tuning.shape)  # first best on ties
-        if best[f][1] == (i, j):
-            preds, s = best[f][2], best[f][3]
-        else:  # pragma: no cover - only if the running mean rounded differently
-            preds, s = _predict_all(predict, fold, bandwidths[i], thresholds[j])
+        # the grid is visited row-major and only a strictly better point replaces the kept one,
+        # so the kept point is np.argmax's first best of the other folds' mean score
+        tuning_score, (i, j), preds, s = best[f]
         fold_gts = [gts[w] for w in fold]
         choices.append(FoldChoice(others[f][0] if len(others[f]) == 1 else -1, f, float(bandwidths[i]),
-                                  float(thresholds[j]), float(tuning[i, j]), evaluate(fold_gts, preds, s)))
+                                  float(thresholds[j]), float(tuning_score), evaluate(fold_gts, preds, s)))
         predictions.update({w: (m, sc) for w, m, sc in zip(fold, preds, s)})
         all_gts += fold_gts
         all_preds += preds
