@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (see README):
 #   make book   -> virtual environment + CPU torch + companion[book], builds the book, prints where the HTML is
-#   make test   -> the same environment, unit tests + every chapter executed under nbval
+#   make test   -> the same environment, ruff (make lint), unit tests + every chapter executed under nbval
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +19,7 @@ endif
 endif
 export PYTHONHASHSEED := 0
 
-.PHONY: env book test unit notebooks clean
+.PHONY: env book test unit notebooks lint format clean
 
 env: $(STAMP)
 
@@ -42,7 +42,16 @@ unit: env
 notebooks: env
 	$(BIN)/python -m pytest --nbval-lax -q --nbval-cell-timeout=900 book
 
-test: unit notebooks
+test: lint unit notebooks
+
+# ruff (configured in pyproject.toml): lint and formatting, package, tests, scripts and chapters
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: env
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf _build .pytest_cache

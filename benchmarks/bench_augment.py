@@ -12,12 +12,13 @@ synthetic 520 x 696 wells. Each path gets one warm-up batch. The last line is
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_augment.py [--crops 64 --crop-size 512]``
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -33,7 +34,9 @@ def bench_data(n_wells: int, shape: tuple[int, int] = (520, 696)):
     return make_dataset(n_wells, seed=0, shape=shape), f"synthetic {shape[0]} x {shape[1]} wells"
 
 
-def scipy_crops_per_s(samples: Sequence, crop_size: int, n_crops: int, *, max_seconds: float = float("inf")) -> float:
+def scipy_crops_per_s(
+    samples: Sequence, crop_size: int, n_crops: int, *, max_seconds: float = float("inf")
+) -> float:
     """Crops per second of :class:`~companion.augment.WormCropDataset` in one process."""
     from companion.augment import WormCropDataset
 
@@ -47,8 +50,15 @@ def scipy_crops_per_s(samples: Sequence, crop_size: int, n_crops: int, *, max_se
     return done / (time.perf_counter() - start)
 
 
-def torch_crops_per_s(samples: Sequence, crop_size: int, n_crops: int, *, batch: int = 8,
-                      device: str | torch.device = "cpu", max_seconds: float = float("inf")) -> float:
+def torch_crops_per_s(
+    samples: Sequence,
+    crop_size: int,
+    n_crops: int,
+    *,
+    batch: int = 8,
+    device: str | torch.device = "cpu",
+    max_seconds: float = float("inf"),
+) -> float:
     """Crops per second of :class:`~companion.augment_torch.DeviceCropSource` on ``device``."""
     from companion.augment_torch import DeviceCropSource
 
@@ -79,23 +89,34 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--crop-size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="crops per torch batch")
     parser.add_argument("--wells", type=int, default=4, help="images to crop from")
-    parser.add_argument("--size", type=int, nargs=2, default=(520, 696), metavar=("H", "W"),
-                        help="synthetic image size (without $BBBC010_ROOT)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(520, 696),
+        metavar=("H", "W"),
+        help="synthetic image size (without $BBBC010_ROOT)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     samples, what = bench_data(args.wells, tuple(args.size))
-    print(f"{len(samples)} {what}, {args.crops} crops of {args.crop_size} x {args.crop_size} per path, "
-          f"torch batch {args.batch}, {args.threads} torch thread(s)")
+    print(
+        f"{len(samples)} {what}, {args.crops} crops of {args.crop_size} x {args.crop_size} per path, "
+        f"torch batch {args.batch}, {args.threads} torch thread(s)"
+    )
     result = {"scipy_cpu": scipy_crops_per_s(samples, args.crop_size, args.crops)}
     print(f"scipy path (one process):   {result['scipy_cpu']:8.1f} crops/s")
     result["torch_cpu"] = torch_crops_per_s(samples, args.crop_size, args.crops, batch=args.batch)
     print(f"torch path on the CPU:      {result['torch_cpu']:8.1f} crops/s")
     if torch.cuda.is_available():
-        result["torch_cuda"] = torch_crops_per_s(samples, args.crop_size, max(args.crops, 16 * args.batch),
-                                                 batch=args.batch, device="cuda")
-        print(f"torch path on CUDA:         {result['torch_cuda']:8.1f} crops/s "
-              f"({torch.cuda.get_device_name()})")
+        result["torch_cuda"] = torch_crops_per_s(
+            samples, args.crop_size, max(args.crops, 16 * args.batch), batch=args.batch, device="cuda"
+        )
+        print(
+            f"torch path on CUDA:         {result['torch_cuda']:8.1f} crops/s "
+            f"({torch.cuda.get_device_name()})"
+        )
     result["ratio_cpu"] = result["torch_cpu"] / result["scipy_cpu"]
     print(f"torch/scipy crops per second on CPU: {result['ratio_cpu']:.2f}")
     return result

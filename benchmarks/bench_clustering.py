@@ -9,12 +9,12 @@ not bought with accuracy) and, last, the ratio of the two total times.
     OMP_NUM_THREADS=1 python benchmarks/bench_clustering.py                 # all 47 test wells
     python benchmarks/bench_clustering.py --wells C03 C04 C05 --model concrete
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
-import numpy as np
 import torch
 
 from companion import pretrained
@@ -40,20 +40,31 @@ def main() -> None:
     outputs = [well_outputs(model, s.image, draws=0) for s in samples]
     seconds, ap50 = {}, {}
     for clustering in ("global", "components"):
-        predict_deterministic(outputs[0], args.bandwidth, args.threshold, clustering=clustering,
-                              max_points=args.max_points)  # warm-up
+        predict_deterministic(
+            outputs[0], args.bandwidth, args.threshold, clustering=clustering, max_points=args.max_points
+        )  # warm-up
         start = time.perf_counter()
-        predictions = [predict_deterministic(o, args.bandwidth, args.threshold, clustering=clustering,
-                                             max_points=args.max_points) for o in outputs]
+        predictions = [
+            predict_deterministic(
+                o, args.bandwidth, args.threshold, clustering=clustering, max_points=args.max_points
+            )
+            for o in outputs
+        ]
         seconds[clustering] = time.perf_counter() - start
         masks, scores = zip(*predictions)
         ap50[clustering] = instance_metrics([s.instances for s in samples], masks, scores)["AP50"]
-    print(f"model {args.model}, {len(samples)} wells, bandwidth {args.bandwidth}, threshold "
-          f"{args.threshold}, max_points {args.max_points}, torch threads {args.threads}")
+    print(
+        f"model {args.model}, {len(samples)} wells, bandwidth {args.bandwidth}, threshold "
+        f"{args.threshold}, max_points {args.max_points}, torch threads {args.threads}"
+    )
     for clustering in seconds:
-        print(f"{clustering:10s}: {seconds[clustering] / len(samples):6.2f} s per well, "
-              f"AP50 {ap50[clustering]:.3f}")
-    print(f"components/global seconds on {len(samples)} wells: {seconds['components'] / seconds['global']:.2f}")
+        print(
+            f"{clustering:10s}: {seconds[clustering] / len(samples):6.2f} s per well, "
+            f"AP50 {ap50[clustering]:.3f}"
+        )
+    print(
+        f"components/global seconds on {len(samples)} wells: {seconds['components'] / seconds['global']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ must feed a GPU at several iterations per second); all 97 complete BBBC010 wells
 
     python benchmarks/bench_data.py
 """
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,9 @@ def _per_call(fn, n: int) -> float:
 
 def main() -> None:
     synthetic = _per_call(lambda seed: make_sample(seed), 5)
-    print(f"synthetic 256x256 sample: {synthetic * 1e3:7.1f} ms  (target 100 ms, ratio {synthetic / 0.1:.2f})")
+    print(
+        f"synthetic 256x256 sample: {synthetic * 1e3:7.1f} ms  (target 100 ms, ratio {synthetic / 0.1:.2f})"
+    )
     big = make_sample(0, shape=(520, 696), n_worms=12)
     dataset = WormCropDataset([big], crop_size=512, length=10)
     crop = _per_call(lambda i: dataset[i], 5)

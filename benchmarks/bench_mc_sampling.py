@@ -17,6 +17,7 @@ Weights are random (timing does not depend on them). Run it on an otherwise idle
 
     OMP_NUM_THREADS=2 python benchmarks/bench_mc_sampling.py --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     model = UNet(base_filters=args.base_filters, dropout="concrete").to(args.device).eval()
     image = np.random.default_rng(0).random((2, *args.size), dtype=np.float32)
-    print(f"device={args.device} threads={torch.get_num_threads()} image=2x{args.size[0]}x{args.size[1]} "
-          f"base_filters={args.base_filters} n_draws={args.n_draws} batch={args.batch}")
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} image=2x{args.size[0]}x{args.size[1]} "
+        f"base_filters={args.base_filters} n_draws={args.n_draws} batch={args.batch}"
+    )
 
     results: dict[str, float] = {}
     formats = [("contiguous", torch.contiguous_format)]
@@ -71,11 +74,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name, memory_format in formats:
         model = model.to(memory_format=memory_format)
         for label, batch in (("sequential", 1), ("batched", args.batch)):
-            seconds, cpu = time_it(lambda: mc_predict(model, image, args.n_draws, batch, seed=0), args.repeats)
+            seconds, cpu = time_it(
+                lambda model=model, batch=batch: mc_predict(model, image, args.n_draws, batch, seed=0),
+                args.repeats,
+            )
             results[f"{name}/{label}"] = seconds
             results[f"{name}/{label}/cpu"] = cpu
-            print(f"{name:14s} {label:10s} batch={batch:2d}: wall {seconds:7.2f} s "
-                  f"({seconds / args.n_draws:.2f} s per draw), CPU {cpu:7.2f} s")
+            print(
+                f"{name:14s} {label:10s} batch={batch:2d}: wall {seconds:7.2f} s "
+                f"({seconds / args.n_draws:.2f} s per draw), CPU {cpu:7.2f} s"
+            )
         ratio = results[f"{name}/sequential"] / results[f"{name}/batched"]
         cpu_ratio = results[f"{name}/sequential/cpu"] / results[f"{name}/batched/cpu"]
         results[f"{name}/speed-up"] = ratio

@@ -8,6 +8,7 @@ two partitions.
     OMP_NUM_THREADS=2 python benchmarks/bench_mean_shift.py            # 30,000 points, 2 cores
     python benchmarks/bench_mean_shift.py --n 100000 --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ from sklearn.metrics import adjusted_rand_score
 from companion.meanshift import mean_shift
 
 
-def embedding_like_points(n: int, dim: int, n_blobs: int, spread: float, outliers: float,
-                          seed: int) -> np.ndarray:
+def embedding_like_points(
+    n: int, dim: int, n_blobs: int, spread: float, outliers: float, seed: int
+) -> np.ndarray:
     """(n, dim) float32: ``n_blobs`` Gaussian blobs (std ``spread`` per axis), centres at least 4
     and typically 4-6 apart, plus uniform outliers."""
     rng = np.random.default_rng(seed)
@@ -47,9 +49,13 @@ def main() -> None:
     parser.add_argument("--outliers", type=float, default=0.02, help="fraction of uniform outliers")
     parser.add_argument("--bandwidth", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
-    parser.add_argument("--sklearn-jobs", type=int, default=None,
-                        help="n_jobs of MeanShift (default: sklearn's, sequential; its joblib workers get "
-                             "one task per seed, which made n_jobs=2 ~30x slower on 2 cores)")
+    parser.add_argument(
+        "--sklearn-jobs",
+        type=int,
+        default=None,
+        help="n_jobs of MeanShift (default: sklearn's, sequential; its joblib workers get "
+        "one task per seed, which made n_jobs=2 ~30x slower on 2 cores)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -73,8 +79,10 @@ def main() -> None:
     same_count = len(ours.centers) == len(ref.cluster_centers_)
     max_dev = float(np.abs(ours.centers - ref.cluster_centers_).max()) if same_count else float("nan")
     print(f"load average before/after: {load_before:.1f} / {os.getloadavg()[0]:.1f} (shared machine?)")
-    print(f"points: {args.n} x {args.dim}, {args.blobs} blobs, bandwidth {args.bandwidth}, "
-          f"torch threads {args.threads}, sklearn n_jobs {args.sklearn_jobs}, device {args.device}")
+    print(
+        f"points: {args.n} x {args.dim}, {args.blobs} blobs, bandwidth {args.bandwidth}, "
+        f"torch threads {args.threads}, sklearn n_jobs {args.sklearn_jobs}, device {args.device}"
+    )
     print(f"sklearn.cluster.MeanShift : {t_sklearn:8.3f} s  ({len(ref.cluster_centers_)} centres)")
     print(f"companion mean_shift      : {t_ours:8.3f} s  ({len(ours.centers)} centres)")
     print(f"speed-up                  : {t_sklearn / t_ours:8.1f} x")

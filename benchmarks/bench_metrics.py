@@ -6,6 +6,7 @@ product unless the masks fill more than 5 % of the image on average.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_metrics.py``
 """
+
 from __future__ import annotations
 
 import time
@@ -43,7 +44,7 @@ def main() -> None:
     fill = np.mean([g.mean() for g in gts])
     print(f"{len(gts)} images {SHAPE}, {n_inst} gt instances, mean fill per mask {fill:.4f}")
     for label, dense in (("dense float32 matmul", True), ("sparse CSR product", False)):
-        t = _best_of(lambda: [metrics.overlaps(g, p, dense=dense) for g, p in zip(gts, preds)])
+        t = _best_of(lambda dense=dense: [metrics.overlaps(g, p, dense=dense) for g, p in zip(gts, preds)])
         print(f"pairwise intersections, {label:22s}: {t:.3f} s")
     t = _best_of(lambda: metrics.evaluate(gts, preds, scores))
     print(f"evaluate() on all {len(gts)} images (default product): {t:.3f} s")

@@ -16,6 +16,7 @@ from other processes on a shared machine disturbs the ratio as little as possibl
 
 Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_training.py [--iterations 10]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step_seconds(model, optimizer, batch, config, device, *, n_train, channels_last,
-                  amp_dtype, scaler=None) -> float:
+def _step_seconds(
+    model, optimizer, batch, config, device, *, n_train, channels_last, amp_dtype, scaler=None
+) -> float:
     """Seconds of one ``train_step`` (a CPU batch is moved to the device inside the timing)."""
     _sync(device)
     start = time.perf_counter()
     batch = to_device(batch, device, channels_last)
-    train_step(model, optimizer, batch, n_train=n_train, config=config, scaler=scaler,
-               amp_dtype=amp_dtype)
+    train_step(model, optimizer, batch, n_train=n_train, config=config, scaler=scaler, amp_dtype=amp_dtype)
     _sync(device)
     return time.perf_counter() - start
 
@@ -69,8 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations per path")
     parser.add_argument("--preset", default="cpu", help="preset giving crop and batch size")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="DataLoader workers (default: the preset's)")
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="DataLoader workers (default: the preset's)"
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,9 +82,11 @@ def main() -> None:
     if args.num_workers is not None:
         config.num_workers = args.num_workers
     print(f"device {device}, {torch.get_num_threads()} torch threads, data: {len(data)} {source}")
-    print(f"preset {args.preset!r}: crop {config.crop_size}, batch {config.batch_size}, "
-          f"{config.num_workers} DataLoader worker(s), model {config.model} "
-          f"(base_filters {config.base_filters}, depth {config.depth})")
+    print(
+        f"preset {args.preset!r}: crop {config.crop_size}, batch {config.batch_size}, "
+        f"{config.num_workers} DataLoader worker(s), model {config.model} "
+        f"(base_filters {config.base_filters}, depth {config.depth})"
+    )
 
     torch.manual_seed(0)
     model = build_model(config).to(device)
@@ -103,10 +107,8 @@ def main() -> None:
     with single_threaded_numpy_blas():  # as in train()
         for i in range(2, n + 2):
             batch, fetch = _timed_fetch(loader)
-            pipeline_times.append(fetch + _step_seconds(model, optimizer, batch, config, device,
-                                                        **common))
-            memory_times.append(_step_seconds(model, optimizer, in_memory[i], config, device,
-                                              **common))
+            pipeline_times.append(fetch + _step_seconds(model, optimizer, batch, config, device, **common))
+            memory_times.append(_step_seconds(model, optimizer, in_memory[i], config, device, **common))
     pipeline, memory = 1 / statistics.median(pipeline_times), 1 / statistics.median(memory_times)
     print(f"real data pipeline : {pipeline:.3f} it/s (median of {n} steps)")
     print(f"batches in memory  : {memory:.3f} it/s (median of {n} steps)")
@@ -125,15 +127,17 @@ def main() -> None:
         return
     amp_dtype = _amp_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    fp32 = [_step_seconds(model, optimizer, in_memory[i], config, device, **common)
-            for i in range(2, n + 2)]
+    fp32 = [_step_seconds(model, optimizer, in_memory[i], config, device, **common) for i in range(2, n + 2)]
     model = model.to(memory_format=torch.channels_last)
     fast = dict(n_train=len(data), channels_last=True, amp_dtype=amp_dtype, scaler=scaler)
-    mixed = [_step_seconds(model, optimizer, in_memory[i], config, device, **fast)
-             for i in range(n + 2)][2:]  # 2 warm-up steps for the new kernels
+    mixed = [_step_seconds(model, optimizer, in_memory[i], config, device, **fast) for i in range(n + 2)][
+        2:
+    ]  # 2 warm-up steps for the new kernels
     fp32_rate, mixed_rate = 1 / statistics.median(fp32), 1 / statistics.median(mixed)
-    print(f"CUDA float32: {fp32_rate:.2f} it/s; {amp_dtype} autocast + channels-last: "
-          f"{mixed_rate:.2f} it/s; speed-up {mixed_rate / fp32_rate:.2f}x")
+    print(
+        f"CUDA float32: {fp32_rate:.2f} it/s; {amp_dtype} autocast + channels-last: "
+        f"{mixed_rate:.2f} it/s; speed-up {mixed_rate / fp32_rate:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ reading your own images (:mod:`companion.userdata`).
 
 Modules are imported lazily, so ``import companion`` stays cheap.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,10 +25,31 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "agglomerate", "augment", "data", "evaluate", "losses", "metrics", "model", "postprocess",
-    "proofreading", "sampling", "synthetic", "targets", "train", "tuning", "uncertainty",
-    "pretrained", "calibration", "paper", "ensemble", "userdata",
-    "meanshift", "outputs", "predict", "report", "simulate",
+    "agglomerate",
+    "augment",
+    "data",
+    "evaluate",
+    "losses",
+    "metrics",
+    "model",
+    "postprocess",
+    "proofreading",
+    "sampling",
+    "synthetic",
+    "targets",
+    "train",
+    "tuning",
+    "uncertainty",
+    "pretrained",
+    "calibration",
+    "paper",
+    "ensemble",
+    "userdata",
+    "meanshift",
+    "outputs",
+    "predict",
+    "report",
+    "simulate",
 }
 
 

@@ -4,6 +4,7 @@ Every writer fills a temporary file in the target's folder and moves it over the
 :func:`os.replace` (atomic on POSIX and Windows); on any error the temporary file is removed and
 the old target, if any, is left untouched.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -94,7 +95,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
     """:func:`numpy.savez_compressed` ``arrays`` to ``path`` atomically (no ``.npz`` appended)."""
+
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:  # a handle: savez would append ".npz" to a path
             np.savez_compressed(handle, **arrays)
+
     return atomic_write(path, write)

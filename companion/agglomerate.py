@@ -29,6 +29,7 @@ uses 0.75).
 :func:`companion.simulate.perturb_instances` simulates the disagreements of Monte-Carlo draws
 from a ground-truth stack, so agglomeration can be explored without a trained network.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -98,7 +99,9 @@ def soft_iou_matrix(soft: np.ndarray, masks: np.ndarray) -> np.ndarray:
     soft = np.asarray(soft)
     masks = np.asarray(masks)
     if soft.ndim != 3 or masks.ndim != 3 or soft.shape[1:] != masks.shape[1:]:
-        raise ValueError(f"expected (K, H, W) and (L, H, W) stacks, got shapes {soft.shape} and {masks.shape}")
+        raise ValueError(
+            f"expected (K, H, W) and (L, H, W) stacks, got shapes {soft.shape} and {masks.shape}"
+        )
     n_pixels = int(np.prod(soft.shape[1:]))
     p = soft.reshape(len(soft), n_pixels).astype(np.float32)
     m = masks.reshape(len(masks), n_pixels).astype(np.float32)
@@ -214,13 +217,16 @@ def agglomerate(draws: Sequence[np.ndarray], *, min_iou: float = DEFAULT_MIN_IOU
     stacks = _validated_draws(draws)
     height, width = stacks[0].shape[1:]
     base_index = int(np.argmax([len(s) for s in stacks]))
-    counts = [m.astype(np.int32) for m in stacks[base_index]]   # summed masks per instance
-    hits = [1] * len(counts)                                      # draws contributing to each
+    counts = [m.astype(np.int32) for m in stacks[base_index]]  # summed masks per instance
+    hits = [1] * len(counts)  # draws contributing to each
     for i, stack in enumerate(stacks):
         if i == base_index or len(stack) == 0:
             continue
-        mean_masks = (np.stack(counts) / np.asarray(hits, np.float32)[:, None, None] if counts
-                      else np.zeros((0, height, width), np.float32))
+        mean_masks = (
+            np.stack(counts) / np.asarray(hits, np.float32)[:, None, None]
+            if counts
+            else np.zeros((0, height, width), np.float32)
+        )
         matching = match_instances(mean_masks, stack, min_iou=min_iou)
         for r, c in matching.pairs:
             counts[r] += stack[c]
@@ -293,7 +299,9 @@ def binarize(probs: np.ndarray, threshold: float = 0.75) -> np.ndarray:
     return probs[keep] >= threshold
 
 
-def binarize_with_scores(agglomeration: Agglomeration, threshold: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
+def binarize_with_scores(
+    agglomeration: Agglomeration, threshold: float = 0.75
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`binarize` an agglomeration and keep the scores of the instances that survive.
 
     Returns

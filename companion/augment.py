@@ -12,9 +12,11 @@ cost depends on the crop size and not on the image size:
 Instances with fewer than :data:`MIN_PIXELS` pixels left in the crop are dropped (a worm tip
 of a few pixels at the border is not a useful training instance for the discriminative loss).
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,8 +25,15 @@ from scipy.interpolate import make_interp_spline
 from .data import Sample
 from .targets import three_class_target
 
-__all__ = ["MIN_PIXELS", "AugmentedCrop", "elastic_displacement", "encode_masks", "augment_sample", "WormCropDataset",
-           "collate_crops"]
+__all__ = [
+    "MIN_PIXELS",
+    "AugmentedCrop",
+    "elastic_displacement",
+    "encode_masks",
+    "augment_sample",
+    "WormCropDataset",
+    "collate_crops",
+]
 
 #: Instances with fewer pixels than this inside an augmented crop are dropped.
 MIN_PIXELS = 20
@@ -50,8 +59,9 @@ def _spline_basis(n_out: int, n_ctrl: int) -> np.ndarray:
     return make_interp_spline(knots, np.eye(n_ctrl), k=min(3, n_ctrl - 1))(np.linspace(0.0, 1.0, n_out))
 
 
-def elastic_displacement(shape: tuple[int, int], rng: np.random.Generator, *, spacing: float = 64.0,
-                         sigma: float = 4.0) -> np.ndarray:
+def elastic_displacement(
+    shape: tuple[int, int], rng: np.random.Generator, *, spacing: float = 64.0, sigma: float = 4.0
+) -> np.ndarray:
     """Smooth random displacement field ``(2, h, w)`` in pixels.
 
     Independent ``N(0, sigma^2)`` displacements on a grid of control points ``spacing``
@@ -79,9 +89,17 @@ def _crop_center(size: int, crop: int, rng: np.random.Generator) -> float:
     return float(offset) + (crop - 1) / 2
 
 
-def _source_coordinates(image_shape: tuple[int, int], crop: tuple[int, int], rng: np.random.Generator, *,
-                        rotate: bool, flip: bool, elastic: bool, elastic_spacing: float,
-                        elastic_sigma: float) -> np.ndarray:
+def _source_coordinates(
+    image_shape: tuple[int, int],
+    crop: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    rotate: bool,
+    flip: bool,
+    elastic: bool,
+    elastic_spacing: float,
+    elastic_sigma: float,
+) -> np.ndarray:
     """Source (y, x) position of every output pixel, ``(2, h, w)`` float32."""
     h, w = crop
     u = np.arange(h, dtype=np.float32)[:, None] - np.float32((h - 1) / 2)
@@ -121,12 +139,16 @@ def encode_masks(instances: np.ndarray) -> np.ndarray:
     dtype = np.dtype(f"uint{bits}")
     flat = np.asarray(instances, dtype=bool).reshape(k, height * width)
     words = np.zeros((max(-(-k // bits), 1), height * width), dtype=dtype)
-    for i, mask in enumerate(flat):  # scatter to the (few) worm pixels only: much faster than words[mask] |= bit
+    for i, mask in enumerate(
+        flat
+    ):  # scatter to the (few) worm pixels only: much faster than words[mask] |= bit
         words[i // bits, np.flatnonzero(mask)] |= dtype.type(1 << (i % bits))
     return words
 
 
-def _sample_masks(words: np.ndarray, k: int, shape: tuple[int, int], iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+def _sample_masks(
+    words: np.ndarray, k: int, shape: tuple[int, int], iy: np.ndarray, ix: np.ndarray
+) -> np.ndarray:
     """Nearest-neighbour lookup of ``k`` encoded masks at integer positions; False outside."""
     height, width = shape
     bits = words.dtype.itemsize * 8
@@ -143,7 +165,7 @@ def _pad_channels_last(image: np.ndarray) -> np.ndarray:
     """``(C, H, W)`` -> ``((H + 3) * (W + 3), C)`` float32 with a zero border (1 before, 2 after)."""
     channels, height, width = image.shape
     padded = np.zeros((height + 3, width + 3, channels), dtype=np.float32)
-    padded[1:height + 1, 1:width + 1] = np.moveaxis(image, 0, -1)
+    padded[1 : height + 1, 1 : width + 1] = np.moveaxis(image, 0, -1)
     return padded.reshape(-1, channels)
 
 
@@ -161,6 +183,7 @@ def _bilinear(padded: np.ndarray, shape: tuple[int, int], cy: np.ndarray, cx: np
     fy, fx = (cy - y0)[..., None], (cx - x0)[..., None]
     stride = width + 3
     corner = (y0.astype(np.intp) + 1) * stride + (x0.astype(np.intp) + 1)
+
     def gather(offset: int) -> np.ndarray:  # np.take is several times faster than fancy indexing here
         return np.take(padded, corner + offset, axis=0)
 
@@ -169,10 +192,19 @@ def _bilinear(padded: np.ndarray, shape: tuple[int, int], cy: np.ndarray, cx: np
     return np.ascontiguousarray(np.moveaxis(top * (1 - fy) + bottom * fy, -1, 0), dtype=np.float32)
 
 
-def augment_sample(image: np.ndarray, instances: np.ndarray, rng: np.random.Generator, *,
-                   crop_size: int | tuple[int, int] = 512, rotate: bool = True, flip: bool = True,
-                   elastic: bool = True, elastic_spacing: float = 64.0, elastic_sigma: float = 4.0,
-                   min_pixels: int = MIN_PIXELS) -> AugmentedCrop:
+def augment_sample(
+    image: np.ndarray,
+    instances: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    crop_size: int | tuple[int, int] = 512,
+    rotate: bool = True,
+    flip: bool = True,
+    elastic: bool = True,
+    elastic_spacing: float = 64.0,
+    elastic_sigma: float = 4.0,
+    min_pixels: int = MIN_PIXELS,
+) -> AugmentedCrop:
     """Randomly crop, flip, rotate and elastically deform an image and its masks together.
 
     Parameters
@@ -211,20 +243,51 @@ def augment_sample(image: np.ndarray, instances: np.ndarray, rng: np.random.Gene
     if image.ndim != 3:
         raise ValueError(f"image must be (C, H, W), got shape {image.shape}")
     if instances.ndim != 3 or instances.shape[1:] != image.shape[1:]:
-        raise ValueError(f"instances must be (K, H, W) with (H, W) = {image.shape[1:]}, got shape {instances.shape}")
-    return _augment_encoded(_pad_channels_last(image), image.shape[1:], encode_masks(instances), len(instances), rng, crop_size=crop_size,
-                            rotate=rotate, flip=flip, elastic=elastic, elastic_spacing=elastic_spacing,
-                            elastic_sigma=elastic_sigma, min_pixels=min_pixels)
+        raise ValueError(
+            f"instances must be (K, H, W) with (H, W) = {image.shape[1:]}, got shape {instances.shape}"
+        )
+    return _augment_encoded(
+        _pad_channels_last(image),
+        image.shape[1:],
+        encode_masks(instances),
+        len(instances),
+        rng,
+        crop_size=crop_size,
+        rotate=rotate,
+        flip=flip,
+        elastic=elastic,
+        elastic_spacing=elastic_spacing,
+        elastic_sigma=elastic_sigma,
+        min_pixels=min_pixels,
+    )
 
 
-def _augment_encoded(padded: np.ndarray, shape: tuple[int, int], words: np.ndarray, k: int,
-                     rng: np.random.Generator, *,
-                     crop_size: int | tuple[int, int], rotate: bool, flip: bool, elastic: bool,
-                     elastic_spacing: float = 64.0, elastic_sigma: float = 4.0,
-                     min_pixels: int = MIN_PIXELS) -> AugmentedCrop:
+def _augment_encoded(
+    padded: np.ndarray,
+    shape: tuple[int, int],
+    words: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+    *,
+    crop_size: int | tuple[int, int],
+    rotate: bool,
+    flip: bool,
+    elastic: bool,
+    elastic_spacing: float = 64.0,
+    elastic_sigma: float = 4.0,
+    min_pixels: int = MIN_PIXELS,
+) -> AugmentedCrop:
     crop = _crop_shape(crop_size)
-    cy, cx = _source_coordinates(shape, crop, rng, rotate=rotate, flip=flip, elastic=elastic,
-                                 elastic_spacing=elastic_spacing, elastic_sigma=elastic_sigma)
+    cy, cx = _source_coordinates(
+        shape,
+        crop,
+        rng,
+        rotate=rotate,
+        flip=flip,
+        elastic=elastic,
+        elastic_spacing=elastic_spacing,
+        elastic_sigma=elastic_sigma,
+    )
     out_image = _bilinear(padded, shape, cy, cx)
     masks = _sample_masks(words, k, shape, np.rint(cy).astype(np.intp), np.rint(cx).astype(np.intp))
     keep = np.count_nonzero(masks.reshape(k, crop[0] * crop[1]), axis=1) >= min_pixels
@@ -259,8 +322,15 @@ class WormCropDataset(torch.utils.data.Dataset):
     (torch.Size([2, 32, 32]), torch.int64)
     """
 
-    def __init__(self, samples: Sequence[Sample], crop_size: int | tuple[int, int] = 512, *,
-                 length: int | None = None, seed: int = 0, augment: bool = True) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        crop_size: int | tuple[int, int] = 512,
+        *,
+        length: int | None = None,
+        seed: int = 0,
+        augment: bool = True,
+    ) -> None:
         if len(samples) == 0:
             raise ValueError("samples is empty")
         self.samples = list(samples)
@@ -271,7 +341,9 @@ class WormCropDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.augment = augment
         self.epoch = 0
-        self._prepared: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # position -> (padded image, mask words)
+        self._prepared: dict[
+            int, tuple[np.ndarray, np.ndarray]
+        ] = {}  # position -> (padded image, mask words)
 
     def set_epoch(self, epoch: int) -> None:
         """Draw different crops from now on (item ``i`` depends on ``(seed, epoch, i)``)."""
@@ -290,11 +362,22 @@ class WormCropDataset(torch.utils.data.Dataset):
             self._prepared[position] = (_pad_channels_last(sample.image), encode_masks(sample.instances))
         padded, words = self._prepared[position]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image, instances = _augment_encoded(padded, sample.image.shape[1:], words, len(sample.instances), rng,
-                                            crop_size=self.crop_size, rotate=self.augment, flip=self.augment,
-                                            elastic=self.augment)
-        return {"image": torch.from_numpy(image), "instances": torch.from_numpy(instances),
-                "target": torch.from_numpy(three_class_target(instances))}
+        image, instances = _augment_encoded(
+            padded,
+            sample.image.shape[1:],
+            words,
+            len(sample.instances),
+            rng,
+            crop_size=self.crop_size,
+            rotate=self.augment,
+            flip=self.augment,
+            elastic=self.augment,
+        )
+        return {
+            "image": torch.from_numpy(image),
+            "instances": torch.from_numpy(instances),
+            "target": torch.from_numpy(three_class_target(instances)),
+        }
 
 
 def collate_crops(batch: Sequence[dict[str, torch.Tensor]]) -> dict:

@@ -37,11 +37,13 @@ Examples
 >>> batch["image"].shape, batch["target"].shape, len(batch["instances"])
 (torch.Size([3, 2, 32, 32]), torch.Size([3, 32, 32]), 3)
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -53,8 +55,14 @@ from .targets import OVERLAP
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Sample
 
-__all__ = ["CropParams", "DeviceCropSource", "DeviceCropLoader", "augment_batch", "batch_seed",
-           "BITS_PER_WORD"]
+__all__ = [
+    "CropParams",
+    "DeviceCropSource",
+    "DeviceCropLoader",
+    "augment_batch",
+    "batch_seed",
+    "BITS_PER_WORD",
+]
 
 #: Masks per float32 channel of the bit-packed mask stack (integers < 2**24 are exact).
 BITS_PER_WORD = 24
@@ -94,7 +102,9 @@ def _n_control(n: int, spacing: float) -> int:
 def _as_bool_stack(masks, shape: tuple[int, int]) -> torch.Tensor:
     stack = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks)
     if stack.ndim != 3 or tuple(stack.shape[1:]) != tuple(shape):
-        raise ValueError(f"instances must be (K, H, W) with (H, W) = {tuple(shape)}, got shape {tuple(stack.shape)}")
+        raise ValueError(
+            f"instances must be (K, H, W) with (H, W) = {tuple(shape)}, got shape {tuple(stack.shape)}"
+        )
     return stack != 0
 
 
@@ -145,15 +155,26 @@ class DeviceCropSource:
     mask word).
     """
 
-    def __init__(self, samples: Sequence["Sample"], crop_size: int | tuple[int, int] = 512, *,
-                 device: str | torch.device = "cpu", rotate: bool = True, flip: bool = True,
-                 elastic: bool = True, elastic_spacing: float = 64.0, elastic_sigma: float = 4.0,
-                 min_pixels: int = MIN_PIXELS) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        crop_size: int | tuple[int, int] = 512,
+        *,
+        device: str | torch.device = "cpu",
+        rotate: bool = True,
+        flip: bool = True,
+        elastic: bool = True,
+        elastic_spacing: float = 64.0,
+        elastic_sigma: float = 4.0,
+        min_pixels: int = MIN_PIXELS,
+    ) -> None:
         if len(samples) == 0:
             raise ValueError("samples is empty")
         if elastic_sigma < 0 or elastic_spacing <= 0:
-            raise ValueError(f"need elastic_sigma >= 0 and elastic_spacing > 0, got sigma={elastic_sigma}, "
-                             f"spacing={elastic_spacing}")
+            raise ValueError(
+                f"need elastic_sigma >= 0 and elastic_spacing > 0, got sigma={elastic_sigma}, "
+                f"spacing={elastic_spacing}"
+            )
         self.crop = _crop_shape(crop_size)
         self.device = torch.device(device)
         self.rotate, self.flip, self.elastic = bool(rotate), bool(flip), bool(elastic)
@@ -161,7 +182,9 @@ class DeviceCropSource:
         self.min_pixels = int(min_pixels)
         images = [torch.as_tensor(np.asarray(s.image, dtype=np.float32)) for s in samples]
         if any(im.ndim != 3 or im.shape[0] != images[0].shape[0] for im in images):
-            raise ValueError(f"images must be (C, H, W) with one C, got shapes {[tuple(im.shape) for im in images][:4]}")
+            raise ValueError(
+                f"images must be (C, H, W) with one C, got shapes {[tuple(im.shape) for im in images][:4]}"
+            )
         masks = [_as_bool_stack(s.instances, im.shape[1:]) for s, im in zip(samples, images)]
         self.channels = int(images[0].shape[0])
         self.sizes = torch.tensor([tuple(im.shape[1:]) for im in images], dtype=torch.int64)  # (N, 2)
@@ -185,20 +208,32 @@ class DeviceCropSource:
         """Random transforms (distributed as in the scipy path) of crops of the given samples."""
         index = torch.as_tensor(list(samples), dtype=torch.int64)
         if index.ndim != 1 or len(index) == 0 or int(index.min()) < 0 or int(index.max()) >= len(self):
-            raise ValueError(f"samples must be a non-empty list of indices in [0, {len(self)}), got {list(samples)[:8]}")
+            raise ValueError(
+                f"samples must be a non-empty list of indices in [0, {len(self)}), got {list(samples)[:8]}"
+            )
         n = len(index)
         h, w = self.crop
         sizes = self.sizes[index].to(torch.float64)
         crop = torch.tensor([h, w], dtype=torch.float64)
-        low, high = torch.minimum(sizes - crop, torch.zeros(2, dtype=torch.float64)), \
-            torch.maximum(sizes - crop, torch.zeros(2, dtype=torch.float64))
-        offset = torch.floor(torch.rand((n, 2), generator=generator, dtype=torch.float64) * (high - low + 1)) + low
+        low, high = (
+            torch.minimum(sizes - crop, torch.zeros(2, dtype=torch.float64)),
+            torch.maximum(sizes - crop, torch.zeros(2, dtype=torch.float64)),
+        )
+        offset = (
+            torch.floor(torch.rand((n, 2), generator=generator, dtype=torch.float64) * (high - low + 1)) + low
+        )
         offset = torch.minimum(offset, high)  # guards rand() == 1 - eps rounding up
         center = offset + (crop - 1) / 2
-        flips = 1.0 - 2.0 * torch.randint(0, 2, (n, 2), generator=generator).to(torch.float64) if self.flip \
+        flips = (
+            1.0 - 2.0 * torch.randint(0, 2, (n, 2), generator=generator).to(torch.float64)
+            if self.flip
             else torch.ones((n, 2), dtype=torch.float64)
-        angle = torch.rand(n, generator=generator, dtype=torch.float64) * (2 * math.pi) if self.rotate \
+        )
+        angle = (
+            torch.rand(n, generator=generator, dtype=torch.float64) * (2 * math.pi)
+            if self.rotate
             else torch.zeros(n, dtype=torch.float64)
+        )
         control = None
         if self.elastic:
             shape = (n, 2, _n_control(h, self.elastic_spacing), _n_control(w, self.elastic_spacing))
@@ -222,8 +257,12 @@ class DeviceCropSource:
         u, v = u.expand(-1, h, w), v.expand(-1, h, w)
         if params.control is not None:
             ny, nx = params.control.shape[2:]
-            displacement = torch.einsum("hi,bcij,wj->bchw", _basis(h, ny).to(dev),
-                                        params.control.to(dtype=f32).to(dev), _basis(w, nx).to(dev))
+            displacement = torch.einsum(
+                "hi,bcij,wj->bchw",
+                _basis(h, ny).to(dev),
+                params.control.to(dtype=f32).to(dev),
+                _basis(w, nx).to(dev),
+            )
             u, v = u + displacement[:, 0], v + displacement[:, 1]
         cos, sin = col(torch.cos(params.angle)), col(torch.sin(params.angle))
         return col(params.center_y) + cos * u - sin * v, col(params.center_x) + sin * u + cos * v
@@ -235,17 +274,28 @@ class DeviceCropSource:
         # exact for power-of-two sizes: grid_sample maps g back to ((g + 1) * size - 1) / 2
         grid = torch.stack([(2 * x + 1) / width - 1, (2 * y + 1) / height - 1], dim=-1)
         index = params.sample.to(self.device)
-        image = F.grid_sample(self.images.index_select(0, index), grid, mode="bilinear", padding_mode="zeros",
-                              align_corners=False)
-        words = F.grid_sample(self.words.index_select(0, index), grid, mode="nearest", padding_mode="zeros",
-                              align_corners=False).to(torch.int32)
+        image = F.grid_sample(
+            self.images.index_select(0, index),
+            grid,
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )
+        words = F.grid_sample(
+            self.words.index_select(0, index), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        ).to(torch.int32)
         masks = torch.empty((len(grid), self.k_max) + self.crop, dtype=torch.bool, device=self.device)
         for k in range(self.k_max):
             masks[:, k] = (words[:, k // BITS_PER_WORD] >> (k % BITS_PER_WORD)) & 1 != 0
         return image, masks
 
-    def crops(self, samples: Sequence[int], generator: torch.Generator | None = None, *,
-              params: CropParams | None = None) -> dict:
+    def crops(
+        self,
+        samples: Sequence[int],
+        generator: torch.Generator | None = None,
+        *,
+        params: CropParams | None = None,
+    ) -> dict:
         """A training batch of augmented crops of ``samples`` (indices, repeats allowed).
 
         Returns
@@ -258,7 +308,10 @@ class DeviceCropSource:
         params = self.draw(samples, generator) if params is None else params
         image, masks = self.warp(params)
         counts = torch.count_nonzero(masks.flatten(2), dim=2)  # (B, K_max)
-        own = torch.arange(self.k_max, device=self.device)[None] < self._counts[params.sample.to(self.device)][:, None]
+        own = (
+            torch.arange(self.k_max, device=self.device)[None]
+            < self._counts[params.sample.to(self.device)][:, None]
+        )
         kept = (counts >= self.min_pixels) & own
         target = _class_targets(masks, kept)
         keep = kept.cpu()  # one host sync per batch
@@ -266,10 +319,19 @@ class DeviceCropSource:
         return {"image": image, "target": target, "instances": instances}
 
 
-def augment_batch(images, instances: Sequence, generator: torch.Generator | None = None, *,
-                  crop_size: int | tuple[int, int] = 512, rotate: bool = True, flip: bool = True,
-                  elastic: bool = True, elastic_spacing: float = 64.0, elastic_sigma: float = 4.0,
-                  min_pixels: int = MIN_PIXELS) -> dict:
+def augment_batch(
+    images,
+    instances: Sequence,
+    generator: torch.Generator | None = None,
+    *,
+    crop_size: int | tuple[int, int] = 512,
+    rotate: bool = True,
+    flip: bool = True,
+    elastic: bool = True,
+    elastic_spacing: float = 64.0,
+    elastic_sigma: float = 4.0,
+    min_pixels: int = MIN_PIXELS,
+) -> dict:
     """One augmented crop of each image of a batch, on the images' device.
 
     The batched counterpart of :func:`companion.augment.augment_sample`.
@@ -300,12 +362,23 @@ def augment_batch(images, instances: Sequence, generator: torch.Generator | None
     """
     images = torch.as_tensor(images)
     if images.ndim != 4 or len(images) != len(instances):
-        raise ValueError(f"images must be (B, C, H, W) with one instance stack each, got shape "
-                         f"{tuple(images.shape)} and {len(instances)} stacks")
+        raise ValueError(
+            f"images must be (B, C, H, W) with one instance stack each, got shape "
+            f"{tuple(images.shape)} and {len(instances)} stacks"
+        )
     device = images.device
     samples = [_TensorSample(image, masks) for image, masks in zip(images.cpu(), instances)]
-    source = DeviceCropSource(samples, crop_size, device=device, rotate=rotate, flip=flip, elastic=elastic,
-                              elastic_spacing=elastic_spacing, elastic_sigma=elastic_sigma, min_pixels=min_pixels)
+    source = DeviceCropSource(
+        samples,
+        crop_size,
+        device=device,
+        rotate=rotate,
+        flip=flip,
+        elastic=elastic,
+        elastic_spacing=elastic_spacing,
+        elastic_sigma=elastic_sigma,
+        min_pixels=min_pixels,
+    )
     return source.crops(range(len(samples)), generator)
 
 
@@ -342,11 +415,22 @@ class DeviceCropLoader:
     (2, [(2, 2, 32, 32), (2, 2, 32, 32)])
     """
 
-    def __init__(self, source: DeviceCropSource, *, start: int, stop: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        source: DeviceCropSource,
+        *,
+        start: int,
+        stop: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got batch_size={batch_size}, "
-                             f"rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"need batch_size >= 1 and 0 <= rank < world_size, got batch_size={batch_size}, "
+                f"rank={rank}, world_size={world_size}"
+            )
         self.source = source
         self.start, self.stop = int(start), int(stop)
         self.batch_size, self.seed = int(batch_size), int(seed)

@@ -5,10 +5,12 @@ Iteration ``t`` of rank ``r`` (of ``W``) reads the crops with the global indices
 alone. Resuming at iteration ``t`` therefore reads exactly the crops an uninterrupted run would
 have read, without replaying the loader.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -69,9 +71,16 @@ def uses_gpu_augment(config: TrainConfig, device: torch.device | str | None) -> 
     return device is not None and torch.device(device).type == "cuda"
 
 
-def make_loader(data: Sequence["Sample"], config: TrainConfig, *, start: int = 0, rank: int = 0,
-                world_size: int = 1, pin_memory: bool = False,
-                device: torch.device | str | None = None) -> Iterable[dict]:
+def make_loader(
+    data: Sequence[Sample],
+    config: TrainConfig,
+    *,
+    start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    device: torch.device | str | None = None,
+) -> Iterable[dict]:
     """The training batches of iterations ``start .. config.iterations - 1`` for one rank.
 
     Crops come from :class:`companion.augment.WormCropDataset` in a DataLoader, or, when
@@ -90,23 +99,43 @@ def make_loader(data: Sequence["Sample"], config: TrainConfig, *, start: int = 0
     if uses_gpu_augment(config, device):
         from companion.augment_torch import DeviceCropLoader, DeviceCropSource
 
-        source = DeviceCropSource(list(data), crop_size=config.crop_size, device=device or "cpu",
-                                  rotate=config.augment, flip=config.augment, elastic=config.augment)
-        return DeviceCropLoader(source, start=start, stop=config.iterations, batch_size=config.batch_size,
-                                seed=config.seed, rank=rank, world_size=world_size)
+        source = DeviceCropSource(
+            list(data),
+            crop_size=config.crop_size,
+            device=device or "cpu",
+            rotate=config.augment,
+            flip=config.augment,
+            elastic=config.augment,
+        )
+        return DeviceCropLoader(
+            source,
+            start=start,
+            stop=config.iterations,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            rank=rank,
+            world_size=world_size,
+        )
     from companion.augment import WormCropDataset, collate_crops
 
     n_crops = config.iterations * config.batch_size * world_size
-    dataset = WormCropDataset(list(data), crop_size=config.crop_size, length=n_crops,
-                              seed=config.seed, augment=config.augment)
+    dataset = WormCropDataset(
+        list(data), crop_size=config.crop_size, length=n_crops, seed=config.seed, augment=config.augment
+    )
     sampler = _IterationSampler(start, config.iterations, config.batch_size, rank, world_size)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_crops,
-        num_workers=config.num_workers, pin_memory=pin_memory,
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        collate_fn=collate_crops,
+        num_workers=config.num_workers,
+        pin_memory=pin_memory,
         # an own generator: creating the loader iterator must not consume the global torch RNG
         generator=torch.Generator().manual_seed(config.seed),
-        persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
-        worker_init_fn=_init_worker if config.num_workers else None)
+        persistent_workers=False,
+        prefetch_factor=4 if config.num_workers else None,
+        worker_init_fn=_init_worker if config.num_workers else None,
+    )
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
@@ -114,5 +143,8 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
     image = batch["image"].to(device, non_blocking=True)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
-    return dict(image=image, target=batch["target"].to(device, non_blocking=True),
-                instances=[m.to(device, non_blocking=True) for m in batch["instances"]])
+    return dict(
+        image=image,
+        target=batch["target"].to(device, non_blocking=True),
+        instances=[m.to(device, non_blocking=True) for m in batch["instances"]],
+    )

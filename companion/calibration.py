@@ -21,15 +21,23 @@ Examples
 >>> (before - net.class_head.layer.bias.detach()).tolist()
 [1.5, 0.0, 0.0]
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_SHIFTS", "ShiftChoice", "foreground_f1", "choose_background_shift", "shift_background_logit"]
+__all__ = [
+    "DEFAULT_SHIFTS",
+    "ShiftChoice",
+    "foreground_f1",
+    "choose_background_shift",
+    "shift_background_logit",
+]
 
 #: Candidate shifts of the background logit (0 = the plain argmax rule).
 DEFAULT_SHIFTS: tuple[float, ...] = tuple(np.round(np.arange(0.0, 4.01, 0.25), 2))
@@ -71,14 +79,16 @@ def foreground_f1(logits: np.ndarray, truth: np.ndarray, shift: float = 0.0) -> 
     """
     logits, truth = np.asarray(logits), np.asarray(truth, bool)
     if logits.ndim != 3 or logits.shape[0] != 3 or logits.shape[1:] != truth.shape:
-        raise ValueError(f"expected logits (3, H, W) and truth (H, W) of one size, got {logits.shape} "
-                         f"and {truth.shape}")
+        raise ValueError(
+            f"expected logits (3, H, W) and truth (H, W) of one size, got {logits.shape} and {truth.shape}"
+        )
     mask = _foreground(logits, shift)
     return int((mask & truth).sum()), int((mask & ~truth).sum()), int((~mask & truth).sum())
 
 
-def _pass_logits(model: nn.Module, image: np.ndarray, draws: int, seed: int,
-                 device: str | torch.device | None) -> np.ndarray:
+def _pass_logits(
+    model: nn.Module, image: np.ndarray, draws: int, seed: int, device: str | torch.device | None
+) -> np.ndarray:
     """``(P, 3, H, W)`` logits: the deterministic pass (``draws == 0``) or ``draws`` MC draws."""
     from companion.sampling import mc_predict, predict
 
@@ -97,9 +107,17 @@ def _vote_counts(logits: np.ndarray, truth: np.ndarray, shifts: np.ndarray, agre
     return counts
 
 
-def choose_background_shift(model: nn.Module, samples: Sequence, shifts: Sequence[float] = DEFAULT_SHIFTS, *,
-                            draws: int = 0, agreement: float = 0.75, seed: int = 0,
-                            device: str | torch.device | None = None, progress: bool = False) -> ShiftChoice:
+def choose_background_shift(
+    model: nn.Module,
+    samples: Sequence,
+    shifts: Sequence[float] = DEFAULT_SHIFTS,
+    *,
+    draws: int = 0,
+    agreement: float = 0.75,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> ShiftChoice:
     """The shift of the background logit with the best pooled foreground F1 on ``samples``.
 
     With ``draws == 0`` the foreground is that of one deterministic pass per sample

@@ -11,14 +11,16 @@ Design decisions
   uninterrupted run (GPU kernels are not bit-deterministic, so on CUDA it is "statistically" the
   same run). The data order needs no state: see :mod:`companion.batches`.
 """
+
 from __future__ import annotations
 
 import os
 import random
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,10 +62,13 @@ def _capture_rng() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     state = {
         "python": [int(version), [int(v) for v in internal], gauss],
-        "numpy": {"bit_generator": str(np_state["bit_generator"]),
-                  "key": torch.as_tensor(np.asarray(np_state["state"]["key"], dtype=np.int64)),
-                  "pos": int(np_state["state"]["pos"]),
-                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "bit_generator": str(np_state["bit_generator"]),
+            "key": torch.as_tensor(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -75,13 +80,18 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
-    np.random.set_state({"bit_generator": np_state["bit_generator"],
-                         "state": {"key": np_state["key"].numpy().astype(np.uint32),
-                                   "pos": np_state["pos"]},
-                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": np_state["bit_generator"],
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
 
 def _gather_rng(dist_info: DistInfo) -> list[dict]:
     state = _capture_rng()
@@ -116,10 +126,14 @@ def check_map_location(map_location: str | torch.device) -> None:
     try:
         device = torch.device(map_location)
     except RuntimeError as err:
-        raise ValueError(f"map_location {map_location!r} is not a torch device (cpu, cuda, cuda:1, ...)") from err
+        raise ValueError(
+            f"map_location {map_location!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"map_location {str(map_location)!r} asks for a GPU, but CUDA is not available "
-                         f"on this machine: use 'cpu'")
+        raise ValueError(
+            f"map_location {str(map_location)!r} asks for a GPU, but CUDA is not available "
+            f"on this machine: use 'cpu'"
+        )
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
@@ -142,26 +156,45 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     check_map_location(map_location)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError,
-            ValueError, TypeError, KeyError, IndexError) as err:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        AttributeError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+    ) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} is not a companion checkpoint that can be loaded safely "
-                         f"(torch.load(weights_only=True) refused it: {first_line})") from err
+        raise ValueError(
+            f"{path} is not a companion checkpoint that can be loaded safely "
+            f"(torch.load(weights_only=True) refused it: {first_line})"
+        ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        what = f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) \
+        what = (
+            f"a dict with keys {sorted(map(str, ckpt))[:8]}"
+            if isinstance(ckpt, dict)
             else f"a {type(ckpt).__name__}"
-        raise ValueError(f"{path} is not a companion training checkpoint: it holds {what} "
-                         f"without format={CHECKPOINT_FORMAT!r}")
+        )
+        raise ValueError(
+            f"{path} is not a companion training checkpoint: it holds {what} "
+            f"without format={CHECKPOINT_FORMAT!r}"
+        )
     missing = {"version", "config", "model_kwargs", "model", "iteration"} - set(ckpt)
     if missing:
         raise ValueError(f"checkpoint {path} lacks the keys {sorted(missing)}")
     if ckpt["version"] > CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} has layout version {ckpt['version']}, newer than "
-                         f"this package's {CHECKPOINT_VERSION}: update companion")
+        raise ValueError(
+            f"checkpoint {path} has layout version {ckpt['version']}, newer than "
+            f"this package's {CHECKPOINT_VERSION}: update companion"
+        )
     recorded = ckpt.get("model_sha256")  # absent in checkpoints written before it was recorded
     if recorded is not None and tensors_sha256(ckpt["model"]) != recorded:
-        raise ValueError(f"checkpoint {path} is corrupted: its weights do not match the sha256 "
-                         f"recorded when it was saved")
+        raise ValueError(
+            f"checkpoint {path} is corrupted: its weights do not match the sha256 recorded when it was saved"
+        )
     return ckpt
 
 
@@ -189,14 +222,16 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     try:
         model = UNet(**ckpt["model_kwargs"])
     except TypeError as err:
-        raise ValueError(f"checkpoint {path}: model_kwargs {ckpt['model_kwargs']} do not "
-                         f"describe a companion UNet ({err})") from err
+        raise ValueError(
+            f"checkpoint {path}: model_kwargs {ckpt['model_kwargs']} do not describe a companion UNet ({err})"
+        ) from err
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:400]
-        raise ValueError(f"checkpoint {path}: its weights do not fit the architecture "
-                         f"{ckpt['model_kwargs']}: {detail}") from err
+        raise ValueError(
+            f"checkpoint {path}: its weights do not fit the architecture {ckpt['model_kwargs']}: {detail}"
+        ) from err
     return model.eval()
 
 
@@ -212,18 +247,32 @@ def read_exported(path: str | os.PathLike, *, map_location: str | torch.device =
     check_map_location(map_location)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError,
-            KeyError, IndexError) as err:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        AttributeError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+    ) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} is not a readable exported companion model (truncated or corrupt? "
-                         f"torch.load(weights_only=True) refused it: {first_line})") from err
+        raise ValueError(
+            f"{path} is not a readable exported companion model (truncated or corrupt? "
+            f"torch.load(weights_only=True) refused it: {first_line})"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != EXPORTED_FORMAT:
         raise ValueError(f"{path} is not an exported companion model (format {EXPORTED_FORMAT!r} missing)")
     weights, kwargs = payload.get("state_dict"), payload.get("model_kwargs")
-    if not isinstance(weights, dict) or not isinstance(kwargs, dict) or \
-            not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"{path} is not an exported companion model: it lacks a state_dict of "
-                         f"tensors or its model_kwargs")
+    if (
+        not isinstance(weights, dict)
+        or not isinstance(kwargs, dict)
+        or not all(isinstance(v, torch.Tensor) for v in weights.values())
+    ):
+        raise ValueError(
+            f"{path} is not an exported companion model: it lacks a state_dict of tensors or its model_kwargs"
+        )
     state = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     return state, kwargs
 
@@ -257,18 +306,26 @@ def init_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     missing = sorted(k for k in set(target) - set(source) if not k.endswith("p_logit"))
     wrong = sorted(k for k in set(source) & set(target) if source[k].shape != target[k].shape)
     if unexpected or missing or wrong:
-        raise ValueError(f"{checkpoint}: weights do not fit this model (unexpected {unexpected[:3]}, "
-                         f"missing {missing[:3]}, other shape {wrong[:3]}); init_from needs the same "
-                         f"architecture apart from the dropout layers")
+        raise ValueError(
+            f"{checkpoint}: weights do not fit this model (unexpected {unexpected[:3]}, "
+            f"missing {missing[:3]}, other shape {wrong[:3]}); init_from needs the same "
+            f"architecture apart from the dropout layers"
+        )
     model.load_state_dict(source, strict=False)
 
 
 # --------------------------------------------------------------------------------------------
 # Writing and resuming
 # --------------------------------------------------------------------------------------------
-def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                      scaler: "torch.amp.GradScaler", config: TrainConfig, iteration: int,
-                      rng_per_rank: list[dict], dist_info: DistInfo) -> dict:
+def _checkpoint_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    iteration: int,
+    rng_per_rank: list[dict],
+    dist_info: DistInfo,
+) -> dict:
     import companion
 
     weights = unwrap(model).state_dict()
@@ -286,24 +343,32 @@ def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         "scaler": scaler.state_dict(),
         "rng": rng_per_rank[0],
         "rng_per_rank": rng_per_rank,
-        "data_position": {"iteration": iteration, "world_size": dist_info.world_size,
-                          "crops_per_iteration": config.batch_size * dist_info.world_size,
-                          "next_crop_index": iteration * config.batch_size * dist_info.world_size},
+        "data_position": {
+            "iteration": iteration,
+            "world_size": dist_info.world_size,
+            "crops_per_iteration": config.batch_size * dist_info.world_size,
+            "next_crop_index": iteration * config.batch_size * dist_info.world_size,
+        },
     }
 
 
-def write_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: "torch.amp.GradScaler", config: TrainConfig, iteration: int,
-                     dist_info: DistInfo, last_path: Path,
-                     on_checkpoint: Callable[[int, Path], None] | None) -> None:
+def write_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    iteration: int,
+    dist_info: DistInfo,
+    last_path: Path,
+    on_checkpoint: Callable[[int, Path], None] | None,
+) -> None:
     """Save the run at ``iteration`` to ``last_path`` (rank 0; every rank joins the RNG gather).
 
     ``on_checkpoint(iteration, last_path)`` is called after the file is in place.
     """
     rng_per_rank = _gather_rng(dist_info)
     if dist_info.is_main:
-        state = _checkpoint_state(model, optimizer, scaler, config, iteration, rng_per_rank,
-                                  dist_info)
+        state = _checkpoint_state(model, optimizer, scaler, config, iteration, rng_per_rank, dist_info)
         atomic_write(last_path, lambda tmp: torch.save(state, tmp))
         if on_checkpoint is not None:
             on_checkpoint(iteration, last_path)
@@ -313,14 +378,31 @@ def check_resumable(ckpt: dict, config: TrainConfig, path: Path) -> None:
     """Refuse a checkpoint of another architecture; warn about changed settings that matter."""
     saved = TrainConfig.from_dict(ckpt["config"])
     if saved.model_kwargs() != config.model_kwargs():
-        raise ValueError(f"cannot resume from {path}: it was trained with the architecture "
-                         f"{saved.model_kwargs()}, the configuration asks for "
-                         f"{config.model_kwargs()}")
-    changed = [f.name for f in fields(TrainConfig)
-               if f.name not in ("iterations", "checkpoint_every", "log_every", "num_workers",
-                                 "snapshot_every",
-                                 "device", "amp", "channels_last", "cpu_bf16")
-               and getattr(saved, f.name) != getattr(config, f.name)]
+        raise ValueError(
+            f"cannot resume from {path}: it was trained with the architecture "
+            f"{saved.model_kwargs()}, the configuration asks for "
+            f"{config.model_kwargs()}"
+        )
+    changed = [
+        f.name
+        for f in fields(TrainConfig)
+        if f.name
+        not in (
+            "iterations",
+            "checkpoint_every",
+            "log_every",
+            "num_workers",
+            "snapshot_every",
+            "device",
+            "amp",
+            "channels_last",
+            "cpu_bf16",
+        )
+        and getattr(saved, f.name) != getattr(config, f.name)
+    ]
     if changed:
-        warnings.warn(f"resuming {path} with changed settings {changed}: the run is no longer "
-                      f"identical to an uninterrupted one", stacklevel=3)
+        warnings.warn(
+            f"resuming {path} with changed settings {changed}: the run is no longer "
+            f"identical to an uninterrupted one",
+            stacklevel=3,
+        )

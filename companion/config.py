@@ -4,11 +4,13 @@ input statistics that :func:`companion.train.train` stores when ``standardize`` 
 Everything here is JSON-safe: a checkpoint stores its configuration as a dict
 (:meth:`TrainConfig.to_dict`), and :meth:`TrainConfig.from_dict` rebuilds it.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -166,14 +168,25 @@ class TrainConfig:
             self.input_std = [float(v) for v in self.input_std]
         if self.model not in ("concrete", "baseline"):
             raise ValueError(f"model must be 'concrete' or 'baseline', got {self.model!r}")
-        for name in ("iterations", "batch_size", "crop_size", "embedding_dim", "base_filters",
-                     "depth", "checkpoint_every", "log_every", "downsample"):
+        for name in (
+            "iterations",
+            "batch_size",
+            "crop_size",
+            "embedding_dim",
+            "base_filters",
+            "depth",
+            "checkpoint_every",
+            "log_every",
+            "downsample",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.crop_size % (16 * self.downsample):
-            raise ValueError(f"crop_size must be a multiple of {16 * self.downsample} (the U-Net "
-                             f"pools 4 times after downsample={self.downsample}), got {self.crop_size}")
+            raise ValueError(
+                f"crop_size must be a multiple of {16 * self.downsample} (the U-Net "
+                f"pools 4 times after downsample={self.downsample}), got {self.crop_size}"
+            )
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not isinstance(self.disc_warmup, int) or self.disc_warmup < 0:
@@ -188,10 +201,12 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.gpu_augment not in (None, True, False):
-            raise ValueError(f"gpu_augment must be True, False or None (on with CUDA), got {self.gpu_augment!r}")
+            raise ValueError(
+                f"gpu_augment must be True, False or None (on with CUDA), got {self.gpu_augment!r}"
+            )
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+    def preset(cls, name: str, **overrides: Any) -> TrainConfig:
         """A named preset (see :data:`PRESETS`) with some fields overridden.
 
         Examples
@@ -210,7 +225,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Rebuild a configuration from :meth:`to_dict`; unknown keys raise ``ValueError``."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -220,10 +235,16 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`companion.model.UNet` for this configuration."""
-        kwargs = dict(in_channels=2, embedding_dim=self.embedding_dim, n_classes=3,
-                      base_filters=self.base_filters, depth=self.depth,
-                      dropout="concrete" if self.model == "concrete" else None,
-                      init_dropout_rate=self.init_dropout_rate, temperature=self.temperature)
+        kwargs = dict(
+            in_channels=2,
+            embedding_dim=self.embedding_dim,
+            n_classes=3,
+            base_filters=self.base_filters,
+            depth=self.depth,
+            dropout="concrete" if self.model == "concrete" else None,
+            init_dropout_rate=self.init_dropout_rate,
+            temperature=self.temperature,
+        )
         if self.input_mean is not None:  # absent otherwise: older checkpoints stay comparable
             kwargs.update(input_mean=list(self.input_mean), input_std=list(self.input_std))
         if self.downsample > 1:
@@ -248,7 +269,7 @@ class TrainConfig:
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def channel_statistics(data: Sequence["Sample"]) -> tuple[list[float], list[float]]:
+def channel_statistics(data: Sequence[Sample]) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation over all pixels of ``data``'s images.
 
     Examples
@@ -266,12 +287,14 @@ def channel_statistics(data: Sequence["Sample"]) -> tuple[list[float], list[floa
         if len(image) != len(sums):
             sums, squares = np.zeros(len(image)), np.zeros(len(image))
         sums += image.sum(axis=1)
-        squares += (image ** 2).sum(axis=1)
+        squares += (image**2).sum(axis=1)
         count += image.shape[1]
     mean = sums / count
-    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     if not (std > 0).all():
-        raise ValueError(f"cannot standardise: a channel of the training images is constant (sd {std.tolist()})")
+        raise ValueError(
+            f"cannot standardise: a channel of the training images is constant (sd {std.tolist()})"
+        )
     return mean.tolist(), std.tolist()
 
 
@@ -297,11 +320,32 @@ def channel_statistics(data: Sequence["Sample"]) -> tuple[list[float], list[floa
 #:   with a 10x larger learning rate so that the loss visibly moves within 30 iterations.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "colab": dict(iterations=15_000, batch_size=2, checkpoint_every=1_000, log_every=100,
-                  num_workers=2),
-    "cpu": dict(iterations=5_000, crop_size=512, downsample=2, batch_size=1, checkpoint_every=500,
-                log_every=50, num_workers=1, lr=1e-3, disc_warmup=300, standardize=True,
-                lr_schedule="cosine", lr_warmup=200, snapshot_every=1_000),
-    "quick": dict(iterations=30, crop_size=64, batch_size=2, lr=1e-3, base_filters=4, depth=5,
-                  embedding_dim=8, checkpoint_every=10, log_every=2, num_workers=0),
+    "colab": dict(iterations=15_000, batch_size=2, checkpoint_every=1_000, log_every=100, num_workers=2),
+    "cpu": dict(
+        iterations=5_000,
+        crop_size=512,
+        downsample=2,
+        batch_size=1,
+        checkpoint_every=500,
+        log_every=50,
+        num_workers=1,
+        lr=1e-3,
+        disc_warmup=300,
+        standardize=True,
+        lr_schedule="cosine",
+        lr_warmup=200,
+        snapshot_every=1_000,
+    ),
+    "quick": dict(
+        iterations=30,
+        crop_size=64,
+        batch_size=2,
+        lr=1e-3,
+        base_filters=4,
+        depth=5,
+        embedding_dim=8,
+        checkpoint_every=10,
+        log_every=2,
+        num_workers=0,
+    ),
 }

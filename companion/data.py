@@ -12,22 +12,43 @@ truth is a *stack* of binary masks ``(K, H, W)``, never a label image.
 :func:`load_bbbc010` returns one :class:`Sample` per well; :func:`fetch_bbbc010` downloads and
 unpacks the official archives into a cache when no local copy is given.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 __all__ = [
-    "WELLS", "TRAIN_WELLS", "VAL_WELLS", "FIT_WELLS", "TEST_WELLS", "TEST_FOLDS", "IMAGE_SHAPE", "CHANNEL_MAX",
-    "BASE_URL", "IMAGES_ZIP", "MASKS_ZIP", "Sample", "IncompleteWellError", "CorruptFileError",
-    "BBBC010Layout", "find_layout", "resolve_root", "default_cache_dir", "fetch_bbbc010",
-    "load_well", "load_bbbc010", "normalize", "rescale", "BBBC010DownloadError",
+    "WELLS",
+    "TRAIN_WELLS",
+    "VAL_WELLS",
+    "FIT_WELLS",
+    "TEST_WELLS",
+    "TEST_FOLDS",
+    "IMAGE_SHAPE",
+    "CHANNEL_MAX",
+    "BASE_URL",
+    "IMAGES_ZIP",
+    "MASKS_ZIP",
+    "Sample",
+    "IncompleteWellError",
+    "CorruptFileError",
+    "BBBC010Layout",
+    "find_layout",
+    "resolve_root",
+    "default_cache_dir",
+    "fetch_bbbc010",
+    "load_well",
+    "load_bbbc010",
+    "normalize",
+    "rescale",
+    "BBBC010DownloadError",
 ]
 
 #: The 100 well ids of BBBC010, row-major: ``A01`` .. ``A24``, ``B01`` .. ``D24``, ``E01`` .. ``E04``.
@@ -46,10 +67,12 @@ VAL_WELLS: tuple[str, ...] = TRAIN_WELLS[2::5]
 #: The training wells the networks are fitted on: :data:`TRAIN_WELLS` without :data:`VAL_WELLS`.
 FIT_WELLS: tuple[str, ...] = tuple(w for w in TRAIN_WELLS if w not in VAL_WELLS)
 
-_FOLD1 = ("C03 C06 C07 C12 C13 C14 C15 C19 C21 C22 C24 D02 D03 D04 D05 D08 D10 D12 D14 D17 D18 "
-          "D20 D22 D24 E03").split()
-_FOLD2 = ("C04 C05 C08 C09 C10 C11 C16 C17 C18 C20 C23 D01 D06 D07 D09 D11 D13 D15 D16 D19 D21 "
-          "D23 E01 E02 E04").split()
+_FOLD1 = (
+    "C03 C06 C07 C12 C13 C14 C15 C19 C21 C22 C24 D02 D03 D04 D05 D08 D10 D12 D14 D17 D18 D20 D22 D24 E03"
+).split()
+_FOLD2 = (
+    "C04 C05 C08 C09 C10 C11 C16 C17 C18 C20 C23 D01 D06 D07 D09 D11 D13 D15 D16 D19 D21 D23 E01 E02 E04"
+).split()
 #: The 2-fold cross-validation split of the 50 test wells (25 + 25), as listed in
 #: Kainmueller-Lab/PatchPerPix_experiments, ``wormbodies/03_results/info_dataset_split.txt``:
 #: hyper-parameters (e.g. the post-processing thresholds) are tuned on one fold and
@@ -106,8 +129,10 @@ class Sample:
             )
 
     def __repr__(self) -> str:
-        return (f"Sample(well={self.well!r}, image={self.image.dtype}{list(self.image.shape)}, "
-                f"instances={self.instances.dtype}{list(self.instances.shape)})")
+        return (
+            f"Sample(well={self.well!r}, image={self.image.dtype}{list(self.image.shape)}, "
+            f"instances={self.instances.dtype}{list(self.instances.shape)})"
+        )
 
 
 class IncompleteWellError(FileNotFoundError):
@@ -189,8 +214,9 @@ class BBBC010DownloadError(OSError):
     """The official BBBC010 archives could not be downloaded (no network, server error)."""
 
 
-def fetch_bbbc010(cache_dir: str | os.PathLike | None = None, base_url: str | None = None, *,
-                  progress: bool = True) -> Path:
+def fetch_bbbc010(
+    cache_dir: str | os.PathLike | None = None, base_url: str | None = None, *, progress: bool = True
+) -> Path:
     """Download and unpack the official BBBC010 archives (images v2, per-worm masks v1).
 
     The archives are fetched with :func:`pooch.retrieve` and unzipped with
@@ -227,7 +253,10 @@ def fetch_bbbc010(cache_dir: str | os.PathLike | None = None, base_url: str | No
     for archive in (IMAGES_ZIP, MASKS_ZIP):
         try:
             pooch.retrieve(
-                url=base_url + archive, known_hash=None, fname=archive, path=cache_dir,
+                url=base_url + archive,
+                known_hash=None,
+                fname=archive,
+                path=cache_dir,
                 processor=pooch.Unzip(extract_dir=archive[: -len(".zip")] + ".unzip"),
                 progressbar=progress,
             )
@@ -235,7 +264,8 @@ def fetch_bbbc010(cache_dir: str | os.PathLike | None = None, base_url: str | No
             raise BBBC010DownloadError(
                 f"could not download {base_url + archive} into {cache_dir} ({error}). Without "
                 f"network access, pass root=... or set $BBBC010_ROOT to a folder that holds the "
-                f"BBBC010 images and per-worm masks") from error
+                f"BBBC010 images and per-worm masks"
+            ) from error
     find_layout(cache_dir)  # fail here, naming what was looked for, if the archives were odd
     return cache_dir
 
@@ -272,13 +302,15 @@ def _read_tiff(path: Path) -> np.ndarray:
     try:
         array = tifffile.imread(path)
     except Exception as err:  # tifffile raises many types for broken files
-        raise CorruptFileError(f"cannot read TIFF {str(path)!r}: the file is truncated or "
-                               f"unreadable ({err})") from err
+        raise CorruptFileError(
+            f"cannot read TIFF {str(path)!r}: the file is truncated or unreadable ({err})"
+        ) from err
     if array.ndim != 2:
         raise CorruptFileError(f"TIFF {str(path)!r} should be a 2-D image, got shape {array.shape}")
     if array.dtype.kind in "fc" and not np.isfinite(array).all():
-        raise CorruptFileError(f"TIFF {str(path)!r} holds {int((~np.isfinite(array)).sum())} NaN or "
-                               f"inf pixels")
+        raise CorruptFileError(
+            f"TIFF {str(path)!r} holds {int((~np.isfinite(array)).sum())} NaN or inf pixels"
+        )
     return array
 
 
@@ -363,8 +395,9 @@ def load_well(layout: BBBC010Layout, well: str) -> Sample:
                 f"mask {str(path)!r} has shape {mask.shape} but the image of well {well} has shape {(height, width)}"
             )
         if not mask.any():  # no worm: a broken export, not an instance (it could never be matched)
-            warnings.warn(f"mask {str(path)!r} is all zero (no worm pixel): dropped from well {well}",
-                          stacklevel=2)
+            warnings.warn(
+                f"mask {str(path)!r} is all zero (no worm pixel): dropped from well {well}", stacklevel=2
+            )
             continue
         masks.append(mask)
     instances = np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
@@ -381,12 +414,19 @@ def _check_wells(wells: Iterable[str] | str | None) -> list[str]:
         raise ValueError("wells is empty: name at least one well, or pass None for all of them")
     unknown = [w for w in wells if w not in WELLS]
     if unknown:
-        raise ValueError(f"unknown well id(s) {unknown}; valid ids are {WELLS[0]}..{WELLS[-1]}: {', '.join(WELLS)}")
+        raise ValueError(
+            f"unknown well id(s) {unknown}; valid ids are {WELLS[0]}..{WELLS[-1]}: {', '.join(WELLS)}"
+        )
     return wells
 
 
-def load_bbbc010(root: str | os.PathLike | None = None, wells: Iterable[str] | None = None, *,
-                 skip_incomplete: bool = False, progress: bool = True) -> list[Sample]:
+def load_bbbc010(
+    root: str | os.PathLike | None = None,
+    wells: Iterable[str] | None = None,
+    *,
+    skip_incomplete: bool = False,
+    progress: bool = True,
+) -> list[Sample]:
     """Load BBBC010 wells as :class:`Sample` objects.
 
     Parameters
@@ -442,6 +482,8 @@ def load_bbbc010(root: str | os.PathLike | None = None, wells: Iterable[str] | N
                 raise
             skipped.append(well)
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} incomplete well(s) lacking an image channel: {', '.join(skipped)}",
-                      stacklevel=2)
+        warnings.warn(
+            f"skipped {len(skipped)} incomplete well(s) lacking an image channel: {', '.join(skipped)}",
+            stacklevel=2,
+        )
     return samples

@@ -4,6 +4,7 @@ The entry point :func:`companion.train.train` runs under ``torchrun --nproc_per_
 :class:`~torch.nn.parallel.DistributedDataParallel` (NCCL on GPUs, gloo on the CPU); a plain
 ``python`` process is a group of one.
 """
+
 from __future__ import annotations
 
 import os

@@ -21,10 +21,11 @@ Examples
 >>> order.tolist(), errors_caught(ap, order).round(3).tolist()
 ([1, 2, 0], [0.0, 0.615, 0.923, 1.0])
 """
+
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -56,8 +57,11 @@ def member_seed(seed: int, member: int, well: str = "") -> int:
 
 def _draw_counts(draws_per_member: int | Sequence[int], n_members: int, noun: str) -> list[int]:
     """One draw count per member, from one number for all or one per member."""
-    counts = ([int(draws_per_member)] * n_members if np.ndim(draws_per_member) == 0
-              else [int(n) for n in draws_per_member])
+    counts = (
+        [int(draws_per_member)] * n_members
+        if np.ndim(draws_per_member) == 0
+        else [int(n) for n in draws_per_member]
+    )
     if len(counts) != n_members:
         raise ValueError(f"{n_members} {noun} but {len(counts)} draw counts")
     return counts
@@ -106,15 +110,24 @@ def pool_draws(members: Sequence[WellOutputs], draws_per_member: int | Sequence[
         if n < 0 or n > len(outputs.draws):
             raise ValueError(f"member {i} holds {len(outputs.draws)} draws, asked for {n}")
         if outputs.deterministic.classes.shape != shape:
-            raise ValueError(f"member {i} has image shape {outputs.deterministic.classes.shape}, member 0 {shape}")
+            raise ValueError(
+                f"member {i} has image shape {outputs.deterministic.classes.shape}, member 0 {shape}"
+            )
         pooled.extend(outputs.draws[:n])
     if not pooled:
         raise ValueError("the pooled ensemble holds no draw")
     return WellOutputs(members[0].deterministic, tuple(pooled))
 
 
-def ensemble_outputs(models: Sequence[nn.Module], image: np.ndarray, draws_per_member: int | Sequence[int], *,
-                     seed: int = 0, well: str = "", device: str | torch.device | None = None) -> list[WellOutputs]:
+def ensemble_outputs(
+    models: Sequence[nn.Module],
+    image: np.ndarray,
+    draws_per_member: int | Sequence[int],
+    *,
+    seed: int = 0,
+    well: str = "",
+    device: str | torch.device | None = None,
+) -> list[WellOutputs]:
     """Outputs of every member on one image (its deterministic pass and its draws).
 
     Member ``i`` is sampled with :func:`member_seed` ``(seed, i, well)``. Pool them with
@@ -127,8 +140,10 @@ def ensemble_outputs(models: Sequence[nn.Module], image: np.ndarray, draws_per_m
         One per member, in the order of ``models``.
     """
     counts = _draw_counts(draws_per_member, len(models), "models")
-    return [well_outputs(model, image, draws=n, seed=member_seed(seed, i, well), device=device)
-            for i, (model, n) in enumerate(zip(models, counts))]
+    return [
+        well_outputs(model, image, draws=n, seed=member_seed(seed, i, well), device=device)
+        for i, (model, n) in enumerate(zip(models, counts))
+    ]
 
 
 def annotation_order(values: Sequence[float], *, descending: bool = True) -> np.ndarray:

@@ -42,10 +42,12 @@ Examples
 >>> [row["name"] for row in result.rows], sorted(result.rows[0])[:3]
 (['deterministic'], ['AP50', 'AP75', 'avAP'])
 """
+
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -138,20 +140,22 @@ class EvaluationResult(NamedTuple):
     """
 
     rows: list
-    tuning: "GridSearchResult"
+    tuning: GridSearchResult
     folds: list
     per_image: list
-    pavpu: "PAvPU | None"
-    proofreading: "list | None"
+    pavpu: PAvPU | None
+    proofreading: list | None
     predictions: dict
     wells: list
     settings: dict
 
 
-def _check_folds(samples: Sequence["Sample"], folds: Sequence[Sequence[str]] | None) -> list[tuple[str, ...]]:
+def _check_folds(samples: Sequence[Sample], folds: Sequence[Sequence[str]] | None) -> list[tuple[str, ...]]:
     wells = [s.well for s in samples]
     if len(set(wells)) != len(wells):
-        raise ValueError(f"samples hold duplicate wells: {sorted(w for w in set(wells) if wells.count(w) > 1)}")
+        raise ValueError(
+            f"samples hold duplicate wells: {sorted(w for w in set(wells) if wells.count(w) > 1)}"
+        )
     if folds is None:
         from companion.data import TEST_FOLDS as folds
     present = set(wells)
@@ -164,20 +168,24 @@ def _check_folds(samples: Sequence["Sample"], folds: Sequence[Sequence[str]] | N
         raise ValueError(f"wells {outside[:5]} are in no fold; pass folds= covering every sample")
     empty = [i for i, fold in enumerate(used) if not fold]
     if len(used) < 2 or empty:
-        raise ValueError(f"cross-validation needs >= 2 folds with at least one well each; folds {empty} "
-                         f"hold none of the samples' wells")
+        raise ValueError(
+            f"cross-validation needs >= 2 folds with at least one well each; folds {empty} "
+            f"hold none of the samples' wells"
+        )
     return used
 
 
 def _per_image_rows(name: str, wells: Sequence[str], fold_of: Mapping[str, int], metrics: dict) -> list[dict]:
     keys = ("n_gt", "n_pred", "n_recalled80", "AP50", "avAP", "avAP_dsb")
-    return [dict(row=name, well=well, fold=fold_of[well], **{k: image[k] for k in keys})
-            for well, image in zip(wells, metrics["per_image"])]
+    return [
+        dict(row=name, well=well, fold=fold_of[well], **{k: image[k] for k in keys})
+        for well, image in zip(wells, metrics["per_image"])
+    ]
 
 
 def evaluate_model(
     model: nn.Module,
-    samples: Sequence["Sample"],
+    samples: Sequence[Sample],
     *,
     folds: Sequence[Sequence[str]] | None = None,
     bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
@@ -245,8 +253,10 @@ def evaluate_model(
     used_folds = _check_folds(samples, folds)
     no_truth = [s.well for s in samples if len(s.instances) == 0]
     if no_truth:  # COCO would score them -1 and the run would end "successfully"
-        raise ValueError(f"cannot evaluate well(s) without ground truth (no worm mask): "
-                         f"{', '.join(no_truth)}; predict them instead, or leave them out")
+        raise ValueError(
+            f"cannot evaluate well(s) without ground truth (no worm mask): "
+            f"{', '.join(no_truth)}; predict them instead, or leave them out"
+        )
     min_size = DEFAULT_MIN_SIZE if min_size is None else int(min_size)
     segment_options = dict(max_points=max_points, clustering=clustering, min_size=min_size)
     if draws < 0:
@@ -257,19 +267,27 @@ def evaluate_model(
     samples = [by_well[w] for w in wells]
     gts = {s.well: np.asarray(s.instances, bool) for s in samples}
     fold_of = {w: f for f, fold in enumerate(used_folds) for w in fold}
-    outputs = cached_well_outputs(model, samples, cache_dir, draws=draws, seed=seed, batch=batch,
-                                  device=device, progress=progress)
+    outputs = cached_well_outputs(
+        model, samples, cache_dir, draws=draws, seed=seed, batch=batch, device=device, progress=progress
+    )
 
     def deterministic(well: str, bandwidth: float, threshold: float):
         return predict_deterministic(outputs[well], float(bandwidth), float(threshold), **segment_options)
 
-    tuning = grid_search(deterministic, gts, bandwidths, thresholds, used_folds, metric="avAP", progress=progress)
+    tuning = grid_search(
+        deterministic, gts, bandwidths, thresholds, used_folds, metric="avAP", progress=progress
+    )
     chosen = {c.applied_to: (c.bandwidth, c.threshold) for c in tuning.choices}
     det = [tuning.predictions[w] for w in wells]  # each well segmented at its fold's chosen point
     gt_list = [gts[w] for w in wells]
     det_metrics = evaluate(gt_list, [m for m, _ in det], [s for _, s in det])
-    rows = [dict(name="deterministic", inference="one deterministic pass (dropout off)",
-                 **{k: det_metrics[k] for k in TABLE1_KEYS})]
+    rows = [
+        dict(
+            name="deterministic",
+            inference="one deterministic pass (dropout off)",
+            **{k: det_metrics[k] for k in TABLE1_KEYS},
+        )
+    ]
     per_image = _per_image_rows("deterministic", wells, fold_of, det_metrics)
     predictions = {"deterministic": [m for m, _ in det]}
     pavpu_result = proofreading = None
@@ -278,13 +296,20 @@ def evaluate_model(
     if n_draws:
         mc_masks, mc_scores, counts, agg_scores = [], [], [], []
         for well in tqdm(wells, desc="MC draws: segment + agglomerate", unit="well", disable=not progress):
-            masks, scores, agg = predict_agglomerated(outputs[well], *chosen[fold_of[well]], binarize_at=binarize_at,
-                                                      **segment_options)
+            masks, scores, agg = predict_agglomerated(
+                outputs[well], *chosen[fold_of[well]], binarize_at=binarize_at, **segment_options
+            )
             mc_masks.append(masks), mc_scores.append(scores)
             counts.append(_to_counts(agg.probs, n_draws)), agg_scores.append(agg.scores)
         mc_metrics = evaluate(gt_list, mc_masks, mc_scores)
-        rows.insert(0, dict(name="mc", inference=f"{n_draws} Monte-Carlo draws, agglomerated, p >= {binarize_at}",
-                            **{k: mc_metrics[k] for k in TABLE1_KEYS}))
+        rows.insert(
+            0,
+            dict(
+                name="mc",
+                inference=f"{n_draws} Monte-Carlo draws, agglomerated, p >= {binarize_at}",
+                **{k: mc_metrics[k] for k in TABLE1_KEYS},
+            ),
+        )
         mc_rows = _per_image_rows("mc", wells, fold_of, mc_metrics)
         for row, count in zip(mc_rows, counts):
             row["uncertainty"] = image_uncertainty(count / np.float64(n_draws))
@@ -292,13 +317,23 @@ def evaluate_model(
         predictions = {"mc": mc_masks, **predictions}
         probs = _ScaledCounts(counts, n_draws)
         pavpu_result = pavpu(gt_list, probs, pavpu_thresholds, binarize_at=binarize_at)
-        proofreading = simulate_proofreading(gt_list, probs, n_corrections, binarize_at=binarize_at,
-                                             scores=agg_scores).rows
-    settings = dict(bandwidths=[float(b) for b in bandwidths], thresholds=[float(t) for t in thresholds],
-                    max_points=None if max_points is None else int(max_points),
-                    clustering=clustering, min_size=min_size,
-                    draws=n_draws, binarize_at=float(binarize_at), seed=int(seed), tuning_metric="avAP",
-                    tuned_on="deterministic pass", pavpu_thresholds=[round(float(t), 9) for t in pavpu_thresholds],
-                    n_corrections=[int(n) for n in n_corrections])
-    return EvaluationResult(rows, tuning, used_folds, per_image, pavpu_result, proofreading, predictions,
-                            wells, settings)
+        proofreading = simulate_proofreading(
+            gt_list, probs, n_corrections, binarize_at=binarize_at, scores=agg_scores
+        ).rows
+    settings = dict(
+        bandwidths=[float(b) for b in bandwidths],
+        thresholds=[float(t) for t in thresholds],
+        max_points=None if max_points is None else int(max_points),
+        clustering=clustering,
+        min_size=min_size,
+        draws=n_draws,
+        binarize_at=float(binarize_at),
+        seed=int(seed),
+        tuning_metric="avAP",
+        tuned_on="deterministic pass",
+        pavpu_thresholds=[round(float(t), 9) for t in pavpu_thresholds],
+        n_corrections=[int(n) for n in n_corrections],
+    )
+    return EvaluationResult(
+        rows, tuning, used_folds, per_image, pavpu_result, proofreading, predictions, wells, settings
+    )

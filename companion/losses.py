@@ -31,9 +31,11 @@ Examples
 >>> float(terms.var), float(terms.dist)  # push: [8 - 9]_+ = 0
 (0.0, 0.0)
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +43,12 @@ import torch.nn.functional as F
 from companion.model import UNetOutput, concrete_layers, concrete_regularizer, weight_decay_penalty
 
 __all__ = [
-    "DiscriminativeTerms", "discriminative_loss", "batched_discriminative_loss", "class_loss",
-    "ObjectiveTerms", "training_objective",
+    "DiscriminativeTerms",
+    "discriminative_loss",
+    "batched_discriminative_loss",
+    "class_loss",
+    "ObjectiveTerms",
+    "training_objective",
 ]
 
 _HINGES = ("squared", "euclidean")
@@ -74,7 +80,8 @@ def _check_pair(embedding: torch.Tensor, instances: torch.Tensor) -> None:
     if instances.ndim != 3 or instances.shape[1:] != embedding.shape[1:]:
         raise ValueError(
             f"instances must be (K, H, W) with the embedding's H, W {tuple(embedding.shape[1:])}, "
-            f"got shape {tuple(instances.shape)}")
+            f"got shape {tuple(instances.shape)}"
+        )
 
 
 def instance_means(embedding: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -124,9 +131,13 @@ def _push_term(means: torch.Tensor, delta_d: float, hinge: str) -> torch.Tensor:
     return gap.clamp_min(0.0).pow(2)[off_diagonal].mean()
 
 
-def discriminative_loss(embedding: torch.Tensor, instances: torch.Tensor, delta_d: float = 4.0,
-                        weights: tuple[float, float, float] = (1.0, 1.0, 0.001),
-                        hinge: str = "squared") -> DiscriminativeTerms:
+def discriminative_loss(
+    embedding: torch.Tensor,
+    instances: torch.Tensor,
+    delta_d: float = 4.0,
+    weights: tuple[float, float, float] = (1.0, 1.0, 0.001),
+    hinge: str = "squared",
+) -> DiscriminativeTerms:
     """Discriminative loss of one image, eqs. (1)-(3).
 
     Parameters
@@ -181,8 +192,9 @@ def discriminative_loss(embedding: torch.Tensor, instances: torch.Tensor, delta_
     return DiscriminativeTerms(w_var * var + w_dist * dist + w_reg * reg, var, dist, reg)
 
 
-def batched_discriminative_loss(embeddings: torch.Tensor, instances: Sequence[torch.Tensor],
-                                **kwargs) -> DiscriminativeTerms:
+def batched_discriminative_loss(
+    embeddings: torch.Tensor, instances: Sequence[torch.Tensor], **kwargs
+) -> DiscriminativeTerms:
     """Mean of :func:`discriminative_loss` over a batch.
 
     Parameters
@@ -224,15 +236,25 @@ def class_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     1.0986
     """
     if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f"logits (B, C, H, W) and target (B, H, W) do not match: "
-                         f"{tuple(logits.shape)} vs {tuple(target.shape)}")
+        raise ValueError(
+            f"logits (B, C, H, W) and target (B, H, W) do not match: "
+            f"{tuple(logits.shape)} vs {tuple(target.shape)}"
+        )
     return F.cross_entropy(logits, target.to(device=logits.device, dtype=torch.long))
 
 
-def training_objective(model: torch.nn.Module, output: UNetOutput, batch: dict, *, n_train: int,
-                       weight_decay: float = 1e-6, length_scale_sq: float = 1e-6,
-                       zeta: float = 1e-3, delta_d: float = 4.0,
-                       disc_weight: float = 1.0) -> ObjectiveTerms:
+def training_objective(
+    model: torch.nn.Module,
+    output: UNetOutput,
+    batch: dict,
+    *,
+    n_train: int,
+    weight_decay: float = 1e-6,
+    length_scale_sq: float = 1e-6,
+    zeta: float = 1e-3,
+    delta_d: float = 4.0,
+    disc_weight: float = 1.0,
+) -> ObjectiveTerms:
     """The loss the training loop minimises: discriminative + cross-entropy + model regulariser.
 
     The model regulariser is :func:`companion.model.concrete_regularizer` for a model with

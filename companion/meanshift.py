@@ -7,6 +7,7 @@ scikit-learn, or at the mean of each cell's points); :func:`mean_shift_trajector
 the seeds' paths for figures. :func:`companion.postprocess.segment` uses it to find one centre
 per instance in the pixel embeddings.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -49,8 +50,9 @@ def _as_points(points: np.ndarray | torch.Tensor) -> torch.Tensor:
     if tensor.ndim != 2:
         raise ValueError(f"points must be a 2-D (N, D) array, got shape {tuple(tensor.shape)}")
     if tensor.shape[0] == 0 or tensor.shape[1] == 0:
-        raise ValueError(f"points must hold at least one point of at least one dimension, got shape "
-                         f"{tuple(tensor.shape)}")
+        raise ValueError(
+            f"points must hold at least one point of at least one dimension, got shape {tuple(tensor.shape)}"
+        )
     if not tensor.is_floating_point():
         tensor = tensor.double()
     if not bool(torch.isfinite(tensor).all()):
@@ -66,8 +68,14 @@ def _resolve_device(points: np.ndarray | torch.Tensor, device: str | torch.devic
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def bin_seeds(points: np.ndarray | torch.Tensor, bandwidth: float, min_bin_freq: int = 1, *,
-              at: str = "center", warn: bool = True) -> np.ndarray:
+def bin_seeds(
+    points: np.ndarray | torch.Tensor,
+    bandwidth: float,
+    min_bin_freq: int = 1,
+    *,
+    at: str = "center",
+    warn: bool = True,
+) -> np.ndarray:
     """Seeds for mean-shift: one per occupied cell of a grid of spacing ``bandwidth``.
 
     Every point is rounded to the grid ``bandwidth * round(x / bandwidth)``; cells holding at
@@ -109,12 +117,16 @@ def bin_seeds(points: np.ndarray | torch.Tensor, bandwidth: float, min_bin_freq:
     if at not in ("center", "mean"):
         raise ValueError(f"at must be 'center' or 'mean', got {at!r}")
     tensor = _as_points(points).cpu().double()
-    cells, inverse, counts = torch.unique(torch.round(tensor / bandwidth), dim=0,
-                                          return_inverse=True, return_counts=True)
+    cells, inverse, counts = torch.unique(
+        torch.round(tensor / bandwidth), dim=0, return_inverse=True, return_counts=True
+    )
     if len(cells) == tensor.shape[0] and min_bin_freq <= 1:
         if warn:
-            warnings.warn(f"Binning data failed with bandwidth={bandwidth}: every point has a cell of its "
-                          "own, using the points as seeds.", stacklevel=2)
+            warnings.warn(
+                f"Binning data failed with bandwidth={bandwidth}: every point has a cell of its "
+                "own, using the points as seeds.",
+                stacklevel=2,
+            )
         return tensor.numpy().copy()
     if at == "mean":
         sums = torch.zeros_like(cells).index_add_(0, inverse, tensor)
@@ -127,8 +139,9 @@ def bin_seeds(points: np.ndarray | torch.Tensor, bandwidth: float, min_bin_freq:
     return cells[keep][torch.argsort(first_seen[keep])].numpy()
 
 
-def _shift_once(means: torch.Tensor, points: torch.Tensor, sq_norms: torch.Tensor, bandwidth: float,
-                buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _shift_once(
+    means: torch.Tensor, points: torch.Tensor, sq_norms: torch.Tensor, bandwidth: float, buffer: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One flat-kernel mean-shift step for up to ``len(buffer)`` means.
 
     Returns the mean of the points within ``bandwidth`` (inclusive) of each mean and their
@@ -136,15 +149,16 @@ def _shift_once(means: torch.Tensor, points: torch.Tensor, sq_norms: torch.Tenso
     """
     work = buffer[: len(means)]
     torch.addmm(sq_norms.unsqueeze(0), means, points.T, beta=1.0, alpha=-2.0, out=work)
-    work += (means * means).sum(dim=1, keepdim=True)   # squared distances, (m, N)
-    work.le_(bandwidth * bandwidth)                     # 1.0 within the kernel, else 0.0
+    work += (means * means).sum(dim=1, keepdim=True)  # squared distances, (m, N)
+    work.le_(bandwidth * bandwidth)  # 1.0 within the kernel, else 0.0
     counts = work.sum(dim=1)
     sums = work @ points
     return sums / counts.clamp(min=1).unsqueeze(1), counts.round().long()
 
 
-def _climb(points: torch.Tensor, seeds: torch.Tensor, bandwidth: float, max_iter: int,
-           chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _climb(
+    points: torch.Tensor, seeds: torch.Tensor, bandwidth: float, max_iter: int, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Iterate all seeds to their modes, as ``sklearn.cluster._mean_shift_single_seed`` does.
 
     A seed stops when it moved at most ``1e-3 * bandwidth`` or after ``max_iter + 1`` updates
@@ -196,9 +210,17 @@ def _nearest(points: torch.Tensor, centers: torch.Tensor, chunk_size: int) -> to
     return torch.cat(labels)
 
 
-def mean_shift(points: np.ndarray | torch.Tensor, bandwidth: float, *, bin_seeding: bool = True,
-               min_bin_freq: int = 1, max_iter: int = 300, chunk_size: int = 512,
-               seeds: np.ndarray | None = None, device: str | torch.device | None = None) -> MeanShiftResult:
+def mean_shift(
+    points: np.ndarray | torch.Tensor,
+    bandwidth: float,
+    *,
+    bin_seeding: bool = True,
+    min_bin_freq: int = 1,
+    max_iter: int = 300,
+    chunk_size: int = 512,
+    seeds: np.ndarray | None = None,
+    device: str | torch.device | None = None,
+) -> MeanShiftResult:
     """Flat-kernel mean-shift clustering, the algorithm of :class:`sklearn.cluster.MeanShift`.
 
     Seeds (see :func:`bin_seeds`, or every point when ``bin_seeding=False``) move to the mean
@@ -258,15 +280,19 @@ def mean_shift(points: np.ndarray | torch.Tensor, bandwidth: float, *, bin_seedi
     if not bandwidth > 0:
         raise ValueError(f"bandwidth must be positive, got {bandwidth}")
     if max_iter < 0 or chunk_size < 1 or min_bin_freq < 1:
-        raise ValueError(f"need max_iter >= 0, chunk_size >= 1, min_bin_freq >= 1; got {max_iter}, "
-                         f"{chunk_size}, {min_bin_freq}")
+        raise ValueError(
+            f"need max_iter >= 0, chunk_size >= 1, min_bin_freq >= 1; got {max_iter}, "
+            f"{chunk_size}, {min_bin_freq}"
+        )
     target = _resolve_device(points, device)
     tensor = _as_points(points)
     if seeds is None:
         seeds = bin_seeds(tensor, bandwidth, min_bin_freq) if bin_seeding else tensor.cpu().double().numpy()
     seeds = np.asarray(seeds, dtype=np.float64)
     if seeds.ndim != 2 or seeds.shape[1] != tensor.shape[1]:
-        raise ValueError(f"seeds must be (S, D) with D = {tensor.shape[1]} as points, got shape {seeds.shape}")
+        raise ValueError(
+            f"seeds must be (S, D) with D = {tensor.shape[1]} as points, got shape {seeds.shape}"
+        )
     if len(seeds) == 0:
         raise NoModesFoundError(f"no seeds to start from (min_bin_freq={min_bin_freq} too large?)")
 
@@ -281,8 +307,10 @@ def mean_shift(points: np.ndarray | torch.Tensor, bandwidth: float, *, bin_seedi
     intensity = intensity.cpu().numpy()
     found = intensity > 0
     if not found.any():
-        raise NoModesFoundError(f"No point was within bandwidth={bandwidth} of any seed; try a larger "
-                                "bandwidth or bin_seeding=False")
+        raise NoModesFoundError(
+            f"No point was within bandwidth={bandwidth} of any seed; try a larger "
+            "bandwidth or bin_seeding=False"
+        )
     centers, intensity = _deduplicate_exact(centers[found], intensity[found])
     order = np.lexsort(tuple(centers[:, ::-1].T) + (intensity,))[::-1]
     centers = centers[order]
@@ -301,8 +329,9 @@ def _deduplicate_exact(centers: np.ndarray, intensity: np.ndarray) -> tuple[np.n
     return unique, intensity[last]
 
 
-def mean_shift_trajectories(points: np.ndarray, seeds: np.ndarray, bandwidth: float,
-                            n_steps: int = 20) -> np.ndarray:
+def mean_shift_trajectories(
+    points: np.ndarray, seeds: np.ndarray, bandwidth: float, n_steps: int = 20
+) -> np.ndarray:
     """Positions of ``seeds`` during ``n_steps`` flat-kernel mean-shift steps (for figures).
 
     A seed that has no point within ``bandwidth`` stays where it is.
@@ -330,8 +359,9 @@ def mean_shift_trajectories(points: np.ndarray, seeds: np.ndarray, bandwidth: fl
     pts = torch.from_numpy(np.asarray(points, dtype=np.float64))
     means = torch.from_numpy(np.asarray(seeds, dtype=np.float64))
     if pts.ndim != 2 or means.ndim != 2 or pts.shape[1] != means.shape[1]:
-        raise ValueError(f"points (N, D) and seeds (S, D) must share D, got {tuple(pts.shape)} and "
-                         f"{tuple(means.shape)}")
+        raise ValueError(
+            f"points (N, D) and seeds (S, D) must share D, got {tuple(pts.shape)} and {tuple(means.shape)}"
+        )
     sq_norms = (pts * pts).sum(dim=1)
     buffer = torch.empty((len(means), len(pts)), dtype=pts.dtype)
     path = [means.clone()]

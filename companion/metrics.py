@@ -33,9 +33,11 @@ Examples
 >>> round(result["avAP"], 6), result["recall80"], result["avAP_dsb"]
 (1.0, 1.0, 1.0)
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse
@@ -79,9 +81,11 @@ def _as_stack(masks: np.ndarray, name: str) -> np.ndarray:
     if masks.ndim != 3:
         raise ValueError(f"{name} must be a (K, H, W) stack of masks, got shape {masks.shape}")
     if masks.dtype != bool and masks.size and not np.isin(masks, (0, 1)).all():
-        raise ValueError(f"{name} must hold binary masks (bool or 0/1), got {masks.dtype} values such as "
-                         f"{masks[~np.isin(masks, (0, 1))].flat[0]!r}: binarise probability maps first "
-                         f"(e.g. companion.agglomerate.binarize)")
+        raise ValueError(
+            f"{name} must hold binary masks (bool or 0/1), got {masks.dtype} values such as "
+            f"{masks[~np.isin(masks, (0, 1))].flat[0]!r}: binarise probability maps first "
+            f"(e.g. companion.agglomerate.binarize)"
+        )
     return masks.astype(bool, copy=False)
 
 
@@ -415,11 +419,18 @@ def evaluate(
         n_recalled += recalled
         dsb = dsb_score(iou)
         ap = coco_ap([iou.T], [score])
-        per_image.append(dict(
-            index=i, n_gt=len(gt), n_pred=len(pred), n_recalled80=recalled,
-            AP50=float(ap[0]), avAP=float(ap.mean()) if ap[0] >= 0 else -1.0,
-            avAP_dsb=float(dsb.mean()), dsb50=float(dsb[0]),
-        ))
+        per_image.append(
+            dict(
+                index=i,
+                n_gt=len(gt),
+                n_pred=len(pred),
+                n_recalled80=recalled,
+                AP50=float(ap[0]),
+                avAP=float(ap.mean()) if ap[0] >= 0 else -1.0,
+                avAP_dsb=float(dsb.mean()),
+                dsb50=float(dsb[0]),
+            )
+        )
     ap = coco_ap(ious, scores)
     has_gt = ap[0] >= 0
     return dict(

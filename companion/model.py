@@ -27,20 +27,31 @@ Examples
 >>> len(concrete_layers(net)) == len(dropout_rates(net))
 True
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "UNetOutput", "UNet", "ConcreteDropout", "ConcreteDropout2d", "DropoutLayer",
-    "concrete_layers", "dropout_layers", "dropout_rates", "set_mc_sampling", "mc_sampling",
-    "concrete_regularizer", "weight_decay_penalty",
+    "UNetOutput",
+    "UNet",
+    "ConcreteDropout",
+    "ConcreteDropout2d",
+    "DropoutLayer",
+    "concrete_layers",
+    "dropout_layers",
+    "dropout_rates",
+    "set_mc_sampling",
+    "mc_sampling",
+    "concrete_regularizer",
+    "weight_decay_penalty",
 ]
 
 #: Numerical floor used by the Concrete relaxation (uniform noise is kept in ``[EPS, 1 - EPS]``)
@@ -250,11 +261,20 @@ class UNet(nn.Module):
     (2, 16, 8, 12)
     """
 
-    def __init__(self, in_channels: int = 2, embedding_dim: int = 16, n_classes: int = 3,
-                 base_filters: int = 19, depth: int = 5, dropout: str | None = None,
-                 init_dropout_rate: float = 0.1, temperature: float = 0.1,
-                 input_mean: Sequence[float] | None = None,
-                 input_std: Sequence[float] | None = None, downsample: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int = 2,
+        embedding_dim: int = 16,
+        n_classes: int = 3,
+        base_filters: int = 19,
+        depth: int = 5,
+        dropout: str | None = None,
+        init_dropout_rate: float = 0.1,
+        temperature: float = 0.1,
+        input_mean: Sequence[float] | None = None,
+        input_std: Sequence[float] | None = None,
+        downsample: int = 1,
+    ) -> None:
         super().__init__()
         if not isinstance(downsample, int) or isinstance(downsample, bool) or downsample < 1:
             raise ValueError(f"downsample must be an integer >= 1, got {downsample!r}")
@@ -271,7 +291,7 @@ class UNet(nn.Module):
         if dropout is not None:
             _logit(init_dropout_rate)  # validates the rate early
         self._register_standardization(in_channels, input_mean, input_std)
-        widths = [base_filters * 2 ** i for i in range(depth)]
+        widths = [base_filters * 2**i for i in range(depth)]
         self.encoder = nn.ModuleList()
         channels = in_channels
         for width in widths:
@@ -287,8 +307,9 @@ class UNet(nn.Module):
         self.class_head = self._wrap(nn.Conv2d(channels, n_classes, 1))
         self.reset_parameters()
 
-    def _register_standardization(self, channels: int, mean: Sequence[float] | None,
-                                  std: Sequence[float] | None) -> None:
+    def _register_standardization(
+        self, channels: int, mean: Sequence[float] | None, std: Sequence[float] | None
+    ) -> None:
         """Per-channel ``(x - mean) / std`` applied to the input (identity when both are None).
 
         Kept as non-persistent buffers built from the constructor arguments, so the statistics
@@ -299,11 +320,13 @@ class UNet(nn.Module):
         mean_v = [0.0] * channels if mean is None else [float(v) for v in mean]
         std_v = [1.0] * channels if std is None else [float(v) for v in std]
         if len(mean_v) != channels or len(std_v) != channels:
-            raise ValueError(f"input_mean and input_std need {channels} values each, got "
-                             f"{len(mean_v)} and {len(std_v)}")
+            raise ValueError(
+                f"input_mean and input_std need {channels} values each, got {len(mean_v)} and {len(std_v)}"
+            )
         if not all(math.isfinite(v) for v in mean_v) or not all(math.isfinite(v) and v > 0 for v in std_v):
-            raise ValueError(f"input_mean must be finite and input_std finite and > 0, got "
-                             f"{mean_v} and {std_v}")
+            raise ValueError(
+                f"input_mean must be finite and input_std finite and > 0, got {mean_v} and {std_v}"
+            )
         # built on the CPU: a model created under torch.device("meta") still gets real statistics
         mean_t = torch.tensor(mean_v, dtype=torch.float32, device="cpu")
         std_t = torch.tensor(std_v, dtype=torch.float32, device="cpu")
@@ -341,8 +364,10 @@ class UNet(nn.Module):
 
     def _double_conv(self, c_in: int, c_out: int) -> nn.Sequential:
         return nn.Sequential(
-            self._wrap(nn.Conv2d(c_in, c_out, 3, padding=1)), nn.ReLU(inplace=True),
-            self._wrap(nn.Conv2d(c_out, c_out, 3, padding=1)), nn.ReLU(inplace=True),
+            self._wrap(nn.Conv2d(c_in, c_out, 3, padding=1)),
+            nn.ReLU(inplace=True),
+            self._wrap(nn.Conv2d(c_out, c_out, 3, padding=1)),
+            nn.ReLU(inplace=True),
         )
 
     def forward(self, x: torch.Tensor) -> UNetOutput:
@@ -351,7 +376,8 @@ class UNet(nn.Module):
         if x.shape[-2] % self.divisor or x.shape[-1] % self.divisor:
             raise ValueError(
                 f"UNet with depth={self.depth}, downsample={self.downsample} needs H and W divisible by {self.divisor}, "
-                f"got input shape {tuple(x.shape)}; pad or crop the image first")
+                f"got input shape {tuple(x.shape)}; pad or crop the image first"
+            )
         if self.standardizes:
             x = (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
         size = x.shape[-2:]
@@ -456,8 +482,9 @@ def _bernoulli_entropy(p_logit: torch.Tensor) -> torch.Tensor:
     return -(p * F.logsigmoid(p_logit) + (1 - p) * F.logsigmoid(-p_logit))
 
 
-def concrete_regularizer(model: nn.Module, n_train: int, length_scale_sq: float = 1e-6,
-                         zeta: float = 1e-3) -> torch.Tensor:
+def concrete_regularizer(
+    model: nn.Module, n_train: int, length_scale_sq: float = 1e-6, zeta: float = 1e-3
+) -> torch.Tensor:
     """KL regulariser of Concrete Dropout, summed over the model's dropout layers.
 
     For each :class:`DropoutLayer` ``l`` with weight ``M_l``, bias ``b_l``, dropout rate ``p_l``

@@ -14,6 +14,7 @@ Examples
 >>> expand_pass(compact_pass(np.ones((4, 2, 2), np.float32), logits))[1].argmax(axis=0).tolist()
 [[0, 0], [0, 2]]
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,9 @@ import os
 import warnings
 import zipfile
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -99,14 +101,17 @@ def compact_pass(embedding: np.ndarray, logits: np.ndarray) -> CompactPass:
     """
     embedding, logits = np.asarray(embedding), np.asarray(logits, dtype=np.float32)
     if embedding.ndim != 3 or logits.shape != (3,) + embedding.shape[1:]:
-        raise ValueError(f"expected embedding (E, H, W) and logits (3, H, W) of one size, got "
-                         f"embedding {embedding.shape} and logits {logits.shape}")
+        raise ValueError(
+            f"expected embedding (E, H, W) and logits (3, H, W) of one size, got "
+            f"embedding {embedding.shape} and logits {logits.shape}"
+        )
     classes = np.argmax(logits, axis=0).astype(np.uint8)
     shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
     foreground_prob = 1.0 - shifted[0] / shifted.sum(axis=0)
     mask = classes != 0
-    return CompactPass(classes, embedding[:, mask].T.astype(np.float16),
-                       foreground_prob[mask].astype(np.float16))
+    return CompactPass(
+        classes, embedding[:, mask].T.astype(np.float16), foreground_prob[mask].astype(np.float16)
+    )
 
 
 def expand_pass(compact: CompactPass) -> tuple[np.ndarray, np.ndarray]:
@@ -126,8 +131,10 @@ def expand_pass(compact: CompactPass) -> tuple[np.ndarray, np.ndarray]:
     classes = np.asarray(compact.classes)
     mask = classes != 0
     if compact.embedding.ndim != 2 or len(compact.embedding) != mask.sum():
-        raise ValueError(f"compact embedding {compact.embedding.shape} does not match the "
-                         f"{int(mask.sum())} non-background pixels of the class map")
+        raise ValueError(
+            f"compact embedding {compact.embedding.shape} does not match the "
+            f"{int(mask.sum())} non-background pixels of the class map"
+        )
     embedding = np.zeros((compact.embedding.shape[1],) + classes.shape, np.float32)
     embedding[:, mask] = compact.embedding.T
     logits = (np.arange(3)[:, None, None] == classes[None]).astype(np.float32)
@@ -179,8 +186,15 @@ def has_concrete_dropout(model: nn.Module) -> bool:
     return bool(concrete_layers(model))
 
 
-def well_outputs(model: nn.Module, image: np.ndarray, *, draws: int = 8, seed: int = 0,
-                 batch: int | None = None, device: str | torch.device | None = None) -> WellOutputs:
+def well_outputs(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    draws: int = 8,
+    seed: int = 0,
+    batch: int | None = None,
+    device: str | torch.device | None = None,
+) -> WellOutputs:
     """Deterministic pass plus ``draws`` Monte-Carlo passes of one image, compacted.
 
     ``draws`` is ignored (no draws) for a model without Concrete Dropout.
@@ -207,7 +221,9 @@ def _unpack(data: Mapping[str, np.ndarray]) -> WellOutputs:
     passes, start = [], 0
     for classes in data["classes"]:
         n = int((classes != 0).sum())
-        passes.append(CompactPass(classes, data["embedding"][start:start + n], data["foreground"][start:start + n]))
+        passes.append(
+            CompactPass(classes, data["embedding"][start : start + n], data["foreground"][start : start + n])
+        )
         start += n
     if start != len(data["embedding"]):
         raise ValueError(f"cache holds {len(data['embedding'])} embeddings, its class maps need {start}")
@@ -224,14 +240,21 @@ def _read_cache(path: Path, meta: Mapping[str, Any]) -> WellOutputs | None:
                 return None
             return _unpack({key: data[key] for key in ("classes", "embedding", "foreground")})
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        warnings.warn(f"cache file {path} is unreadable ({type(err).__name__}): recomputing it",
-                      stacklevel=2)
+        warnings.warn(f"cache file {path} is unreadable ({type(err).__name__}): recomputing it", stacklevel=2)
         return None  # recomputed and overwritten
 
 
-def cached_well_outputs(model: nn.Module, samples: Sequence["Sample"], cache_dir: str | os.PathLike | None, *,
-                        draws: int = 8, seed: int = 0, batch: int | None = None, device: str | torch.device | None = None,
-                        progress: bool = True) -> dict[str, WellOutputs]:
+def cached_well_outputs(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    cache_dir: str | os.PathLike | None,
+    *,
+    draws: int = 8,
+    seed: int = 0,
+    batch: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, WellOutputs]:
     """:func:`well_outputs` of every sample, kept in ``cache_dir/<well>.npz``.
 
     A cache file is reused only if it was written for the same model weights
@@ -251,8 +274,14 @@ def cached_well_outputs(model: nn.Module, samples: Sequence["Sample"], cache_dir
     for sample in tqdm(samples, desc="network outputs", unit="well", disable=not progress):
         image = np.ascontiguousarray(sample.image, dtype=np.float32)
         well_seed = _well_seed(seed, sample.well)
-        meta = dict(version=CACHE_VERSION, model=fingerprint, image=hashlib.sha256(image.tobytes()).hexdigest(),
-                    shape=list(image.shape), draws=int(draws) if concrete else 0, seed=well_seed)
+        meta = dict(
+            version=CACHE_VERSION,
+            model=fingerprint,
+            image=hashlib.sha256(image.tobytes()).hexdigest(),
+            shape=list(image.shape),
+            draws=int(draws) if concrete else 0,
+            seed=well_seed,
+        )
         path = Path(cache_dir) / f"{sample.well}.npz" if cache_dir is not None else None
         outputs = _read_cache(path, meta) if path is not None else None
         if outputs is None:

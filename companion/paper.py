@@ -11,9 +11,10 @@ Examples
 >>> format_header()
 '                             avAP     AP50     AP75 recall80 avAP_dsb'
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = ["TABLE1_KEYS", "TABLE1", "FIGURE2_AT_005", "format_header", "format_row", "table1_html"]
 
@@ -40,8 +41,9 @@ def format_header(width: int = 24) -> str:
 
 def format_row(label: str, metrics: Mapping[str, float], width: int = 24) -> str:
     """One fixed-width line of Table 1 (missing keys print as ``-``)."""
-    cells = "".join(f"{metrics[k]:9.3f}" if k in metrics and metrics[k] is not None else f"{'-':>9s}"
-                    for k in TABLE1_KEYS)
+    cells = "".join(
+        f"{metrics[k]:9.3f}" if k in metrics and metrics[k] is not None else f"{'-':>9s}" for k in TABLE1_KEYS
+    )
     return f"{label:{width}s}" + cells
 
 
@@ -63,7 +65,8 @@ def table1_html(rows: Sequence[tuple[str, Mapping[str, float]]]) -> str:
         return f"<td>{value:.3f}</td>" if value is not None else "<td>-</td>"
 
     head = "<tr><th></th>" + "".join(f"<th>{escape(k)}</th>" for k in TABLE1_KEYS) + "</tr>"
-    body = ["<tr><th>" + escape(label) + "</th>" + "".join(cell(m, k) for k in TABLE1_KEYS) + "</tr>"
-            for label, m in rows]
+    body = [
+        "<tr><th>" + escape(label) + "</th>" + "".join(cell(m, k) for k in TABLE1_KEYS) + "</tr>"
+        for label, m in rows
+    ]
     return "<table>" + head + "".join(body) + "</table>"
-

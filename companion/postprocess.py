@@ -16,6 +16,7 @@ The network predicts, for every pixel, an embedding vector and three class logit
 :func:`companion.simulate.simulate_embedding` and :func:`companion.simulate.ideal_logits` build
 an *idealised* network output from ground-truth masks, a teaching and testing device.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,14 +52,19 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 #: Mean-shift centres of recently clustered point sets, keyed by the points' bytes and the
 #: bandwidth: a grid search segments each image once per threshold with the same points, and
 #: the centres do not depend on the threshold.
-_CENTRES_CACHE: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_CENTRES_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _CENTRES_CACHE_SIZE = 512
 
 
 def _cached_modes(points: np.ndarray, bandwidth: float, device) -> np.ndarray:
     """``mean_shift(points, bandwidth, seeds=bin_seeds(..., at="mean")).centers``, memoised."""
-    key = (hashlib.sha1(np.ascontiguousarray(points).tobytes()).hexdigest(), points.shape,
-           str(points.dtype), float(bandwidth), str(device))
+    key = (
+        hashlib.sha1(np.ascontiguousarray(points).tobytes()).hexdigest(),
+        points.shape,
+        str(points.dtype),
+        float(bandwidth),
+        str(device),
+    )
     if key in _CENTRES_CACHE:
         _CENTRES_CACHE.move_to_end(key)
         return _CENTRES_CACHE[key].copy()
@@ -79,23 +85,27 @@ def _check_network_output(embedding: np.ndarray, class_logits: np.ndarray) -> No
     if embedding.ndim != 3:
         raise ValueError(f"embedding must be (E, H, W), got shape {embedding.shape}")
     if class_logits.ndim != 3 or class_logits.shape[0] != 3 or class_logits.shape[1:] != embedding.shape[1:]:
-        raise ValueError(f"class_logits must be (3, H, W) matching embedding (E, H, W); got class_logits "
-                         f"{class_logits.shape} and embedding {embedding.shape}")
+        raise ValueError(
+            f"class_logits must be (3, H, W) matching embedding (E, H, W); got class_logits "
+            f"{class_logits.shape} and embedding {embedding.shape}"
+        )
     if not np.isfinite(embedding).all():
         raise ValueError("embedding contains NaN or inf values")
     if not np.isfinite(class_logits).all():
         raise ValueError("class_logits contain NaN or inf values")
 
 
-def _check_segment_settings(bandwidth: float, threshold: float, min_size: int,
-                            max_points: int | None) -> None:
+def _check_segment_settings(
+    bandwidth: float, threshold: float, min_size: int, max_points: int | None
+) -> None:
     for name, value in (("bandwidth", bandwidth), ("threshold", threshold)):
         if not (np.isscalar(value) and np.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"min_size must be an integer >= 0, got {min_size!r}")
-    if max_points is not None and (isinstance(max_points, bool) or not isinstance(max_points, (int, np.integer))
-                                   or max_points < 1):
+    if max_points is not None and (
+        isinstance(max_points, bool) or not isinstance(max_points, (int, np.integer)) or max_points < 1
+    ):
         raise ValueError(f"max_points must be None or an integer >= 1, got {max_points!r}")
 
 
@@ -136,11 +146,20 @@ def fill_overlap(instance: np.ndarray, overlap: np.ndarray) -> np.ndarray:
     return components == int(np.argmax(iou))
 
 
-def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | torch.Tensor, bandwidth: float,
-            threshold: float, *, min_size: int = DEFAULT_MIN_SIZE, max_points: int | None = None,
-            cluster_overlap: bool = False, seed: int = 0,
-            device: str | torch.device | None = None, clustering: str = "global",
-            single_below: int = DEFAULT_SINGLE_BELOW) -> np.ndarray:
+def segment(
+    embedding: np.ndarray | torch.Tensor,
+    class_logits: np.ndarray | torch.Tensor,
+    bandwidth: float,
+    threshold: float,
+    *,
+    min_size: int = DEFAULT_MIN_SIZE,
+    max_points: int | None = None,
+    cluster_overlap: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    clustering: str = "global",
+    single_below: int = DEFAULT_SINGLE_BELOW,
+) -> np.ndarray:
     """Instance masks from one image's pixel embeddings and class logits.
 
     1. Foreground: pixels whose most likely class is not background (0); the overlap map
@@ -221,8 +240,15 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
         raise ValueError(f"clustering must be 'global' or 'components', got {clustering!r}")
     classes = np.argmax(class_logits, axis=0)
     foreground, overlap = classes != 0, classes == 2
-    options = dict(bandwidth=bandwidth, threshold=threshold, min_size=min_size,
-                   max_points=max_points, cluster_overlap=cluster_overlap, seed=seed, device=device)
+    options = dict(
+        bandwidth=bandwidth,
+        threshold=threshold,
+        min_size=min_size,
+        max_points=max_points,
+        cluster_overlap=cluster_overlap,
+        seed=seed,
+        device=device,
+    )
     if clustering == "global":
         masks = _cluster_region(embedding, foreground, overlap, **options)
     else:
@@ -236,8 +262,9 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
             if size < single_below:
                 parts = [region]
             else:
-                parts = _cluster_region(embedding[(slice(None),) + box] * region, region,
-                                        overlap[box] & region, **options)
+                parts = _cluster_region(
+                    embedding[(slice(None),) + box] * region, region, overlap[box] & region, **options
+                )
             for part in parts:
                 mask = np.zeros(foreground.shape, dtype=bool)
                 mask[box] = part
@@ -246,9 +273,19 @@ def segment(embedding: np.ndarray | torch.Tensor, class_logits: np.ndarray | tor
     return np.stack(masks) if masks else np.zeros((0,) + foreground.shape, dtype=bool)
 
 
-def _cluster_region(embedding: np.ndarray, foreground: np.ndarray, overlap: np.ndarray, *,
-                    bandwidth: float, threshold: float, min_size: int, max_points: int | None,
-                    cluster_overlap: bool, seed: int, device) -> list[np.ndarray]:
+def _cluster_region(
+    embedding: np.ndarray,
+    foreground: np.ndarray,
+    overlap: np.ndarray,
+    *,
+    bandwidth: float,
+    threshold: float,
+    min_size: int,
+    max_points: int | None,
+    cluster_overlap: bool,
+    seed: int,
+    device,
+) -> list[np.ndarray]:
     """Steps 2-4 of :func:`segment` on one region: mean-shift, claim, fill overlap."""
     clustered = foreground if cluster_overlap or not (foreground & ~overlap).any() else foreground & ~overlap
     if not clustered.any():
@@ -271,7 +308,9 @@ def _cluster_region(embedding: np.ndarray, foreground: np.ndarray, overlap: np.n
     return masks
 
 
-def claim_pixels(embedding: np.ndarray, mask: np.ndarray, centers: np.ndarray, threshold: float) -> np.ndarray:
+def claim_pixels(
+    embedding: np.ndarray, mask: np.ndarray, centers: np.ndarray, threshold: float
+) -> np.ndarray:
     """For each centre, the pixels of ``mask`` whose embedding lies within ``threshold`` of it.
 
     Parameters
@@ -297,10 +336,12 @@ def claim_pixels(embedding: np.ndarray, mask: np.ndarray, centers: np.ndarray, t
     """
     centers = np.asarray(centers, dtype=np.float64)
     if centers.ndim != 2 or centers.shape[1] != embedding.shape[0] or mask.shape != embedding.shape[1:]:
-        raise ValueError(f"need embedding (E, H, W), mask (H, W), centers (C, E); got {embedding.shape}, "
-                         f"{mask.shape}, {centers.shape}")
+        raise ValueError(
+            f"need embedding (E, H, W), mask (H, W), centers (C, E); got {embedding.shape}, "
+            f"{mask.shape}, {centers.shape}"
+        )
     points = embedding[:, mask].T.astype(np.float64)
-    sq_dist = (centers ** 2).sum(1)[:, None] - 2.0 * centers @ points.T + (points ** 2).sum(1)[None, :]
+    sq_dist = (centers**2).sum(1)[:, None] - 2.0 * centers @ points.T + (points**2).sum(1)[None, :]
     claimed = np.zeros((len(centers),) + mask.shape, dtype=bool)
     claimed[:, mask] = sq_dist <= threshold * threshold
     return claimed

@@ -18,6 +18,7 @@ Examples
 >>> result.masks.dtype, result.masks.shape[1:], result.probabilities.shape[1:]
 (dtype('bool'), (32, 40), (32, 40))
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -27,11 +28,23 @@ import torch
 from torch import nn
 
 from companion.agglomerate import agglomerate, binarize_with_scores, binarized_indices
-from companion.outputs import CompactPass, WellOutputs, compact_scores, expand_pass, has_concrete_dropout, well_outputs
+from companion.outputs import (
+    CompactPass,
+    WellOutputs,
+    compact_scores,
+    expand_pass,
+    has_concrete_dropout,
+    well_outputs,
+)
 from companion.postprocess import DEFAULT_MIN_SIZE, segment
 
-__all__ = ["Instances", "predict_instances", "segment_compact", "predict_deterministic", "predict_agglomerated"]
-
+__all__ = [
+    "Instances",
+    "predict_instances",
+    "segment_compact",
+    "predict_deterministic",
+    "predict_agglomerated",
+]
 
 
 def segment_compact(compact: CompactPass, bandwidth: float, threshold: float, **segment_kwargs) -> np.ndarray:
@@ -43,15 +56,17 @@ def segment_compact(compact: CompactPass, bandwidth: float, threshold: float, **
     return np.asarray(segment(embedding, logits, bandwidth, threshold, **segment_kwargs), bool)
 
 
-def predict_deterministic(outputs: WellOutputs, bandwidth: float, threshold: float,
-                          **segment_kwargs) -> tuple[np.ndarray, np.ndarray]:
+def predict_deterministic(
+    outputs: WellOutputs, bandwidth: float, threshold: float, **segment_kwargs
+) -> tuple[np.ndarray, np.ndarray]:
     """Instances of the deterministic pass and their mean foreground probabilities."""
     masks = segment_compact(outputs.deterministic, bandwidth, threshold, **segment_kwargs)
     return masks, compact_scores(outputs.deterministic, masks)
 
 
-def predict_agglomerated(outputs: WellOutputs, bandwidth: float, threshold: float, *,
-                         binarize_at: float = 0.75, **segment_kwargs):
+def predict_agglomerated(
+    outputs: WellOutputs, bandwidth: float, threshold: float, *, binarize_at: float = 0.75, **segment_kwargs
+):
     """Segment every draw, agglomerate, binarise.
 
     Returns
@@ -64,9 +79,12 @@ def predict_agglomerated(outputs: WellOutputs, bandwidth: float, threshold: floa
         All agglomerated instances (probabilities and scores), before binarising.
     """
     if not outputs.draws:
-        raise ValueError("these outputs hold no Monte-Carlo draws (a model without Concrete Dropout, or draws=0)")
+        raise ValueError(
+            "these outputs hold no Monte-Carlo draws (a model without Concrete Dropout, or draws=0)"
+        )
     agg = agglomerate([segment_compact(d, bandwidth, threshold, **segment_kwargs) for d in outputs.draws])
     return (*binarize_with_scores(agg, binarize_at), agg)
+
 
 class Instances(NamedTuple):
     """The instances predicted for one image.
@@ -88,10 +106,20 @@ class Instances(NamedTuple):
     probabilities: np.ndarray | None
 
 
-def predict_instances(model: nn.Module, image: np.ndarray, *, bandwidth: float, threshold: float,
-                      draws: int = 0, binarize_at: float = 0.75, clustering: str = "global",
-                      min_size: int = DEFAULT_MIN_SIZE, max_points: int | None = None,
-                      seed: int = 0, device: str | torch.device | None = None) -> Instances:
+def predict_instances(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    bandwidth: float,
+    threshold: float,
+    draws: int = 0,
+    binarize_at: float = 0.75,
+    clustering: str = "global",
+    min_size: int = DEFAULT_MIN_SIZE,
+    max_points: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> Instances:
     """Instance masks of one ``(2, H, W)`` image.
 
     Parameters
@@ -120,23 +148,27 @@ def predict_instances(model: nn.Module, image: np.ndarray, *, bandwidth: float, 
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3 or image.shape[0] != 2 or min(image.shape[1:]) < 1:
-        raise ValueError(f"image has shape {image.shape}, but the model expects a (2, H, W) array "
-                         f"with H, W >= 1: 2 channels, w1 fluorescence then w2 brightfield "
-                         f"(companion.userdata.read_image builds one from your files)")
+        raise ValueError(
+            f"image has shape {image.shape}, but the model expects a (2, H, W) array "
+            f"with H, W >= 1: 2 channels, w1 fluorescence then w2 brightfield "
+            f"(companion.userdata.read_image builds one from your files)"
+        )
     if not np.isfinite(image).all():
         raise ValueError("image holds NaN or infinite values")
     if draws < 0:
         raise ValueError(f"draws must be >= 0, got {draws}")
     if draws and not has_concrete_dropout(model):
-        raise ValueError(f"draws={draws} needs a model with Concrete Dropout; this one has none "
-                         f"(use draws=0)")
+        raise ValueError(
+            f"draws={draws} needs a model with Concrete Dropout; this one has none (use draws=0)"
+        )
     options = dict(clustering=clustering, min_size=min_size, max_points=max_points)
     outputs = well_outputs(model, image, draws=draws, seed=seed, device=device)
     if not draws:
         masks, scores = predict_deterministic(outputs, bandwidth, threshold, **options)
         return Instances(np.asarray(masks, bool), np.asarray(scores, np.float64), None)
-    masks, scores, agglomeration = predict_agglomerated(outputs, bandwidth, threshold,
-                                                        binarize_at=binarize_at, **options)
+    masks, scores, agglomeration = predict_agglomerated(
+        outputs, bandwidth, threshold, binarize_at=binarize_at, **options
+    )
     keep = binarized_indices(agglomeration.probs, binarize_at)  # the masks' order
     probabilities = np.asarray(agglomeration.probs, np.float32)[keep].astype(np.float16)
     return Instances(np.asarray(masks, bool), np.asarray(scores, np.float64), probabilities)

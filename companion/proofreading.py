@@ -24,9 +24,11 @@ Examples
 >>> [round(row["avAP"], 3) for row in table.rows]  # half the worm (IoU 0.5), then the whole
 [0.1, 1.0]
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -199,7 +201,9 @@ class Correction(NamedTuple):
 def _peak_region(shape: tuple[int, int], ys, xs, patch_size: int) -> np.ndarray:
     region = np.zeros(shape, bool)
     for y, x in zip(ys, xs):
-        region[max(y - patch_size, 0): y + 2 * patch_size, max(x - patch_size, 0): x + 2 * patch_size] = True
+        region[max(y - patch_size, 0) : y + 2 * patch_size, max(x - patch_size, 0) : x + 2 * patch_size] = (
+            True
+        )
     return region
 
 
@@ -325,15 +329,22 @@ def simulate_proofreading(
         s = instance_scores(p) if scores is None else np.asarray(scores[i], dtype=np.float64)
         preds.append(binary[keep]), pred_scores.append(s[keep])
     n_max = max(n_corrections, default=0)
-    peaks = find_peaks([uncertainty_map(p) for p in probs], n_max, patch_size=patch_size, min_distance=min_distance)
+    peaks = find_peaks(
+        [uncertainty_map(p) for p in probs], n_max, patch_size=patch_size, min_distance=min_distance
+    )
     rows, corrections = [], []
     for n in n_corrections:
         first = Peaks(*(a[:n] for a in peaks))
         fix = correct_at_peaks(gts, preds, pred_scores, first, patch_size=patch_size)
         result = evaluate(gts, fix.preds, fix.scores)
-        rows.append(dict(
-            n_corrections=int(n), **{k: result[k] for k in ("avAP", "AP50", "AP75", "recall80", "avAP_dsb")},
-            n_replaced=fix.n_replaced, n_removed=fix.n_removed, n_added=fix.n_added,
-        ))
+        rows.append(
+            dict(
+                n_corrections=int(n),
+                **{k: result[k] for k in ("avAP", "AP50", "AP75", "recall80", "avAP_dsb")},
+                n_replaced=fix.n_replaced,
+                n_removed=fix.n_removed,
+                n_added=fix.n_added,
+            )
+        )
         corrections.append(fix)
     return ProofreadingTable(rows, peaks, corrections)

@@ -8,14 +8,16 @@ Examples
 >>> _json_safe(dict(a=np.float64("nan"), b=np.arange(2)))
 {'a': None, 'b': [0, 1]}
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,20 +56,32 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _pavpu_rows(result: "PAvPU") -> list[dict]:
-    return [dict(threshold=round(float(t), 9), p_accurate_given_certain=float(a), p_uncertain_given_inaccurate=float(u),
-                 pavpu=float(p), n_ac=int(ac), n_au=int(au), n_ic=int(ic), n_iu=int(iu))
-            for t, a, u, p, ac, au, ic, iu in zip(*result)]
+def _pavpu_rows(result: PAvPU) -> list[dict]:
+    return [
+        dict(
+            threshold=round(float(t), 9),
+            p_accurate_given_certain=float(a),
+            p_uncertain_given_inaccurate=float(u),
+            pavpu=float(p),
+            n_ac=int(ac),
+            n_au=int(au),
+            n_ic=int(ic),
+            n_iu=int(iu),
+        )
+        for t, a, u, p, ac, au, ic, iu in zip(*result)
+    ]
 
 
-def plot_pavpu(result: "PAvPU"):
+def plot_pavpu(result: PAvPU):
     """Fig. 2's layout: p(accurate | certain), p(uncertain | inaccurate) and PAvPU over the threshold."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(10, 3), sharex=True)
-    curves = (("p(accurate | certain)", result.p_accurate_given_certain),
-              ("p(uncertain | inaccurate)", result.p_uncertain_given_inaccurate),
-              ("PAvPU", result.pavpu))
+    curves = (
+        ("p(accurate | certain)", result.p_accurate_given_certain),
+        ("p(uncertain | inaccurate)", result.p_uncertain_given_inaccurate),
+        ("PAvPU", result.pavpu),
+    )
     for ax, (title, values) in zip(axes, curves):
         ax.plot(result.thresholds, values, marker="o", markersize=3)
         ax.set_title(title, fontsize=10)
@@ -83,8 +97,18 @@ def _outlines(ax, instances: np.ndarray) -> None:
     from scipy import ndimage
     from skimage.segmentation import find_boundaries
 
-    colors = np.array([[0.90, 0.10, 0.10], [0.10, 0.75, 0.10], [0.15, 0.45, 1.00], [1.00, 0.80, 0.00],
-                       [0.85, 0.20, 0.85], [0.00, 0.85, 0.85], [1.00, 0.50, 0.00], [0.55, 0.35, 1.00]])
+    colors = np.array(
+        [
+            [0.90, 0.10, 0.10],
+            [0.10, 0.75, 0.10],
+            [0.15, 0.45, 1.00],
+            [1.00, 0.80, 0.00],
+            [0.85, 0.20, 0.85],
+            [0.00, 0.85, 0.85],
+            [1.00, 0.50, 0.00],
+            [0.55, 0.35, 1.00],
+        ]
+    )
     width = max(0, min(instances.shape[1:]) // 256)  # extra pixels of line width on large images
     overlay = np.zeros(instances.shape[1:] + (4,), np.float32)
     for k, mask in enumerate(instances):
@@ -96,7 +120,7 @@ def _outlines(ax, instances: np.ndarray) -> None:
     ax.imshow(overlay, interpolation="nearest")
 
 
-def plot_gallery(samples: Sequence["Sample"], predictions: Sequence[np.ndarray], titles: Sequence[str]):
+def plot_gallery(samples: Sequence[Sample], predictions: Sequence[np.ndarray], titles: Sequence[str]):
     """Rows of (brightfield image, ground-truth outlines, predicted outlines), one per sample."""
     import matplotlib.pyplot as plt
 
@@ -104,8 +128,9 @@ def plot_gallery(samples: Sequence["Sample"], predictions: Sequence[np.ndarray],
     for row, (sample, pred, title) in zip(axes, zip(samples, predictions, titles)):
         brightfield = sample.image[1]
         low, high = np.percentile(brightfield, [1, 99.5])
-        for ax, (name, instances) in zip(row, (("brightfield (w2)", None), ("ground truth", sample.instances),
-                                               ("prediction", pred))):
+        for ax, (name, instances) in zip(
+            row, (("brightfield (w2)", None), ("ground truth", sample.instances), ("prediction", pred))
+        ):
             ax.imshow(brightfield, cmap="gray", vmin=low, vmax=max(high, low + 1e-6))
             if instances is not None:
                 _outlines(ax, np.asarray(instances, bool))
@@ -124,8 +149,14 @@ def _save_figure(fig, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_report(result: "EvaluationResult", samples: Sequence["Sample"], out_dir: str | os.PathLike, *,
-                 info: Mapping[str, Any] | None = None, n_gallery: int = 3) -> list[Path]:
+def write_report(
+    result: EvaluationResult,
+    samples: Sequence[Sample],
+    out_dir: str | os.PathLike,
+    *,
+    info: Mapping[str, Any] | None = None,
+    n_gallery: int = 3,
+) -> list[Path]:
     """Write the evaluation's files into ``out_dir`` (each atomically).
 
     ``results.json`` (everything, plus ``info``: model, skipped wells, wall time, ...),
@@ -148,14 +179,27 @@ def write_report(result: "EvaluationResult", samples: Sequence["Sample"], out_di
         written.append(out / name)
 
     tuning = result.tuning
-    tuning_rows = [dict(fold=f, bandwidth=float(b), threshold=float(t), avAP=float(tuning.scores[f, i, j]))
-                   for f in range(len(tuning.scores)) for i, b in enumerate(tuning.bandwidths)
-                   for j, t in enumerate(tuning.thresholds)]
-    choices = [dict(tuned_on=c.tuned_on, applied_to=c.applied_to, bandwidth=c.bandwidth, threshold=c.threshold,
-                    tuning_score=c.tuning_score, **{k: c.test_metrics[k] for k in TABLE1_KEYS})
-               for c in tuning.choices]
+    tuning_rows = [
+        dict(fold=f, bandwidth=float(b), threshold=float(t), avAP=float(tuning.scores[f, i, j]))
+        for f in range(len(tuning.scores))
+        for i, b in enumerate(tuning.bandwidths)
+        for j, t in enumerate(tuning.thresholds)
+    ]
+    choices = [
+        dict(
+            tuned_on=c.tuned_on,
+            applied_to=c.applied_to,
+            bandwidth=c.bandwidth,
+            threshold=c.threshold,
+            tuning_score=c.tuning_score,
+            **{k: c.test_metrics[k] for k in TABLE1_KEYS},
+        )
+        for c in tuning.choices
+    ]
     main_row = result.rows[0]["name"]
-    ranked = sorted((p for p in result.per_image if p["row"] == main_row), key=lambda p: (p["avAP"], p["well"]))
+    ranked = sorted(
+        (p for p in result.per_image if p["row"] == main_row), key=lambda p: (p["avAP"], p["well"])
+    )
     worst = [p["well"] for p in ranked[:n_gallery]]
     document = dict(
         **dict(info or {}),
@@ -165,8 +209,14 @@ def write_report(result: "EvaluationResult", samples: Sequence["Sample"], out_di
         wells=result.wells,
         folds=[list(f) for f in result.folds],
         rows=result.rows,
-        tuning=dict(metric=tuning.metric, bandwidths=tuning.bandwidths, thresholds=tuning.thresholds,
-                    scores=tuning.scores, choices=choices, pooled_deterministic={k: tuning.pooled[k] for k in TABLE1_KEYS}),
+        tuning=dict(
+            metric=tuning.metric,
+            bandwidths=tuning.bandwidths,
+            thresholds=tuning.thresholds,
+            scores=tuning.scores,
+            choices=choices,
+            pooled_deterministic={k: tuning.pooled[k] for k in TABLE1_KEYS},
+        ),
         pavpu=_pavpu_rows(result.pavpu) if result.pavpu is not None else None,
         proofreading=result.proofreading,
         per_image=result.per_image,
@@ -174,8 +224,24 @@ def write_report(result: "EvaluationResult", samples: Sequence["Sample"], out_di
     )
     put("results.json", (json.dumps(_json_safe(document), indent=1, allow_nan=False) + "\n").encode())
     put("table1.csv", _csv_bytes(result.rows, ("name", *TABLE1_KEYS, "inference")))
-    put("per_image.csv", _csv_bytes(result.per_image, ("row", "well", "fold", "n_gt", "n_pred", "n_recalled80",
-                                                       "AP50", "avAP", "avAP_dsb", "uncertainty")))
+    put(
+        "per_image.csv",
+        _csv_bytes(
+            result.per_image,
+            (
+                "row",
+                "well",
+                "fold",
+                "n_gt",
+                "n_pred",
+                "n_recalled80",
+                "AP50",
+                "avAP",
+                "avAP_dsb",
+                "uncertainty",
+            ),
+        ),
+    )
     put("tuning.csv", _csv_bytes(tuning_rows, ("fold", "bandwidth", "threshold", "avAP")))
     if result.pavpu is not None:
         rows = _pavpu_rows(result.pavpu)
@@ -189,8 +255,11 @@ def write_report(result: "EvaluationResult", samples: Sequence["Sample"], out_di
         by_well = {s.well: s for s in samples}
         index = {w: i for i, w in enumerate(result.wells)}
         scores = {p["well"]: p["avAP"] for p in ranked}
-        fig = plot_gallery([by_well[w] for w in worst], [result.predictions[main_row][index[w]] for w in worst],
-                           [f"{w} (avAP {scores[w]:.2f})" for w in worst])
+        fig = plot_gallery(
+            [by_well[w] for w in worst],
+            [result.predictions[main_row][index[w]] for w in worst],
+            [f"{w} (avAP {scores[w]:.2f})" for w in worst],
+        )
         _save_figure(fig, out / "gallery.png")
         written.append(out / "gallery.png")
     return written

@@ -4,6 +4,7 @@ A run writes into one folder ``OUT``: ``last.pt`` (the latest checkpoint), ``fin
 ``iter_<N>.pt`` snapshots, ``log.jsonl`` (one record every ``log_every`` iterations, see
 :data:`TERM_NAMES`) and the lock file ``.lock`` that keeps a second run out.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,8 @@ import json
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ._io import atomic_write_bytes
 
@@ -45,8 +46,11 @@ def trim_log(log_path: Path, iteration: int) -> None:
     """Drop log lines written after the checkpoint we resume from (the run repeats them)."""
     if not log_path.exists():
         return
-    kept = [line for line in log_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["iteration"] <= iteration]
+    kept = [
+        line
+        for line in log_path.read_text().splitlines()
+        if line.strip() and json.loads(line)["iteration"] <= iteration
+    ]
     atomic_write_bytes(log_path, "".join(line + "\n" for line in kept).encode())
 
 
@@ -89,8 +93,9 @@ def lock_run_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        warnings.warn(f"cannot lock {out_dir} on this platform: make sure no other training writes "
-                      f"there", stacklevel=4)
+        warnings.warn(
+            f"cannot lock {out_dir} on this platform: make sure no other training writes there", stacklevel=4
+        )
         yield path
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -100,13 +105,19 @@ def lock_run_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
         except OSError as err:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 holder = os.read(fd, 200).decode(errors="replace").split()
-                who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") \
-                    if holder else "pid not recorded yet"
+                who = (
+                    f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "")
+                    if holder
+                    else "pid not recorded yet"
+                )
                 raise RunFolderBusyError(
                     f"{out_dir} is in use by another training process ({who}; lock file "
-                    f"{path}): wait for it to finish or stop it, or choose another folder") from None
-            warnings.warn(f"cannot lock {out_dir} ({err.strerror or err}): make sure no other "
-                          f"training writes there", stacklevel=4)
+                    f"{path}): wait for it to finish or stop it, or choose another folder"
+                ) from None
+            warnings.warn(
+                f"cannot lock {out_dir} ({err.strerror or err}): make sure no other training writes there",
+                stacklevel=4,
+            )
         else:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -131,27 +142,39 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
     Called on rank 0 while it holds the folder's lock, so no other run is writing there.
     """
     # a writer killed between filling its temporary file and the rename (see companion._io)
-    stale = sorted(p for pattern in (".last.pt.*.tmp", ".final.pt.*.tmp", ".log.jsonl.*.tmp",
-                                     ".iter_*.pt.*.tmp") for p in out_dir.glob(pattern))
+    stale = sorted(
+        p
+        for pattern in (".last.pt.*.tmp", ".final.pt.*.tmp", ".log.jsonl.*.tmp", ".iter_*.pt.*.tmp")
+        for p in out_dir.glob(pattern)
+    )
     for path in stale:
         path.unlink()
     if stale:
-        warnings.warn(f"removed {len(stale)} unfinished temporary file(s) of an interrupted run "
-                      f"from {out_dir}: {', '.join(p.name for p in stale)}", stacklevel=3)
+        warnings.warn(
+            f"removed {len(stale)} unfinished temporary file(s) of an interrupted run "
+            f"from {out_dir}: {', '.join(p.name for p in stale)}",
+            stacklevel=3,
+        )
     if resume:
         return
     found = existing_run_files(out_dir)
     if found and overwrite:
         for path in found:
             path.unlink()
-        warnings.warn(f"overwrite: removed the earlier run's {', '.join(p.name for p in found)} "
-                      f"from {out_dir}", stacklevel=3)
+        warnings.warn(
+            f"overwrite: removed the earlier run's {', '.join(p.name for p in found)} from {out_dir}",
+            stacklevel=3,
+        )
     elif (out_dir / "last.pt").exists():
-        raise FileExistsError(f"{out_dir} already holds a checkpoint (last.pt); pass resume=True "
-                              f"(--resume) to continue it, overwrite=True (--overwrite) to replace "
-                              f"it, or choose another folder")
+        raise FileExistsError(
+            f"{out_dir} already holds a checkpoint (last.pt); pass resume=True "
+            f"(--resume) to continue it, overwrite=True (--overwrite) to replace "
+            f"it, or choose another folder"
+        )
     elif found:
-        raise FileExistsError(f"{out_dir} already holds files of another run "
-                              f"({', '.join(p.name for p in found)}) but no last.pt to resume from; "
-                              f"pass overwrite=True (--overwrite) to replace them, or choose "
-                              f"another folder")
+        raise FileExistsError(
+            f"{out_dir} already holds files of another run "
+            f"({', '.join(p.name for p in found)}) but no last.pt to resume from; "
+            f"pass overwrite=True (--overwrite) to replace them, or choose "
+            f"another folder"
+        )

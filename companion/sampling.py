@@ -16,6 +16,7 @@ Two details make this practical:
   reflect-padded to the next multiple (BBBC010's 520 x 696 becomes 528 x 704) and the
   outputs cropped back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from companion.model import concrete_layers, mc_sampling
 
@@ -121,13 +122,16 @@ def _forward_cropped(model: nn.Module, batch: torch.Tensor) -> tuple[np.ndarray,
     if not (np.isfinite(embedding).all() and np.isfinite(logits).all()):
         # caught here: downstream, the argmax of NaN logits reads as background and the run
         # would end with empty segmentations and a table of zeros instead of an error
-        raise ValueError("the network's output is not finite (NaN or inf): its weights are "
-                         "probably corrupt, e.g. from a diverged training run")
+        raise ValueError(
+            "the network's output is not finite (NaN or inf): its weights are "
+            "probably corrupt, e.g. from a diverged training run"
+        )
     return embedding, logits
 
 
-def predict(model: nn.Module, image: np.ndarray | torch.Tensor, *,
-            device: str | torch.device | None = None) -> MCDraws:
+def predict(
+    model: nn.Module, image: np.ndarray | torch.Tensor, *, device: str | torch.device | None = None
+) -> MCDraws:
     """Deterministic prediction (evaluation mode, dropout sampling off) for one image.
 
     Parameters
@@ -159,9 +163,15 @@ def predict(model: nn.Module, image: np.ndarray | torch.Tensor, *,
     return MCDraws(embedding, logits)
 
 
-def mc_predict(model: nn.Module, image: np.ndarray | torch.Tensor, n_draws: int = 8,
-               batch: int | None = None, *,
-               device: str | torch.device | None = None, seed: int | None = None) -> MCDraws:
+def mc_predict(
+    model: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    n_draws: int = 8,
+    batch: int | None = None,
+    *,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+) -> MCDraws:
     """Monte-Carlo dropout predictions: ``n_draws`` stochastic forward passes of one image.
 
     The image is repeated ``batch`` times along the batch dimension; spatial Concrete
@@ -248,5 +258,7 @@ def segment_draws(draws: MCDraws, bandwidth: float, threshold: float, **segment_
     """
     from companion.postprocess import segment
 
-    return [segment(embedding, logits, bandwidth, threshold, **segment_kwargs)
-            for embedding, logits in zip(draws.embeddings, draws.logits)]
+    return [
+        segment(embedding, logits, bandwidth, threshold, **segment_kwargs)
+        for embedding, logits in zip(draws.embeddings, draws.logits)
+    ]

@@ -16,6 +16,7 @@ Examples
 >>> simulate_embedding(instances, dim=3, seed=0).shape, ideal_logits(instances).shape
 ((3, 8, 8), (3, 8, 8))
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,9 @@ def _spread_centers(n: int, dim: int, separation: float, rng: np.random.Generato
     return np.array(centers).reshape(n, dim)
 
 
-def simulate_embedding(instances: np.ndarray, dim: int = 16, *, spread: float = 0.25,
-                       separation: float = 5.0, seed: int = 0) -> np.ndarray:
+def simulate_embedding(
+    instances: np.ndarray, dim: int = 16, *, spread: float = 0.25, separation: float = 5.0, seed: int = 0
+) -> np.ndarray:
     """An idealised embedding, as a well-trained network would predict it for ``instances``.
 
     **A teaching and testing device, not a model.** Each instance gets a random centre in
@@ -83,9 +85,9 @@ def simulate_embedding(instances: np.ndarray, dim: int = 16, *, spread: float = 
     rng = np.random.default_rng(seed)
     n, height, width = instances.shape
     centers = _spread_centers(n, dim, separation, rng)
-    members = instances.reshape(n, -1).T.astype(np.float64)            # (H*W, K)
+    members = instances.reshape(n, -1).T.astype(np.float64)  # (H*W, K)
     counts = members.sum(axis=1, keepdims=True)
-    means = members @ centers / np.maximum(counts, 1.0)                 # background -> origin
+    means = members @ centers / np.maximum(counts, 1.0)  # background -> origin
     noise = rng.normal(0.0, spread, size=means.shape)
     return (means + noise).T.reshape(dim, height, width).astype(np.float32)
 
@@ -125,8 +127,9 @@ def _check_instances(instances: np.ndarray) -> np.ndarray:
 # simulated Monte-Carlo disagreements
 # --------------------------------------------------------------------------------------------
 
+
 def _disk(radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return yy**2 + xx**2 <= radius**2
 
 

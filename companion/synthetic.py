@@ -12,6 +12,7 @@ Both channels get a little blur and Gaussian noise. Everything is drawn from one
 :func:`numpy.random.default_rng` seeded with ``seed``, so a sample is a pure function of its
 arguments.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,9 @@ from .data import Sample
 __all__ = ["worm_centerline", "rasterize_worm", "make_sample", "make_dataset"]
 
 
-def worm_centerline(rng: np.random.Generator, length: float, start: np.ndarray, *,
-                    curviness: float = 0.015, step: float = 1.0) -> np.ndarray:
+def worm_centerline(
+    rng: np.random.Generator, length: float, start: np.ndarray, *, curviness: float = 0.015, step: float = 1.0
+) -> np.ndarray:
     """A smooth random curve of about ``length`` pixels starting at ``start`` (y, x).
 
     The heading angle changes by a smooth random curvature (Gaussian noise smoothed over an
@@ -82,7 +84,7 @@ def rasterize_worm(centerline: np.ndarray, radius: np.ndarray, shape: tuple[int,
     seeds[idx[:, 0], idx[:, 1]] = False
     radius_map[idx[:, 0], idx[:, 1]] = rad
     dist, (iy, ix) = ndimage.distance_transform_edt(seeds, return_indices=True)
-    mask[lo[0]:hi[0], lo[1]:hi[1]] = dist <= radius_map[iy, ix]
+    mask[lo[0] : hi[0], lo[1] : hi[1]] = dist <= radius_map[iy, ix]
     return mask
 
 
@@ -93,8 +95,15 @@ def _radius_profile(rng: np.random.Generator, n: int, max_radius: float) -> np.n
     return np.maximum(max_radius * taper * wobble, 1.0)
 
 
-def _draw_worms(rng: np.random.Generator, well: np.ndarray, n_worms: int, length_range: tuple[float, float],
-                radius_range: tuple[float, float], overlap_prob: float, min_pixels: int) -> list[np.ndarray]:
+def _draw_worms(
+    rng: np.random.Generator,
+    well: np.ndarray,
+    n_worms: int,
+    length_range: tuple[float, float],
+    radius_range: tuple[float, float],
+    overlap_prob: float,
+    min_pixels: int,
+) -> list[np.ndarray]:
     shape = well.shape
     inside_well = well > 0.5
     height, width = shape
@@ -115,7 +124,9 @@ def _draw_worms(rng: np.random.Generator, well: np.ndarray, n_worms: int, length
         line = worm_centerline(rng, length, start)
         radius = _radius_profile(rng, len(line), rng.uniform(*radius_range))
         mask = rasterize_worm(line, radius, shape)
-        if mask.sum() >= min_pixels and (mask & ~inside_well).sum() <= 0.1 * mask.sum():  # worms swim in the well
+        if (
+            mask.sum() >= min_pixels and (mask & ~inside_well).sum() <= 0.1 * mask.sum()
+        ):  # worms swim in the well
             masks.append(mask)
             lines.append(line)
     return masks
@@ -152,9 +163,17 @@ def _render(rng: np.random.Generator, masks: list[np.ndarray], well: np.ndarray,
     return np.clip(image, 0.0, 1.0)
 
 
-def make_sample(seed: int, shape: tuple[int, int] = (256, 256), n_worms: tuple[int, int] | int = (3, 8), *,
-                length_range: tuple[float, float] | None = None, radius_range: tuple[float, float] | None = None,
-                overlap_prob: float = 0.6, noise: float = 0.02, min_pixels: int = 30) -> Sample:
+def make_sample(
+    seed: int,
+    shape: tuple[int, int] = (256, 256),
+    n_worms: tuple[int, int] | int = (3, 8),
+    *,
+    length_range: tuple[float, float] | None = None,
+    radius_range: tuple[float, float] | None = None,
+    overlap_prob: float = 0.6,
+    noise: float = 0.02,
+    min_pixels: int = 30,
+) -> Sample:
     """One synthetic well: overlapping worms rendered in two BBBC010-like channels.
 
     Parameters
@@ -202,8 +221,9 @@ def make_sample(seed: int, shape: tuple[int, int] = (256, 256), n_worms: tuple[i
     radius_range = radius_range or (max(0.015 * side, 2.0), max(0.025 * side, 2.5))
     rng = np.random.default_rng(seed)
     well = _well_region(rng, (height, width))
-    masks = _draw_worms(rng, well, int(rng.integers(lo, hi + 1)), length_range, radius_range, overlap_prob,
-                        min_pixels)
+    masks = _draw_worms(
+        rng, well, int(rng.integers(lo, hi + 1)), length_range, radius_range, overlap_prob, min_pixels
+    )
     instances = np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
     image = _render(rng, masks, well, noise)
     return Sample(well=f"SYN-{seed}", image=image, instances=instances)

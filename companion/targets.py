@@ -4,6 +4,7 @@ Rumberger et al. (2020) train the U-Net's class head on three classes per pixel:
 ``BACKGROUND`` (no worm), ``FOREGROUND`` (exactly one worm) and ``OVERLAP`` (two or more
 worms). The overlap class lets post-processing assign a pixel to several instances.
 """
+
 from __future__ import annotations
 
 from typing import TypeVar

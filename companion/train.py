@@ -18,6 +18,7 @@ Design decisions
   :mod:`companion.distributed`). Every rank reads its own shard of each global batch and draws
   its own dropout masks; only rank 0 logs and writes checkpoints.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,10 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,8 +40,14 @@ from torch import nn
 
 from ._io import atomic_write
 from .batches import make_loader, single_threaded_numpy_blas, to_device
-from .checkpoint import (check_resumable, init_source, init_weights, read_checkpoint, restore_rng,
-                         write_checkpoint)
+from .checkpoint import (
+    check_resumable,
+    init_source,
+    init_weights,
+    read_checkpoint,
+    restore_rng,
+    write_checkpoint,
+)
 from .config import TrainConfig, channel_statistics
 from .distributed import DistInfo, init_distributed, unwrap
 from .run_folder import TERM_NAMES, lock_run_folder, prepare_run_folder, trim_log
@@ -59,7 +67,9 @@ def _resolve_device(config: TrainConfig) -> torch.device:
         try:
             device = torch.device(config.device)
         except RuntimeError as err:
-            raise ValueError(f"device {config.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from err
+            raise ValueError(
+                f"device {config.device!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+            ) from err
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} requested but CUDA is not available")
         return device
@@ -81,7 +91,6 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     except TypeError:  # older torch without the keyword
         bf16 = torch.cuda.is_bf16_supported()
     return torch.bfloat16 if bf16 else torch.float16
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,15 +119,23 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
     ids = {id(p) for p in rates}
     others = [p for p in model.parameters() if id(p) not in ids]
     scale = float(config.dropout_lr_scale)
-    return torch.optim.Adam([dict(params=others, lr_scale=1.0),
-                             dict(params=rates, lr=config.lr * scale, lr_scale=scale)], lr=config.lr)
+    return torch.optim.Adam(
+        [dict(params=others, lr_scale=1.0), dict(params=rates, lr=config.lr * scale, lr_scale=scale)],
+        lr=config.lr,
+    )
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, *,
-               n_train: int, config: TrainConfig,
-               scaler: "torch.amp.GradScaler | None" = None,
-               amp_dtype: torch.dtype | None = None,
-               disc_weight: float = 1.0) -> "ObjectiveTerms":
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    *,
+    n_train: int,
+    config: TrainConfig,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    disc_weight: float = 1.0,
+) -> ObjectiveTerms:
     """One optimiser step on one batch; returns the (detached) terms of the objective.
 
     ``model`` may be wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, which then
@@ -146,14 +163,22 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, 
     model.train()
     optimizer.zero_grad(set_to_none=True)
     device_type = batch["image"].device.type
-    with torch.autocast(device_type=device_type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None):
+    with torch.autocast(
+        device_type=device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    ):
         output = model(batch["image"])
     output = UNetOutput(output.embedding.float(), output.logits.float())
-    terms = training_objective(unwrap(model), output, batch, n_train=n_train,
-                               weight_decay=config.weight_decay,
-                               length_scale_sq=config.length_scale_sq, zeta=config.zeta,
-                               delta_d=config.delta_d, disc_weight=disc_weight)
+    terms = training_objective(
+        unwrap(model),
+        output,
+        batch,
+        n_train=n_train,
+        weight_decay=config.weight_decay,
+        length_scale_sq=config.length_scale_sq,
+        zeta=config.zeta,
+        delta_d=config.delta_d,
+        disc_weight=disc_weight,
+    )
     scaling = scaler is not None and scaler.is_enabled()
     (scaler.scale(terms.total) if scaling else terms.total).backward()
     if config.grad_clip > 0:
@@ -168,13 +193,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, 
     return ObjectiveTerms(*(torch.as_tensor(t).detach() for t in terms))
 
 
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathLike, *,
-          resume: bool = False, overwrite: bool = False, progress: bool = True,
-          on_checkpoint: Callable[[int, Path], None] | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    data: Sequence[Sample],
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
+) -> Path:
     """Train a U-Net; returns the path of the final checkpoint ``out_dir/final.pt``.
 
     Parameters
@@ -252,9 +283,16 @@ def train(config: TrainConfig, data: Sequence["Sample"], out_dir: str | os.PathL
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, data: Sequence["Sample"], out_dir: Path, device: torch.device,
-           dist_info: DistInfo, resume: bool, progress: bool,
-           on_checkpoint: Callable[[int, Path], None] | None) -> Path:
+def _train(
+    config: TrainConfig,
+    data: Sequence[Sample],
+    out_dir: Path,
+    device: torch.device,
+    dist_info: DistInfo,
+    resume: bool,
+    progress: bool,
+    on_checkpoint: Callable[[int, Path], None] | None,
+) -> Path:
     from tqdm.auto import tqdm
 
     if device.type == "cuda" and dist_info.world_size > 1:
@@ -291,34 +329,66 @@ def _train(config: TrainConfig, data: Sequence["Sample"], out_dir: Path, device:
         if len(per_rank) == dist_info.world_size:
             restore_rng(per_rank[dist_info.rank])
         else:
-            warnings.warn(f"{last_path} was written by {len(per_rank)} process(es), this run has "
-                          f"{dist_info.world_size}: random states are re-seeded", stacklevel=3)
+            warnings.warn(
+                f"{last_path} was written by {len(per_rank)} process(es), this run has "
+                f"{dist_info.world_size}: random states are re-seeded",
+                stacklevel=3,
+            )
             torch.manual_seed(_rank_seed(config.seed, dist_info.rank) + start)
         if dist_info.is_main:
             trim_log(log_path, start)
             if start >= config.iterations:
-                warnings.warn(f"{last_path} is already at iteration {start} >= iterations="
-                              f"{config.iterations}: nothing to train (raise --iterations to "
-                              f"continue); final.pt is that checkpoint", stacklevel=3)
+                warnings.warn(
+                    f"{last_path} is already at iteration {start} >= iterations="
+                    f"{config.iterations}: nothing to train (raise --iterations to "
+                    f"continue); final.pt is that checkpoint",
+                    stacklevel=3,
+                )
     elif resume and dist_info.is_main:
-        dropped = " (dropping the records of its log.jsonl, which no checkpoint kept)" \
-            if log_path.exists() else ""
+        dropped = (
+            " (dropping the records of its log.jsonl, which no checkpoint kept)" if log_path.exists() else ""
+        )
         trim_log(log_path, 0)  # the run repeats those iterations
-        warnings.warn(f"resume requested but {last_path} does not exist: starting afresh{dropped}",
-                      stacklevel=3)
+        warnings.warn(
+            f"resume requested but {last_path} does not exist: starting afresh{dropped}", stacklevel=3
+        )
 
     if dist_info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    run = _RunState(config=config, model=model, optimizer=optimizer, scaler=scaler, device=device,
-                    dist_info=dist_info, amp_dtype=amp_dtype, channels_last=channels_last,
-                    n_train=len(data), start=start, last_path=last_path, log_path=log_path,
-                    on_checkpoint=on_checkpoint)
-    loader = make_loader(data, config, start=start, rank=dist_info.rank,
-                         world_size=dist_info.world_size, pin_memory=device.type == "cuda", device=device)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    run = _RunState(
+        config=config,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        device=device,
+        dist_info=dist_info,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+        n_train=len(data),
+        start=start,
+        last_path=last_path,
+        log_path=log_path,
+        on_checkpoint=on_checkpoint,
+    )
+    loader = make_loader(
+        data,
+        config,
+        start=start,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        pin_memory=device.type == "cuda",
+        device=device,
+    )
 
-    bar = tqdm(total=config.iterations, initial=start, disable=not (progress and dist_info.is_main),
-               desc=f"training ({config.model}, {device.type})", dynamic_ncols=True)
+    bar = tqdm(
+        total=config.iterations,
+        initial=start,
+        disable=not (progress and dist_info.is_main),
+        desc=f"training ({config.model}, {device.type})",
+        dynamic_ncols=True,
+    )
     with single_threaded_numpy_blas():
         _loop(run, loader, bar)
     bar.close()
@@ -373,9 +443,16 @@ def _loop(run: _RunState, loader: Iterable[dict], bar: Any) -> None:
         if config.lr_schedule != "constant":
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(iteration) * group.get("lr_scale", 1.0)
-        terms = train_step(model, optimizer, batch, n_train=run.n_train, config=config,
-                           scaler=run.scaler, amp_dtype=run.amp_dtype,
-                           disc_weight=0.0 if iteration < config.disc_warmup else 1.0)
+        terms = train_step(
+            model,
+            optimizer,
+            batch,
+            n_train=run.n_train,
+            config=config,
+            scaler=run.scaler,
+            amp_dtype=run.amp_dtype,
+            disc_weight=0.0 if iteration < config.disc_warmup else 1.0,
+        )
         window.append(torch.stack([t.float() for t in terms]))
         total = float(terms.total)
         if not math.isfinite(total):  # stop before a poisoned step reaches a checkpoint
@@ -383,36 +460,57 @@ def _loop(run: _RunState, loader: Iterable[dict], bar: Any) -> None:
         iteration += 1
         bar.update(1)
         if iteration % config.log_every == 0 or iteration == config.iterations:
-            record = _log_record(window, iteration, window_start, window_time, net, dist_info,
-                                 dropout_rates, optimizer.param_groups[0]["lr"])
+            record = _log_record(
+                window,
+                iteration,
+                window_start,
+                window_time,
+                net,
+                dist_info,
+                dropout_rates,
+                optimizer.param_groups[0]["lr"],
+            )
             if dist_info.is_main:
                 with open(run.log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 rates = record["dropout_rates"]
-                bar.set_postfix(loss=f"{record['total']:.4g}",
-                                p=f"{np.mean(rates):.3f}" if rates else "-")
+                bar.set_postfix(loss=f"{record['total']:.4g}", p=f"{np.mean(rates):.3f}" if rates else "-")
             window, window_start, window_time = [], iteration, time.perf_counter()
         if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
             if not all(torch.isfinite(p).all() for p in net.parameters()):
-                _stop_non_finite(f"the weights after iteration {iteration} are not finite",
-                                 optimizer, last_path)
-            write_checkpoint(model, optimizer, run.scaler, config, iteration, dist_info, last_path,
-                             run.on_checkpoint)
+                _stop_non_finite(
+                    f"the weights after iteration {iteration} are not finite", optimizer, last_path
+                )
+            write_checkpoint(
+                model, optimizer, run.scaler, config, iteration, dist_info, last_path, run.on_checkpoint
+            )
             if dist_info.is_main and config.snapshot_every and iteration % config.snapshot_every == 0:
                 snapshot = last_path.with_name(f"iter_{iteration:07d}.pt")
                 atomic_write(snapshot, lambda tmp: shutil.copyfile(last_path, tmp))
 
 
 def _stop_non_finite(what: str, optimizer: torch.optim.Optimizer, last_path: Path) -> None:
-    kept = f"{last_path} keeps the last finite checkpoint" if last_path.exists() else \
-        "no checkpoint was written yet"
+    kept = (
+        f"{last_path} keeps the last finite checkpoint"
+        if last_path.exists()
+        else "no checkpoint was written yet"
+    )
     raise FloatingPointError(
         f"training stopped: {what} (lr {optimizer.param_groups[0]['lr']:g}); {kept}. Lower "
-        f"--lr, keep --grad-clip on, or check the training images for NaN values")
+        f"--lr, keep --grad-clip on, or check the training images for NaN values"
+    )
 
 
-def _log_record(window: list[torch.Tensor], iteration: int, window_start: int, window_time: float,
-                net: nn.Module, dist_info: DistInfo, dropout_rates: Callable, lr: float) -> dict:
+def _log_record(
+    window: list[torch.Tensor],
+    iteration: int,
+    window_start: int,
+    window_time: float,
+    net: nn.Module,
+    dist_info: DistInfo,
+    dropout_rates: Callable,
+    lr: float,
+) -> dict:
     means = torch.stack(window).mean(dim=0)
     if dist_info.world_size > 1:
         import torch.distributed as dist

@@ -15,9 +15,11 @@ Examples
 >>> [c.bandwidth for c in result.choices], round(result.pooled["avAP"], 3)
 ([2.0, 2.0], 1.0)
 """
+
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -145,11 +147,20 @@ def grid_search(
         # so the kept point is np.argmax's first best of the other folds' mean score
         tuning_score, (i, j), preds, s = best[f]
         fold_gts = [gts[w] for w in fold]
-        choices.append(FoldChoice(others[f][0] if len(others[f]) == 1 else -1, f, float(bandwidths[i]),
-                                  float(thresholds[j]), float(tuning_score), evaluate(fold_gts, preds, s)))
+        choices.append(
+            FoldChoice(
+                others[f][0] if len(others[f]) == 1 else -1,
+                f,
+                float(bandwidths[i]),
+                float(thresholds[j]),
+                float(tuning_score),
+                evaluate(fold_gts, preds, s),
+            )
+        )
         predictions.update({w: (m, sc) for w, m, sc in zip(fold, preds, s)})
         all_gts += fold_gts
         all_preds += preds
         all_scores += s
-    return GridSearchResult(bandwidths, thresholds, metric, scores, choices, evaluate(all_gts, all_preds, all_scores),
-                            predictions)
+    return GridSearchResult(
+        bandwidths, thresholds, metric, scores, choices, evaluate(all_gts, all_preds, all_scores), predictions
+    )

@@ -31,9 +31,11 @@ Examples
 >>> r.n_ac.tolist(), r.n_au.tolist()  # one accurate patch, entropy H(0.9) = 0.33
 ([0, 1], [1, 0])
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -177,12 +179,16 @@ def patch_table(
     for i, (gt, prob) in enumerate(zip(gts, probs)):
         gt, prob = np.asarray(gt, bool), np.asarray(prob, np.float64)
         if gt.ndim != 3 or prob.ndim != 3 or gt.shape[1:] != prob.shape[1:]:
-            raise ValueError(f"image {i}: expected (K, H, W) stacks of one size, got gts {gt.shape}, probs {prob.shape}")
+            raise ValueError(
+                f"image {i}: expected (K, H, W) stacks of one size, got gts {gt.shape}, probs {prob.shape}"
+            )
         binary = prob >= binarize_at
         partner = match_instances(binary, gt)
         empty = np.zeros(gt.shape[1:], bool)
         for k in range(len(prob)):
-            rows = _instance_patches(prob[k], binary[k], gt[partner[k]] if partner[k] >= 0 else empty, patch_size)
+            rows = _instance_patches(
+                prob[k], binary[k], gt[partner[k]] if partner[k] >= 0 else empty, patch_size
+            )
             if rows is None:
                 continue
             y, x, acc, ent = rows
@@ -233,7 +239,10 @@ def pavpu_from_patches(table: PatchTable, thresholds: Sequence[float]) -> PAvPU:
         ratio(n_ac, n_ac + n_ic),
         ratio(n_iu, n_ic + n_iu),
         ratio(n_ac + n_iu, n_ac + n_au + n_ic + n_iu),
-        n_ac, n_au, n_ic, n_iu,
+        n_ac,
+        n_au,
+        n_ic,
+        n_iu,
     )
 
 
@@ -305,4 +314,6 @@ def pavpu(
     >>> r.pavpu.tolist()  # accurate patch: uncertain at t=0 (wrong), certain at t=0.7 (right)
     [0.0, 1.0]
     """
-    return pavpu_from_patches(patch_table(gts, probs, patch_size=patch_size, binarize_at=binarize_at), thresholds)
+    return pavpu_from_patches(
+        patch_table(gts, probs, patch_size=patch_size, binarize_at=binarize_at), thresholds
+    )

@@ -26,21 +26,28 @@ Examples
 >>> image.shape, image.dtype, float(image[0].max()), round(float(image[1].max()), 3)
 ((2, 8, 10), dtype('float32'), 1.0, 0.5)
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 
 from ._io import atomic_write
 from .data import CHANNEL_MAX, Sample, rescale
 
-__all__ = ["read_array", "read_image", "read_instances", "load_user_images", "match_percentiles",
-           "save_prediction"]
+__all__ = [
+    "read_array",
+    "read_image",
+    "read_instances",
+    "load_user_images",
+    "match_percentiles",
+    "save_prediction",
+]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 _TIFF = (".tif", ".tiff")
 
 
@@ -69,8 +76,9 @@ def read_array(path: PathLike) -> np.ndarray:
                 array = np.asarray(im)
     except Exception as err:  # the readers raise many types for broken files
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot read image {str(path)!r}: the file is truncated or unreadable "
-                         f"({detail})") from err
+        raise ValueError(
+            f"cannot read image {str(path)!r}: the file is truncated or unreadable ({detail})"
+        ) from err
     if array.dtype.kind in "fc" and not np.isfinite(array).all():
         raise ValueError(f"image {str(path)!r} holds {int((~np.isfinite(array)).sum())} NaN or inf pixels")
     return array
@@ -84,7 +92,8 @@ def _channels_first(array: np.ndarray, path: Path) -> np.ndarray:
     raise ValueError(
         f"{str(path)!r} has shape {array.shape}; expected a two-channel image (2, H, W) or (H, W, 2) "
         f"with w1 fluorescence first and w2 brightfield second, or pass the two channels as a pair of "
-        f"single-channel files (w1_path, w2_path). A single-channel (H, W) file needs fill_missing=...")
+        f"single-channel files (w1_path, w2_path). A single-channel (H, W) file needs fill_missing=..."
+    )
 
 
 def _non_empty(image: np.ndarray, source: PathLike | Sequence[PathLike]) -> np.ndarray:
@@ -97,7 +106,9 @@ def _non_empty(image: np.ndarray, source: PathLike | Sequence[PathLike]) -> np.n
 def _single(path: PathLike) -> np.ndarray:
     array = read_array(path)
     if array.ndim != 2:
-        raise ValueError(f"{str(path)!r} has shape {array.shape}; expected one channel (H, W) in a pair of files")
+        raise ValueError(
+            f"{str(path)!r} has shape {array.shape}; expected one channel (H, W) in a pair of files"
+        )
     return array
 
 
@@ -107,8 +118,12 @@ def _scaled(raw: np.ndarray, divisor: float) -> np.ndarray:
     return rescale(raw, divisor)
 
 
-def read_image(source: PathLike | Sequence[PathLike], *, scale: float | Sequence[float] = CHANNEL_MAX,
-               fill_missing: float | None = None) -> np.ndarray:
+def read_image(
+    source: PathLike | Sequence[PathLike],
+    *,
+    scale: float | Sequence[float] = CHANNEL_MAX,
+    fill_missing: float | None = None,
+) -> np.ndarray:
     """One image as the models expect it: ``float32 (2, H, W)`` in ``[0, 1]``, w1 then w2.
 
     Parameters
@@ -165,8 +180,10 @@ def read_image(source: PathLike | Sequence[PathLike], *, scale: float | Sequence
         raise ValueError(f"expected a path or a pair (w1_path, w2_path), got {len(paths)} paths")
     raws = [_single(p) for p in paths]
     if raws[0].shape != raws[1].shape:
-        raise ValueError(f"channel files differ in shape: {str(paths[0])!r} {raws[0].shape} vs "
-                         f"{str(paths[1])!r} {raws[1].shape}")
+        raise ValueError(
+            f"channel files differ in shape: {str(paths[0])!r} {raws[0].shape} vs "
+            f"{str(paths[1])!r} {raws[1].shape}"
+        )
     return _non_empty(np.stack([_scaled(raw, d) for raw, d in zip(raws, divisors)]), paths)
 
 
@@ -205,8 +222,10 @@ def read_instances(source: PathLike | Sequence[PathLike], shape: tuple[int, int]
     def check(array: np.ndarray, path: Path, allowed: tuple[int, ...]) -> None:
         if array.ndim not in allowed or array.shape[-2:] != shape:
             kinds = "a 2-D label image or a (K, H, W) stack" if 3 in allowed else "a 2-D binary mask"
-            raise ValueError(f"mask {str(path)!r} has shape {array.shape}, but the image is {shape} "
-                             f"(expected {kinds} of that size)")
+            raise ValueError(
+                f"mask {str(path)!r} has shape {array.shape}, but the image is {shape} "
+                f"(expected {kinds} of that size)"
+            )
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -224,10 +243,14 @@ def read_instances(source: PathLike | Sequence[PathLike], shape: tuple[int, int]
     return np.stack(masks) if masks else np.zeros((0,) + shape, bool)
 
 
-def load_user_images(images: Sequence[PathLike | Sequence[PathLike]],
-                     masks: Sequence[PathLike | Sequence[PathLike] | None] | None = None, *,
-                     names: Sequence[str] | None = None, scale: float | Sequence[float] = CHANNEL_MAX,
-                     fill_missing: float | None = None) -> list[Sample]:
+def load_user_images(
+    images: Sequence[PathLike | Sequence[PathLike]],
+    masks: Sequence[PathLike | Sequence[PathLike] | None] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    scale: float | Sequence[float] = CHANNEL_MAX,
+    fill_missing: float | None = None,
+) -> list[Sample]:
     """Your images (and masks, when you have them) as :class:`companion.data.Sample` objects.
 
     Parameters
@@ -259,14 +282,18 @@ def load_user_images(images: Sequence[PathLike | Sequence[PathLike]],
     ('a', (2, 6, 7), (1, 6, 7))
     """
     if isinstance(images, (str, os.PathLike)):
-        raise ValueError(f"images must be a sequence of sources, one per image, got the single path "
-                         f"{str(images)!r}: wrap it in a list, [{str(images)!r}]")
+        raise ValueError(
+            f"images must be a sequence of sources, one per image, got the single path "
+            f"{str(images)!r}: wrap it in a list, [{str(images)!r}]"
+        )
     images = list(images)
     if not images:
         raise ValueError("images is empty: give at least one image source")
     if isinstance(masks, (str, os.PathLike)):
-        raise ValueError(f"masks must be a sequence, one entry per image, got the single path "
-                         f"{str(masks)!r}: wrap it in a list")
+        raise ValueError(
+            f"masks must be a sequence, one entry per image, got the single path "
+            f"{str(masks)!r}: wrap it in a list"
+        )
     masks = [None] * len(images) if masks is None else list(masks)
     if len(masks) != len(images):
         raise ValueError(f"{len(images)} images but {len(masks)} mask entries")
@@ -277,13 +304,18 @@ def load_user_images(images: Sequence[PathLike | Sequence[PathLike]],
         image = read_image(source, scale=scale, fill_missing=fill_missing)
         first = source if isinstance(source, (str, os.PathLike)) else list(source)[0]
         name = names[i] if names is not None else Path(first).stem
-        instances = (np.zeros((0,) + image.shape[1:], bool) if mask_source is None
-                     else read_instances(mask_source, image.shape[1:]))
+        instances = (
+            np.zeros((0,) + image.shape[1:], bool)
+            if mask_source is None
+            else read_instances(mask_source, image.shape[1:])
+        )
         samples.append(Sample(well=name, image=image, instances=instances))
     return samples
 
 
-def match_percentiles(image: np.ndarray, reference: np.ndarray, q: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+def match_percentiles(
+    image: np.ndarray, reference: np.ndarray, q: tuple[float, float] = (1.0, 99.0)
+) -> np.ndarray:
     """Rescale each channel linearly so that its ``q`` percentiles equal those of ``reference``.
 
     A crude but transparent way to bring images of another microscope or exposure towards the
@@ -306,7 +338,9 @@ def match_percentiles(image: np.ndarray, reference: np.ndarray, q: tuple[float, 
     """
     image, reference = np.asarray(image, np.float32), np.asarray(reference, np.float32)
     if image.ndim != 3 or reference.ndim != 3 or image.shape[0] != reference.shape[0]:
-        raise ValueError(f"expected (C, H, W) arrays with the same C, got {image.shape} and {reference.shape}")
+        raise ValueError(
+            f"expected (C, H, W) arrays with the same C, got {image.shape} and {reference.shape}"
+        )
     out = np.empty_like(image)
     for c in range(len(image)):
         lo, hi = np.percentile(image[c], q)
@@ -316,8 +350,13 @@ def match_percentiles(image: np.ndarray, reference: np.ndarray, q: tuple[float, 
     return np.clip(out, 0.0, 1.0)
 
 
-def save_prediction(folder: PathLike, name: str, masks: np.ndarray, uncertainty: np.ndarray | None = None,
-                    probs: np.ndarray | None = None) -> dict[str, Path]:
+def save_prediction(
+    folder: PathLike,
+    name: str,
+    masks: np.ndarray,
+    uncertainty: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+) -> dict[str, Path]:
     """Write a prediction for use in other tools (Fiji, napari, ...).
 
     Files (in ``folder``, created if needed):
@@ -350,8 +389,10 @@ def save_prediction(folder: PathLike, name: str, masks: np.ndarray, uncertainty:
     if not name or Path(name).name != name or name in (".", ".."):
         raise ValueError(f"name must be a plain file-name stem without folders, got {name!r}")
     if len(masks) > np.iinfo(np.uint16).max:
-        raise ValueError(f"{len(masks)} instances do not fit the uint16 labels of {name}_instances.tif "
-                         f"(at most {np.iinfo(np.uint16).max})")
+        raise ValueError(
+            f"{len(masks)} instances do not fit the uint16 labels of {name}_instances.tif "
+            f"(at most {np.iinfo(np.uint16).max})"
+        )
     if uncertainty is not None:
         uncertainty = np.asarray(uncertainty, np.float64)
         if uncertainty.shape != masks.shape[1:]:
@@ -359,7 +400,9 @@ def save_prediction(folder: PathLike, name: str, masks: np.ndarray, uncertainty:
     if probs is not None:
         probs = np.asarray(probs, np.float32)
         if probs.ndim != 3 or probs.shape[1:] != masks.shape[1:]:
-            raise ValueError(f"probs must be (K', H, W) with (H, W) = {masks.shape[1:]}, got shape {probs.shape}")
+            raise ValueError(
+                f"probs must be (K', H, W) with (H, W) = {masks.shape[1:]}, got shape {probs.shape}"
+            )
     # everything is checked before the first file is written: no half-written prediction
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -373,5 +416,7 @@ def save_prediction(folder: PathLike, name: str, masks: np.ndarray, uncertainty:
         atomic_write(paths["uncertainty"], lambda tmp: picture.save(tmp, format="PNG"))
     if probs is not None:
         paths["probabilities"] = folder / f"{name}_probabilities.tif"
-        atomic_write(paths["probabilities"], lambda tmp: tifffile.imwrite(tmp, probs, photometric="minisblack"))
+        atomic_write(
+            paths["probabilities"], lambda tmp: tifffile.imwrite(tmp, probs, photometric="minisblack")
+        )
     return paths

@@ -45,6 +45,7 @@ from outside keeps what it had): ``summary.json`` (every number), ``run.log``, `
 ``baseline.json`` and ``concrete.pt`` / ``concrete.json`` (the exported models) and
 ``baseline_run.zip`` / ``concrete_run.zip`` (training log and evaluation report).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,10 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -87,22 +89,26 @@ MODELS = ("baseline", "concrete")
 # --------------------------------------------------------------------------------------------
 # The data archive
 # --------------------------------------------------------------------------------------------
-def _raw_counts(sample: "Sample") -> np.ndarray:
+def _raw_counts(sample: Sample) -> np.ndarray:
     """The raw camera counts ``uint16 (C, H, W)`` behind a loaded image (checked to be exact)."""
     from companion.data import CHANNEL_MAX, normalize
 
     image = np.asarray(sample.image, dtype=np.float32)
     raw = np.stack([np.rint(np.asarray(ch, np.float64) * CHANNEL_MAX[c]) for c, ch in enumerate(image)])
     if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
-        raise ValueError(f"well {sample.well}: image values outside [0, 65535 / {CHANNEL_MAX[0]:g}]: cannot pack")
+        raise ValueError(
+            f"well {sample.well}: image values outside [0, 65535 / {CHANNEL_MAX[0]:g}]: cannot pack"
+        )
     raw = raw.astype(np.uint16)
     if not all(np.array_equal(normalize(raw[c], c), image[c]) for c in range(len(image))):
-        raise ValueError(f"well {sample.well}: the image is not raw camera counts / CHANNEL_MAX, so it cannot "
-                         f"be packed losslessly as uint16")
+        raise ValueError(
+            f"well {sample.well}: the image is not raw camera counts / CHANNEL_MAX, so it cannot "
+            f"be packed losslessly as uint16"
+        )
     return raw
 
 
-def pack_samples(samples: Sequence["Sample"], path: str | os.PathLike, *, note: str = "") -> int:
+def pack_samples(samples: Sequence[Sample], path: str | os.PathLike, *, note: str = "") -> int:
     """Write samples losslessly to an LZMA-compressed ``.npz``; returns its size in bytes.
 
     Per well: ``<well>_image`` the raw uint16 counts as two byte planes ``uint8 (2, C, H, W)``
@@ -113,8 +119,12 @@ def pack_samples(samples: Sequence["Sample"], path: str | os.PathLike, *, note: 
     """
     from companion._io import atomic_write
 
-    arrays: dict[str, np.ndarray] = dict(format=np.array(PACK_FORMAT), version=np.array(PACK_VERSION),
-                                         wells=np.array([s.well for s in samples]), note=np.array(note))
+    arrays: dict[str, np.ndarray] = dict(
+        format=np.array(PACK_FORMAT),
+        version=np.array(PACK_VERSION),
+        wells=np.array([s.well for s in samples]),
+        note=np.array(note),
+    )
     for sample in samples:
         raw = _raw_counts(sample)
         arrays[f"{sample.well}_image"] = np.stack([raw >> 8, raw & 0xFF]).astype(np.uint8)
@@ -140,8 +150,10 @@ def pack_wells(path: str | os.PathLike) -> list[str]:
 def _open_pack(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no data archive at {path}: build it with `python scripts/gpu_run.py pack "
-                                f"--data-root DIR --out {path}`")
+        raise FileNotFoundError(
+            f"no data archive at {path}: build it with `python scripts/gpu_run.py pack "
+            f"--data-root DIR --out {path}`"
+        )
     try:
         archive = np.load(path, allow_pickle=False)
         fmt = str(archive["format"]) if "format" in archive.files else None
@@ -153,7 +165,7 @@ def _open_pack(path: str | os.PathLike):
     return archive
 
 
-def read_pack(path: str | os.PathLike, wells: Iterable[str] | None = None) -> list["Sample"]:
+def read_pack(path: str | os.PathLike, wells: Iterable[str] | None = None) -> list[Sample]:
     """Samples of an archive, exactly as :func:`companion.data.load_bbbc010` loads them.
 
     ``wells``: these, in this order (default all); a well the archive lacks raises ``KeyError``
@@ -183,8 +195,12 @@ def pack_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpu_run.py pack", description=pack_main.__doc__)
     parser.add_argument("--data-root", default=None, help="BBBC010 folder (default: $BBBC010_ROOT)")
     parser.add_argument("--out", type=Path, default=DEFAULT_PACK, help="archive to write")
-    parser.add_argument("--wells", nargs="+", default=None,
-                        help="only these wells (default: TRAIN_WELLS + TEST_WELLS, incomplete ones skipped)")
+    parser.add_argument(
+        "--wells",
+        nargs="+",
+        default=None,
+        help="only these wells (default: TRAIN_WELLS + TEST_WELLS, incomplete ones skipped)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="do not read the archive back to compare")
     args = parser.parse_args(argv)
     from companion.data import TEST_WELLS, TRAIN_WELLS, load_bbbc010
@@ -194,20 +210,27 @@ def pack_main(argv: Sequence[str]) -> int:
     samples = load_bbbc010(args.data_root, wells, skip_incomplete=True, progress=True)
     skipped = [w for w in wells if w not in {s.well for s in samples}]
     size = pack_samples(samples, args.out, note=f"skipped incomplete wells: {' '.join(skipped)}")
-    print(f"packed {len(samples)} wells ({len(skipped)} incomplete skipped: {' '.join(skipped) or '-'}) into "
-          f"{args.out}: {size / 2**20:.1f} MiB in {time.perf_counter() - start:.0f} s")
+    print(
+        f"packed {len(samples)} wells ({len(skipped)} incomplete skipped: {' '.join(skipped) or '-'}) into "
+        f"{args.out}: {size / 2**20:.1f} MiB in {time.perf_counter() - start:.0f} s"
+    )
     if not args.no_verify:
         start = time.perf_counter()
         again = read_pack(args.out)
-        same = all(a.well == b.well and np.array_equal(a.image, b.image) and np.array_equal(a.instances, b.instances)
-                   for a, b in zip(samples, again)) and len(again) == len(samples)
+        same = all(
+            a.well == b.well and np.array_equal(a.image, b.image) and np.array_equal(a.instances, b.instances)
+            for a, b in zip(samples, again)
+        ) and len(again) == len(samples)
         if not same:
             print(f"error: {args.out} does not read back as the loaded wells", file=sys.stderr)
             return 1
         print(f"read back identical in {time.perf_counter() - start:.1f} s")
     if size >= MAX_PACK_BYTES:
-        print(f"error: {args.out} is {size / 2**20:.1f} MiB, over the {MAX_PACK_BYTES / 2**20:.0f} MiB that "
-              f"can travel with the working tree", file=sys.stderr)
+        print(
+            f"error: {args.out} is {size / 2**20:.1f} MiB, over the {MAX_PACK_BYTES / 2**20:.0f} MiB that "
+            f"can travel with the working tree",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -246,12 +269,14 @@ class Run:
         from companion._io import atomic_write_bytes
 
         self.summary["elapsed_s"] = round(self.elapsed(), 1)
-        atomic_write_bytes(self.out / "summary.json",
-                           (json.dumps(_json_safe(self.summary), indent=1) + "\n").encode())
+        atomic_write_bytes(
+            self.out / "summary.json", (json.dumps(_json_safe(self.summary), indent=1) + "\n").encode()
+        )
 
     def phase(self, name: str, status: str, started: float, **details: Any) -> None:
-        self.summary.setdefault("phases", {})[name] = dict(status=status, seconds=round(time.monotonic() - started, 1),
-                                                           **details)
+        self.summary.setdefault("phases", {})[name] = dict(
+            status=status, seconds=round(time.monotonic() - started, 1), **details
+        )
         self.save()
 
     def fits(self, name: str, needed_s: float) -> bool:
@@ -264,8 +289,9 @@ class Run:
     def skip(self, name: str, needed_s: float) -> None:
         """Record that phase ``name`` (needing ``needed_s`` seconds) did not fit in the budget."""
         self.log(f"skipping {name}: {self.left():.0f} s left, it needs ~{needed_s:.0f} s")
-        self.summary.setdefault("phases", {})[name] = dict(status="skipped", reason="budget",
-                                                           left_s=round(self.left(), 1))
+        self.summary.setdefault("phases", {})[name] = dict(
+            status="skipped", reason="budget", left_s=round(self.left(), 1)
+        )
         self.save()
 
 
@@ -317,16 +343,50 @@ class Settings:
 def settings_for(smoke: bool, device: str) -> Settings:
     """The settings of a full run (BBBC010 on a GPU) or of a smoke run (tiny, on the CPU)."""
     if smoke:
-        return Settings(smoke=True, device=device, n_train=3, n_val=1, test_per_fold=1,
-                        overrides=dict(crop_size=64, base_filters=4, embedding_dim=8), batch_candidates=(2,),
-                        bench_slice_s=0.5, draws=2, bandwidths=(1.5,), thresholds=(2.0,), fallback_grid=(1.5, 2.0),
-                        max_points=2000, max_iterations=4, min_iterations=2, min_train_s=0.5, export_reserve_s=10,
-                        eval_reserve_s=30, pack_reserve_s=5, synthetic_shape=(128, 128))
-    return Settings(smoke=False, device=device, n_train=None, n_val=10, test_per_fold=None, overrides={},
-                    batch_candidates=(8, 16, 32), bench_slice_s=4.0, draws=8, bandwidths=(1.5, 2.0, 3.0),
-                    thresholds=(1.5, 2.0, 3.0, 4.0), fallback_grid=(1.5, 2.0), max_points=8000, max_iterations=None,
-                    min_iterations=50, min_train_s=20, export_reserve_s=25, eval_reserve_s=110, pack_reserve_s=10,
-                    synthetic_shape=(520, 696))
+        return Settings(
+            smoke=True,
+            device=device,
+            n_train=3,
+            n_val=1,
+            test_per_fold=1,
+            overrides=dict(crop_size=64, base_filters=4, embedding_dim=8),
+            batch_candidates=(2,),
+            bench_slice_s=0.5,
+            draws=2,
+            bandwidths=(1.5,),
+            thresholds=(2.0,),
+            fallback_grid=(1.5, 2.0),
+            max_points=2000,
+            max_iterations=4,
+            min_iterations=2,
+            min_train_s=0.5,
+            export_reserve_s=10,
+            eval_reserve_s=30,
+            pack_reserve_s=5,
+            synthetic_shape=(128, 128),
+        )
+    return Settings(
+        smoke=False,
+        device=device,
+        n_train=None,
+        n_val=10,
+        test_per_fold=None,
+        overrides={},
+        batch_candidates=(8, 16, 32),
+        bench_slice_s=4.0,
+        draws=8,
+        bandwidths=(1.5, 2.0, 3.0),
+        thresholds=(1.5, 2.0, 3.0, 4.0),
+        fallback_grid=(1.5, 2.0),
+        max_points=8000,
+        max_iterations=None,
+        min_iterations=50,
+        min_train_s=20,
+        export_reserve_s=25,
+        eval_reserve_s=110,
+        pack_reserve_s=10,
+        synthetic_shape=(520, 696),
+    )
 
 
 def train_config(settings: Settings, model: str, iterations: int, batch: int, **extra: Any):
@@ -335,11 +395,23 @@ def train_config(settings: Settings, model: str, iterations: int, batch: int, **
 
     cpu = PRESETS["cpu"]
     scale = min(1.0, iterations / cpu["iterations"])  # warm-ups in proportion when fewer iterations fit
-    values = dict(model=model, iterations=iterations, batch_size=batch, device=settings.device, amp=True,
-                  channels_last=True, gpu_augment=True, num_workers=0, snapshot_every=0,
-                  disc_warmup=int(round(cpu["disc_warmup"] * scale)), lr_warmup=int(round(cpu["lr_warmup"] * scale)),
-                  checkpoint_every=max(1, iterations // 10), log_every=max(1, iterations // 50),
-                  dropout_lr_scale=10.0 if model == "concrete" else 1.0, **settings.overrides)
+    values = dict(
+        model=model,
+        iterations=iterations,
+        batch_size=batch,
+        device=settings.device,
+        amp=True,
+        channels_last=True,
+        gpu_augment=True,
+        num_workers=0,
+        snapshot_every=0,
+        disc_warmup=int(round(cpu["disc_warmup"] * scale)),
+        lr_warmup=int(round(cpu["lr_warmup"] * scale)),
+        checkpoint_every=max(1, iterations // 10),
+        log_every=max(1, iterations // 50),
+        dropout_lr_scale=10.0 if model == "concrete" else 1.0,
+        **settings.overrides,
+    )
     values.update(extra)
     return TrainConfig.preset("cpu", **values)
 
@@ -365,22 +437,33 @@ def _synthetic_data(settings: Settings) -> Data:
     val = make_dataset(settings.n_val, seed=1000, shape=shape)
     test = make_dataset(n_test, seed=2000, shape=shape)
     wells = [s.well for s in test]
-    return Data(train, val, test, [wells[0::2], wells[1::2]],
-                dict(kind="synthetic", n=n_test, seed=2000, shape=list(shape)))
+    return Data(
+        train,
+        val,
+        test,
+        [wells[0::2], wells[1::2]],
+        dict(kind="synthetic", n=n_test, seed=2000, shape=list(shape)),
+    )
 
 
 def _pack_data(settings: Settings, pack: Path) -> Data:
     from companion.data import FIT_WELLS, TEST_FOLDS, VAL_WELLS
 
     held = set(pack_wells(pack))
-    fit = [w for w in FIT_WELLS if w in held][:settings.n_train]
-    val = [w for w in VAL_WELLS if w in held][:settings.n_val]
-    folds = [[w for w in fold if w in held][:settings.test_per_fold] for fold in TEST_FOLDS]
+    fit = [w for w in FIT_WELLS if w in held][: settings.n_train]
+    val = [w for w in VAL_WELLS if w in held][: settings.n_val]
+    folds = [[w for w in fold if w in held][: settings.test_per_fold] for fold in TEST_FOLDS]
     if not fit or not val or not all(folds):
-        raise ValueError(f"{pack} lacks fitting, validation or test wells of both folds (it holds {len(held)} wells)")
+        raise ValueError(
+            f"{pack} lacks fitting, validation or test wells of both folds (it holds {len(held)} wells)"
+        )
     test_wells = [w for fold in folds for w in fold]
     samples = read_pack(pack, fit + val + test_wells)
-    train, val_s, test = samples[:len(fit)], samples[len(fit):len(fit) + len(val)], samples[len(fit) + len(val):]
+    train, val_s, test = (
+        samples[: len(fit)],
+        samples[len(fit) : len(fit) + len(val)],
+        samples[len(fit) + len(val) :],
+    )
     return Data(train, val_s, test, folds, dict(kind="pack", path=str(pack), wells=test_wells))
 
 
@@ -390,13 +473,21 @@ def load_data(run: Run, settings: Settings, pack: Path | None) -> Data:
         data = _pack_data(settings, pack)
     else:
         data = _synthetic_data(settings)
-    described = dict(source=data.source["kind"], path=str(pack) if pack else None, train=len(data.train),
-                     val=len(data.val), test=len(data.test), folds=data.folds,
-                     image_shape=list(data.train[0].image.shape))
+    described = dict(
+        source=data.source["kind"],
+        path=str(pack) if pack else None,
+        train=len(data.train),
+        val=len(data.val),
+        test=len(data.test),
+        folds=data.folds,
+        image_shape=list(data.train[0].image.shape),
+    )
     run.summary["data"] = described
     run.phase("data", "done", started)
-    run.log(f"data ({data.source['kind']}): {len(data.train)} fitting, {len(data.val)} validation, "
-            f"{len(data.test)} test wells")
+    run.log(
+        f"data ({data.source['kind']}): {len(data.train)} fitting, {len(data.val)} validation, "
+        f"{len(data.test)} test wells"
+    )
     return data
 
 
@@ -443,7 +534,9 @@ def _bench_module():
     return module
 
 
-def bench_training(data: Data, settings: Settings, source, batch: int, *, mixed: bool, seconds: float) -> float:
+def bench_training(
+    data: Data, settings: Settings, source, batch: int, *, mixed: bool, seconds: float
+) -> float:
     """Training iterations/s (crops from ``source`` on the device + one ``train_step``), Concrete model."""
     import torch
 
@@ -451,8 +544,9 @@ def bench_training(data: Data, settings: Settings, source, batch: int, *, mixed:
     from companion.train import _amp_dtype, build_model, make_optimizer, train_step
 
     device = torch.device(settings.device)
-    config = train_config(settings, "concrete", 1000, batch, cpu_bf16=mixed and device.type == "cpu",
-                          amp=mixed)
+    config = train_config(
+        settings, "concrete", 1000, batch, cpu_bf16=mixed and device.type == "cpu", amp=mixed
+    )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train() does; the tuned kernels are kept for it
     torch.manual_seed(0)
@@ -468,14 +562,20 @@ def bench_training(data: Data, settings: Settings, source, batch: int, *, mixed:
     def step() -> None:
         first = next(counter) * batch
         batch_ = source.crops([(first + j) % len(source) for j in range(batch)], generator)
-        terms = train_step(model, optimizer, to_device(batch_, device, channels_last), n_train=len(data.train),
-                           config=config, amp_dtype=amp_dtype)
+        terms = train_step(
+            model,
+            optimizer,
+            to_device(batch_, device, channels_last),
+            n_train=len(data.train),
+            config=config,
+            amp_dtype=amp_dtype,
+        )
         float(terms.total)  # the training loop syncs on the loss every step too
 
     try:
         return _rate(step, device, seconds)
     finally:
-        del model, optimizer
+        del step  # the closure holds the model and optimizer; drop it before freeing the cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -503,7 +603,9 @@ def bench_mc(data: Data, settings: Settings, draws: int, repeats: int = 2) -> di
             _sync(device)
             best = min(best, time.perf_counter() - start)
         timings[f"{name}_s"] = best
-    timings.update(draws=draws, image_shape=list(image.shape), speedup=timings["sequential_s"] / timings["batched_s"])
+    timings.update(
+        draws=draws, image_shape=list(image.shape), speedup=timings["sequential_s"] / timings["batched_s"]
+    )
     return timings
 
 
@@ -519,13 +621,18 @@ def run_benchmarks(run: Run, data: Data, settings: Settings) -> tuple[int, float
     results: dict[str, Any] = {}
     run.summary["benchmarks"] = results
     few = data.train[:4]
-    results["augmentation"] = aug = dict(crop_size=crop, scipy_cpu_crops_per_s=bench.scipy_crops_per_s(
-        few, crop, 10**6, max_seconds=slice_s / 2))
+    results["augmentation"] = aug = dict(
+        crop_size=crop,
+        scipy_cpu_crops_per_s=bench.scipy_crops_per_s(few, crop, 10**6, max_seconds=slice_s / 2),
+    )
     aug[f"torch_{device.type}_crops_per_s"] = bench.torch_crops_per_s(
-        few, crop, 10**6, batch=max(settings.batch_candidates), device=device, max_seconds=slice_s / 2)
+        few, crop, 10**6, batch=max(settings.batch_candidates), device=device, max_seconds=slice_s / 2
+    )
     aug["ratio_torch_to_scipy"] = aug[f"torch_{device.type}_crops_per_s"] / aug["scipy_cpu_crops_per_s"]
-    run.log(f"augmentation: scipy {aug['scipy_cpu_crops_per_s']:.1f} crops/s (one CPU process), torch on "
-            f"{device.type} {aug[f'torch_{device.type}_crops_per_s']:.1f} crops/s")
+    run.log(
+        f"augmentation: scipy {aug['scipy_cpu_crops_per_s']:.1f} crops/s (one CPU process), torch on "
+        f"{device.type} {aug[f'torch_{device.type}_crops_per_s']:.1f} crops/s"
+    )
     run.save()
 
     from companion.augment_torch import DeviceCropSource
@@ -542,38 +649,55 @@ def run_benchmarks(run: Run, data: Data, settings: Settings) -> tuple[int, float
             run.log(f"batch {batch}: out of GPU memory")
             break
         per_batch[batch] = dict(it_per_s=rate, crops_per_s=rate * batch)
-        run.log(f"training, bf16 + channels-last, batch {batch}: {rate:.2f} it/s = {rate * batch:.1f} crops/s")
+        run.log(
+            f"training, bf16 + channels-last, batch {batch}: {rate:.2f} it/s = {rate * batch:.1f} crops/s"
+        )
     if not per_batch:
         raise RuntimeError("no training benchmark fitted in the budget")
     best = max(v["crops_per_s"] for v in per_batch.values())
     batch = min(b for b, v in per_batch.items() if v["crops_per_s"] >= 0.9 * best)
-    training = dict(mixed_by_batch=per_batch, chosen_batch=batch, mixed_it_per_s=per_batch[batch]["it_per_s"],
-                    mixed="bf16 autocast + channels-last" if device.type == "cuda" else "cpu_bf16 + channels-last")
+    training = dict(
+        mixed_by_batch=per_batch,
+        chosen_batch=batch,
+        mixed_it_per_s=per_batch[batch]["it_per_s"],
+        mixed="bf16 autocast + channels-last" if device.type == "cuda" else "cpu_bf16 + channels-last",
+    )
     results["training"] = training
     if run.fits("benchmark fp32", 2 * slice_s):
-        training["fp32_it_per_s"] = bench_training(data, settings, source, batch, mixed=False, seconds=slice_s)
+        training["fp32_it_per_s"] = bench_training(
+            data, settings, source, batch, mixed=False, seconds=slice_s
+        )
         training["speedup_mixed_over_fp32"] = training["mixed_it_per_s"] / training["fp32_it_per_s"]
-        run.log(f"training, fp32, batch {batch}: {training['fp32_it_per_s']:.2f} it/s "
-                f"(mixed precision {training['speedup_mixed_over_fp32']:.2f}x)")
+        run.log(
+            f"training, fp32, batch {batch}: {training['fp32_it_per_s']:.2f} it/s "
+            f"(mixed precision {training['speedup_mixed_over_fp32']:.2f}x)"
+        )
     run.save()
     if run.fits("benchmark mc", 2 * slice_s):
         results["mc_sampling"] = mc = bench_mc(data, settings, settings.draws)
-        run.log(f"MC sampling, {mc['draws']} draws of a {mc['image_shape'][1]} x {mc['image_shape'][2]} well: "
-                f"batched {mc['batched_s']:.3f} s, sequential {mc['sequential_s']:.3f} s ({mc['speedup']:.2f}x)")
+        run.log(
+            f"MC sampling, {mc['draws']} draws of a {mc['image_shape'][1]} x {mc['image_shape'][2]} well: "
+            f"batched {mc['batched_s']:.3f} s, sequential {mc['sequential_s']:.3f} s ({mc['speedup']:.2f}x)"
+        )
     del source
     if device.type == "cuda":
         torch.cuda.empty_cache()
     run.phase("benchmarks", "done", started)
     # the rate training will see: mixed precision on CUDA; on the CPU the run trains in fp32
-    rate = training["mixed_it_per_s"] if device.type == "cuda" else training.get("fp32_it_per_s", training["mixed_it_per_s"])
+    rate = (
+        training["mixed_it_per_s"]
+        if device.type == "cuda"
+        else training.get("fp32_it_per_s", training["mixed_it_per_s"])
+    )
     return batch, rate
 
 
 # --------------------------------------------------------------------------------------------
 # Training, export, evaluation
 # --------------------------------------------------------------------------------------------
-def train_one(run: Run, data: Data, settings: Settings, name: str, batch: int, it_per_s: float,
-              seconds: float) -> Path | None:
+def train_one(
+    run: Run, data: Data, settings: Settings, name: str, batch: int, it_per_s: float, seconds: float
+) -> Path | None:
     """Train ``name`` from scratch for about ``seconds``; the checkpoint to export, or None."""
     from companion.checkpoint import load_model, read_checkpoint
     from companion.model import dropout_rates
@@ -587,8 +711,9 @@ def train_one(run: Run, data: Data, settings: Settings, name: str, batch: int, i
     config = train_config(settings, name, iterations, batch)
     folder = run.work / name / "train"
     stop_at = time.monotonic() + seconds
-    info: dict[str, Any] = dict(planned_iterations=iterations, planned_s=round(seconds, 1), batch_size=batch,
-                                config=config.to_dict())
+    info: dict[str, Any] = dict(
+        planned_iterations=iterations, planned_s=round(seconds, 1), batch_size=batch, config=config.to_dict()
+    )
     run.summary.setdefault("models", {}).setdefault(name, {})["training"] = info
     run.log(f"training {name}: {iterations} iterations of batch {batch} planned in {seconds:.0f} s")
 
@@ -613,13 +738,20 @@ def train_one(run: Run, data: Data, settings: Settings, name: str, batch: int, i
     records = read_log(folder) if (folder / "log.jsonl").is_file() else []
     seconds_used = time.monotonic() - started
     done = int(read_checkpoint(checkpoint)["iteration"])
-    info.update(iterations=done, seconds=round(seconds_used, 1), it_per_s=done / seconds_used,
-                crops_per_s=done * batch / seconds_used, stopped_early=status == "stopped",
-                final_loss={k: records[-1][k] for k in ("total", "var", "dist", "reg", "ce")} if records else None,
-                dropout_rates=dropout_rates(load_model(checkpoint)))
+    info.update(
+        iterations=done,
+        seconds=round(seconds_used, 1),
+        it_per_s=done / seconds_used,
+        crops_per_s=done * batch / seconds_used,
+        stopped_early=status == "stopped",
+        final_loss={k: records[-1][k] for k in ("total", "var", "dist", "reg", "ce")} if records else None,
+        dropout_rates=dropout_rates(load_model(checkpoint)),
+    )
     run.phase(f"train {name}", status, started)
     last = f", loss {records[-1]['total']:.4g}" if records else ""
-    run.log(f"trained {name}: {done} iterations in {seconds_used:.0f} s ({done / seconds_used:.2f} it/s{last})")
+    run.log(
+        f"trained {name}: {done} iterations in {seconds_used:.0f} s ({done / seconds_used:.2f} it/s{last})"
+    )
     return checkpoint
 
 
@@ -640,41 +772,77 @@ def export_one(run: Run, data: Data, settings: Settings, name: str, checkpoint: 
     method = "foreground pixel F1 on validation wells"
     if draws:
         method += f", of the pixels foreground in >= 0.75 of {draws} Monte-Carlo draws (seed 0)"
-    calibration = dict(method=method, wells=choice.wells, shifts=choice.shifts.tolist(),
-                       f1=[round(float(f), 5) for f in choice.f1])
-    command = f"python scripts/gpu_run.py --out DIR --budget-s {run.budget_s:g}" + (" --smoke" if settings.smoke else "")
+    calibration = dict(
+        method=method,
+        wells=choice.wells,
+        shifts=choice.shifts.tolist(),
+        f1=[round(float(f), 5) for f in choice.f1],
+    )
+    command = f"python scripts/gpu_run.py --out DIR --budget-s {run.budget_s:g}" + (
+        " --smoke" if settings.smoke else ""
+    )
     folder = run.work / "models"
-    weights, provenance = export(checkpoint, name, folder, command=command, background_shift=choice.shift,
-                                 calibration=calibration)
+    weights, provenance = export(
+        checkpoint, name, folder, command=command, background_shift=choice.shift, calibration=calibration
+    )
     for path in (weights, provenance):
         shutil.copyfile(path, run.out / path.name)
-    run.summary["models"][name]["export"] = dict(background_shift=choice.shift, f1=float(choice.f1.max()),
-                                                 f1_unshifted=float(choice.f1[0]), wells=choice.wells,
-                                                 draws=draws, size_bytes=weights.stat().st_size)
+    run.summary["models"][name]["export"] = dict(
+        background_shift=choice.shift,
+        f1=float(choice.f1.max()),
+        f1_unshifted=float(choice.f1[0]),
+        wells=choice.wells,
+        draws=draws,
+        size_bytes=weights.stat().st_size,
+    )
     run.phase(f"export {name}", "done", started)
-    run.log(f"exported {name}: background shift {choice.shift:g} (foreground F1 {choice.f1.max():.3f}, "
-            f"{choice.f1[0]:.3f} without) on {len(choice.wells)} validation wells")
+    run.log(
+        f"exported {name}: background shift {choice.shift:g} (foreground F1 {choice.f1.max():.3f}, "
+        f"{choice.f1[0]:.3f} without) on {len(choice.wells)} validation wells"
+    )
     return folder
 
 
-def start_evaluation(run: Run, data: Data, settings: Settings, name: str, model_dir: Path) -> subprocess.Popen:
+def start_evaluation(
+    run: Run, data: Data, settings: Settings, name: str, model_dir: Path
+) -> subprocess.Popen:
     """Evaluate ``name`` on the test wells in a child process (see :func:`evaluate_worker`)."""
     folder = run.work / name / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    spec = dict(name=name, model_dir=str(model_dir), source=data.source, wells=[s.well for s in data.test],
-                folds=data.folds, draws=settings.draws if name == "concrete" else 0,
-                bandwidths=list(settings.bandwidths), thresholds=list(settings.thresholds),
-                fallback_grid=list(settings.fallback_grid), max_points=settings.max_points, device=settings.device,
-                deadline_unix=time.time() + run.left() - settings.pack_reserve_s, out=str(folder))
+    spec = dict(
+        name=name,
+        model_dir=str(model_dir),
+        source=data.source,
+        wells=[s.well for s in data.test],
+        folds=data.folds,
+        draws=settings.draws if name == "concrete" else 0,
+        bandwidths=list(settings.bandwidths),
+        thresholds=list(settings.thresholds),
+        fallback_grid=list(settings.fallback_grid),
+        max_points=settings.max_points,
+        device=settings.device,
+        deadline_unix=time.time() + run.left() - settings.pack_reserve_s,
+        out=str(folder),
+    )
     (folder / "spec.json").write_text(json.dumps(spec, indent=1))
-    env = dict(os.environ, MPLBACKEND="Agg",
-               PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = dict(
+        os.environ,
+        MPLBACKEND="Agg",
+        PYTHONPATH=os.pathsep.join(
+            [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    )
     run.log(f"evaluating {name} on {len(data.test)} test wells in a child process")
     run.summary["models"][name]["evaluation"] = dict(status="running", started_s=round(run.elapsed(), 1))
     run.save()
     with open(folder / "worker.log", "w") as log:
-        return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_evaluate", str(folder / "spec.json")],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        return subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "_evaluate", str(folder / "spec.json")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(REPO),
+        )
 
 
 def finish_evaluation(run: Run, settings: Settings, name: str, child: subprocess.Popen) -> None:
@@ -698,15 +866,22 @@ def finish_evaluation(run: Run, settings: Settings, name: str, child: subprocess
         rows = ", ".join(f"{r['name']} avAP {r['avAP']:.3f} AP50 {r['AP50']:.3f}" for r in info["rows"])
         run.log(f"evaluated {name}: {rows} ({info['seconds']:.0f} s)")
     else:
-        tail = (folder / "worker.log").read_text().strip().splitlines()[-3:] if (folder / "worker.log").is_file() else []
-        info.update(status="failed" if child.returncode not in (None, -15, -9) else "stopped",
-                    returncode=child.returncode, log_tail=tail)
+        tail = (
+            (folder / "worker.log").read_text().strip().splitlines()[-3:]
+            if (folder / "worker.log").is_file()
+            else []
+        )
+        info.update(
+            status="failed" if child.returncode not in (None, -15, -9) else "stopped",
+            returncode=child.returncode,
+            log_tail=tail,
+        )
         run.log(f"evaluation of {name} did not finish (exit {child.returncode}): {' | '.join(tail)}")
     run.phase(f"evaluate {name}", info["status"], started)
     write_model_zip(run, name)
 
 
-def balanced_subset(samples: Sequence["Sample"], folds: Sequence[Sequence[str]], n: int) -> list:
+def balanced_subset(samples: Sequence[Sample], folds: Sequence[Sequence[str]], n: int) -> list:
     """``n`` of ``samples`` taken from the folds in turn (each fold keeps at least one well).
 
     >>> from types import SimpleNamespace as S
@@ -762,19 +937,44 @@ def evaluate_worker(spec_path: str) -> int:
         per_well = (network_s + det_s + mc_s) * 1.3
         if len(samples) * per_well > 0.8 * left:  # not even one grid point for all wells: fewer wells
             samples = balanced_subset(samples, spec["folds"], max(2, int(0.8 * left / per_well)))
-    print(f"probe: network {network_s:.2f} s, segment {det_s:.2f} s, MC {mc_s:.2f} s per well; full grid "
-          f"~{estimate:.0f} s of {left:.0f} s left: grid {bandwidths} x {thresholds}, {len(samples)} of "
-          f"{len(spec['wells'])} wells", flush=True)
-    result = evaluate_model(model, samples, folds=spec["folds"], bandwidths=bandwidths, thresholds=thresholds,
-                            draws=draws, max_points=spec["max_points"], device=device, progress=False)
-    info = dict(command=f"scripts/gpu_run.py _evaluate ({spec['name']})", model=dict(name=spec["name"]),
-                data=spec["source"], device=str(device), wall_time_s=time.time() - started)
+    print(
+        f"probe: network {network_s:.2f} s, segment {det_s:.2f} s, MC {mc_s:.2f} s per well; full grid "
+        f"~{estimate:.0f} s of {left:.0f} s left: grid {bandwidths} x {thresholds}, {len(samples)} of "
+        f"{len(spec['wells'])} wells",
+        flush=True,
+    )
+    result = evaluate_model(
+        model,
+        samples,
+        folds=spec["folds"],
+        bandwidths=bandwidths,
+        thresholds=thresholds,
+        draws=draws,
+        max_points=spec["max_points"],
+        device=device,
+        progress=False,
+    )
+    info = dict(
+        command=f"scripts/gpu_run.py _evaluate ({spec['name']})",
+        model=dict(name=spec["name"]),
+        data=spec["source"],
+        device=str(device),
+        wall_time_s=time.time() - started,
+    )
     files = write_report(result, samples, spec["out"], info=info)
-    summary = dict(rows=[{k: v for k, v in row.items()} for row in result.rows],
-                   grid=dict(bandwidths=bandwidths, thresholds=thresholds, full_grid_estimate_s=round(estimate, 1)),
-                   choices=[dict(applied_to=c.applied_to, bandwidth=c.bandwidth, threshold=c.threshold)
-                            for c in result.tuning.choices],
-                   wells=len(samples), wells_planned=len(spec["wells"]), draws=draws, seconds=time.time() - started, files=[p.name for p in files])
+    summary = dict(
+        rows=[{k: v for k, v in row.items()} for row in result.rows],
+        grid=dict(bandwidths=bandwidths, thresholds=thresholds, full_grid_estimate_s=round(estimate, 1)),
+        choices=[
+            dict(applied_to=c.applied_to, bandwidth=c.bandwidth, threshold=c.threshold)
+            for c in result.tuning.choices
+        ],
+        wells=len(samples),
+        wells_planned=len(spec["wells"]),
+        draws=draws,
+        seconds=time.time() - started,
+        files=[p.name for p in files],
+    )
     Path(spec["out"], "worker.json").write_text(json.dumps(_json_safe(summary), indent=1))
     print(f"done in {summary['seconds']:.0f} s", flush=True)
     return 0
@@ -788,11 +988,15 @@ def write_model_zip(run: Run, name: str) -> None:
     from companion._io import atomic_write
 
     base = run.work / name
-    files = [p for p in sorted(base.rglob("*")) if p.is_file() and p.suffix in (".jsonl", ".json", ".csv", ".png", ".log")]
+    files = [
+        p
+        for p in sorted(base.rglob("*"))
+        if p.is_file() and p.suffix in (".jsonl", ".json", ".csv", ".png", ".log")
+    ]
     for skip_png in (False, True):
         chosen = [p for p in files if not (skip_png and p.suffix == ".png")]
 
-        def write(tmp: str) -> None:
+        def write(tmp: str, chosen: list[Path] = chosen) -> None:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
                 for path in chosen:
                     archive.write(path, path.relative_to(base))
@@ -807,42 +1011,68 @@ def check_out(run: Run) -> list[dict]:
     files = sorted(p for p in run.out.iterdir() if p.is_file())
     listing = [dict(name=p.name, bytes=p.stat().st_size) for p in files]
     if len(files) > MAX_OUT_FILES or any(f["bytes"] >= MAX_OUT_BYTES for f in listing):  # pragma: no cover
-        run.log(f"warning: {run.out} holds {len(files)} files, largest {max(f['bytes'] for f in listing) / 2**20:.1f} MiB "
-                f"(limits: {MAX_OUT_FILES} files under {MAX_OUT_BYTES / 2**20:.0f} MiB)")
+        run.log(
+            f"warning: {run.out} holds {len(files)} files, largest {max(f['bytes'] for f in listing) / 2**20:.1f} MiB "
+            f"(limits: {MAX_OUT_FILES} files under {MAX_OUT_BYTES / 2**20:.0f} MiB)"
+        )
     return listing
 
 
 def print_summary(run: Run) -> None:
     s = run.summary
-    lines = ["", "=" * 78, f"gpu_run summary ({s.get('status')}, {run.elapsed():.0f} s of {run.budget_s:.0f} s, "
-             f"{s.get('environment', {}).get('device_name')})"]
+    lines = [
+        "",
+        "=" * 78,
+        f"gpu_run summary ({s.get('status')}, {run.elapsed():.0f} s of {run.budget_s:.0f} s, "
+        f"{s.get('environment', {}).get('device_name')})",
+    ]
     bench = s.get("benchmarks", {})
     if "augmentation" in bench:
         aug = bench["augmentation"]
-        lines.append("augmentation crops/s: " + ", ".join(f"{k.replace('_crops_per_s', '')} {v:.1f}"
-                                                           for k, v in aug.items() if k.endswith("crops_per_s")))
+        lines.append(
+            "augmentation crops/s: "
+            + ", ".join(
+                f"{k.replace('_crops_per_s', '')} {v:.1f}"
+                for k, v in aug.items()
+                if k.endswith("crops_per_s")
+            )
+        )
     if "training" in bench:
         tr = bench["training"]
-        lines.append(f"training it/s at batch {tr['chosen_batch']}: mixed {tr['mixed_it_per_s']:.2f}"
-                     + (f", fp32 {tr['fp32_it_per_s']:.2f} ({tr['speedup_mixed_over_fp32']:.2f}x)" if "fp32_it_per_s" in tr else ""))
+        lines.append(
+            f"training it/s at batch {tr['chosen_batch']}: mixed {tr['mixed_it_per_s']:.2f}"
+            + (
+                f", fp32 {tr['fp32_it_per_s']:.2f} ({tr['speedup_mixed_over_fp32']:.2f}x)"
+                if "fp32_it_per_s" in tr
+                else ""
+            )
+        )
     if "mc_sampling" in bench:
         mc = bench["mc_sampling"]
-        lines.append(f"MC {mc['draws']} draws: batched {mc['batched_s']:.3f} s, sequential {mc['sequential_s']:.3f} s "
-                     f"({mc['speedup']:.2f}x)")
+        lines.append(
+            f"MC {mc['draws']} draws: batched {mc['batched_s']:.3f} s, sequential {mc['sequential_s']:.3f} s "
+            f"({mc['speedup']:.2f}x)"
+        )
     for name, model in s.get("models", {}).items():
         tr, ex, ev = model.get("training", {}), model.get("export", {}), model.get("evaluation", {})
         if "iterations" in tr:
-            lines.append(f"{name}: {tr['iterations']} iterations x {tr['batch_size']} crops in {tr['seconds']:.0f} s"
-                         + (" (stopped early)" if tr.get("stopped_early") else "")
-                         + (f", shift {ex['background_shift']:g}" if ex else ""))
+            lines.append(
+                f"{name}: {tr['iterations']} iterations x {tr['batch_size']} crops in {tr['seconds']:.0f} s"
+                + (" (stopped early)" if tr.get("stopped_early") else "")
+                + (f", shift {ex['background_shift']:g}" if ex else "")
+            )
         for row in ev.get("rows", []):
-            lines.append(f"  {row['name']:<14} avAP {row['avAP']:.3f}  AP50 {row['AP50']:.3f}  AP75 {row['AP75']:.3f}")
+            lines.append(
+                f"  {row['name']:<14} avAP {row['avAP']:.3f}  AP50 {row['AP50']:.3f}  AP75 {row['AP75']:.3f}"
+            )
         if ev and ev.get("status") != "done":
             lines.append(f"  evaluation: {ev.get('status')}")
     skipped = [k for k, v in s.get("phases", {}).items() if v.get("status") != "done"]
     if skipped:
         lines.append("not done: " + ", ".join(f"{k} ({s['phases'][k]['status']})" for k in skipped))
-    lines.append("files: " + ", ".join(f"{f['name']} ({f['bytes'] / 2**20:.1f} MiB)" for f in s.get("files", [])))
+    lines.append(
+        "files: " + ", ".join(f"{f['name']} ({f['bytes'] / 2**20:.1f} MiB)" for f in s.get("files", []))
+    )
     lines.append("=" * 78)
     for line in lines:
         run.log(line)
@@ -856,11 +1086,20 @@ def _environment(device: str) -> dict:
 
     import torch
 
-    info = dict(python=platform.python_version(), torch=str(torch.__version__), cpu_count=os.cpu_count(),
-                device=device, device_name=torch.cuda.get_device_name(0) if torch.cuda.is_available() and device.startswith("cuda") else "CPU")
+    info = dict(
+        python=platform.python_version(),
+        torch=str(torch.__version__),
+        cpu_count=os.cpu_count(),
+        device=device,
+        device_name=torch.cuda.get_device_name(0)
+        if torch.cuda.is_available() and device.startswith("cuda")
+        else "CPU",
+    )
     if info["device_name"] != "CPU":
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu_memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}")
+        info.update(
+            gpu_memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}"
+        )
     return info
 
 
@@ -871,19 +1110,31 @@ def _terminate(signum, frame) -> None:  # a SIGTERM from outside: unwind, keep w
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark, train, export and evaluate the baseline and the Concrete Dropout model on one "
-                    "GPU within a time budget (`gpu_run.py pack ...` builds the data archive first).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "GPU within a time budget (`gpu_run.py pack ...` builds the data archive first).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for the (at most 8) result files")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock seconds for everything")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny network, few iterations, 2-3 wells, 2 draws: an end-to-end check on the CPU")
-    parser.add_argument("--pack", type=Path, default=None,
-                        help=f"data archive (default {DEFAULT_PACK.relative_to(REPO)}; with --smoke and no "
-                             f"archive: synthetic worms)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny network, few iterations, 2-3 wells, 2 draws: an end-to-end check on the CPU",
+    )
+    parser.add_argument(
+        "--pack",
+        type=Path,
+        default=None,
+        help=f"data archive (default {DEFAULT_PACK.relative_to(REPO)}; with --smoke and no "
+        f"archive: synthetic worms)",
+    )
     parser.add_argument("--synthetic", action="store_true", help="synthetic worms even if an archive exists")
     parser.add_argument("--device", default=None, help="default: cuda when present (cpu with --smoke)")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="folder for checkpoints and evaluation files (default: a new temporary folder)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for checkpoints and evaluation files (default: a new temporary folder)",
+    )
     return parser
 
 
@@ -901,8 +1152,11 @@ def main(argv: Sequence[str] | None = None, *, started: float | None = None) -> 
     pack = None if args.synthetic else (args.pack or DEFAULT_PACK)
     if pack is not None and not pack.is_file():
         if args.pack is not None or not args.smoke:
-            print(f"error: no data archive at {pack}: build it with `python scripts/gpu_run.py pack --data-root "
-                  f"DIR --out {pack}` (or pass --smoke for synthetic worms)", file=sys.stderr)
+            print(
+                f"error: no data archive at {pack}: build it with `python scripts/gpu_run.py pack --data-root "
+                f"DIR --out {pack}` (or pass --smoke for synthetic worms)",
+                file=sys.stderr,
+            )
             return 2
         pack = None
     args.out.mkdir(parents=True, exist_ok=True)
@@ -911,16 +1165,26 @@ def main(argv: Sequence[str] | None = None, *, started: float | None = None) -> 
         return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_run_"))
     run = Run(args.out, work, args.budget_s, started if started is not None else time.monotonic())
-    run.summary.update(status="running", smoke=args.smoke, budget_s=args.budget_s, work=str(work),
-                       environment=_environment(device))
+    run.summary.update(
+        status="running",
+        smoke=args.smoke,
+        budget_s=args.budget_s,
+        work=str(work),
+        environment=_environment(device),
+    )
     previous = signal.signal(signal.SIGTERM, _terminate)
     children: dict[str, subprocess.Popen] = {}
     try:
-        run.log(f"gpu_run on {run.summary['environment']['device_name']} (torch {torch.__version__}), budget "
-                f"{args.budget_s:.0f} s, work folder {work}")
+        run.log(
+            f"gpu_run on {run.summary['environment']['device_name']} (torch {torch.__version__}), budget "
+            f"{args.budget_s:.0f} s, work folder {work}"
+        )
         _run_phases(run, settings, pack, children)
-        run.summary["status"] = "complete" if all(
-            v.get("status") == "done" for v in run.summary.get("phases", {}).values()) else "partial"
+        run.summary["status"] = (
+            "complete"
+            if all(v.get("status") == "done" for v in run.summary.get("phases", {}).values())
+            else "partial"
+        )
     except SystemExit:
         run.summary["status"] = "terminated"
         raise
@@ -928,7 +1192,7 @@ def main(argv: Sequence[str] | None = None, *, started: float | None = None) -> 
         run.summary.update(status="failed", error=f"{type(err).__name__}: {err}")
         run.log(f"error: {type(err).__name__}: {err}")
     finally:
-        for name, child in children.items():
+        for child in children.values():
             if child.poll() is None:
                 child.kill()
                 child.wait()
@@ -949,10 +1213,16 @@ def _run_phases(run: Run, settings: Settings, pack: Path | None, children: dict)
     # after the Concrete model's training: its export, its evaluation and the packing (the
     # baseline's export comes between the trainings, its evaluation overlaps the second one)
     tail = settings.export_reserve_s + settings.eval_reserve_s + settings.pack_reserve_s
-    run.summary["plan"] = dict(per_model_training_s=round((run.left() - tail - settings.export_reserve_s) / 2, 1),
-                               reserved_tail_s=tail, batch=batch, it_per_s=it_per_s)
+    run.summary["plan"] = dict(
+        per_model_training_s=round((run.left() - tail - settings.export_reserve_s) / 2, 1),
+        reserved_tail_s=tail,
+        batch=batch,
+        it_per_s=it_per_s,
+    )
     for name in MODELS:
-        seconds = (run.left() - tail - settings.export_reserve_s) / 2 if name == MODELS[0] else run.left() - tail
+        seconds = (
+            (run.left() - tail - settings.export_reserve_s) / 2 if name == MODELS[0] else run.left() - tail
+        )
         if seconds < settings.min_train_s:
             run.skip(f"train {name}", settings.min_train_s + tail)
             continue

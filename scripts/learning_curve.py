@@ -12,20 +12,21 @@ and segmented with per-component clustering over a small grid (2-fold, as the ev
 the run's ``log.jsonl`` gives the wall-clock minutes and loss terms at that iteration. Writes
 ``curves.csv`` and ``curves.png`` (one row of panels: val avAP, val AP50, var and dist terms).
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
 import io
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="training run folders")
     parser.add_argument("--out", type=Path, required=True, help="folder for curves.csv and curves.png")
     parser.add_argument("--bandwidths", type=float, nargs="+", default=[2.0, 3.0])
@@ -34,9 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-points", type=int, default=8000)
     parser.add_argument("--wells", nargs="+", default=None, help="default: companion.data.VAL_WELLS")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--start-minutes", type=float, nargs="+", default=None,
-                        help="CPU minutes spent before each run's first iteration (its earlier training "
-                             "stages), one per --runs entry; added to cpu_minutes (default: 0)")
+    parser.add_argument(
+        "--start-minutes",
+        type=float,
+        nargs="+",
+        default=None,
+        help="CPU minutes spent before each run's first iteration (its earlier training "
+        "stages), one per --runs entry; added to cpu_minutes (default: 0)",
+    )
     return parser
 
 
@@ -75,15 +81,33 @@ def snapshot_rows(run: Path, samples, args, start_minutes: float = 0.0) -> list[
         # short run under-predicts worms; a background-logit shift fixes most of it)
         shift = choose_background_shift(model, samples[:5], progress=False).shift
         shift_background_logit(model, shift)
-        result = evaluate_model(model, samples, folds=[wells[0::2], wells[1::2]], draws=0,
-                                bandwidths=args.bandwidths, thresholds=args.thresholds,
-                                clustering=args.clustering, max_points=args.max_points, progress=False)
+        result = evaluate_model(
+            model,
+            samples,
+            folds=[wells[0::2], wells[1::2]],
+            draws=0,
+            bandwidths=args.bandwidths,
+            thresholds=args.thresholds,
+            clustering=args.clustering,
+            max_points=args.max_points,
+            progress=False,
+        )
         minutes, record = _minutes_at(log, iteration)
-        row = dict(run=run.name, iteration=iteration, cpu_minutes=round(start_minutes + minutes, 1), background_shift=shift,
-                   val_avAP=result.rows[0]["avAP"], val_AP50=result.rows[0]["AP50"],
-                   var=record.get("var"), dist=record.get("dist"), ce=record.get("ce"))
-        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-              flush=True)
+        row = dict(
+            run=run.name,
+            iteration=iteration,
+            cpu_minutes=round(start_minutes + minutes, 1),
+            background_shift=shift,
+            val_avAP=result.rows[0]["avAP"],
+            val_AP50=result.rows[0]["AP50"],
+            var=record.get("var"),
+            dist=record.get("dist"),
+            ce=record.get("ce"),
+        )
+        print(
+            " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+            flush=True,
+        )
         rows.append(row)
     return rows
 

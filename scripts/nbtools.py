@@ -12,6 +12,7 @@ Usage from a throw-away generator script::
         ("code", "import companion ..."),
     ])
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,13 @@ def _cell(kind: str, source: str, tags: list[str] | None = None) -> dict:
     if kind == "md":
         return {"cell_type": "markdown", "metadata": meta, "source": source}
     if kind == "code":
-        return {"cell_type": "code", "metadata": meta, "source": source,
-                "execution_count": None, "outputs": []}
+        return {
+            "cell_type": "code",
+            "metadata": meta,
+            "source": source,
+            "execution_count": None,
+            "outputs": [],
+        }
     raise ValueError(f"cell kind must be 'md' or 'code', got {kind!r}")
 
 
@@ -80,7 +86,7 @@ def write_chapter(path: str | os.PathLike, cells: list[tuple], *, colab_cell: bo
     if colab_cell:
         title = body[:1] if body and body[0]["cell_type"] == "markdown" else []
         setup = _cell("code", setup_cell_source(config_repository()), ["hide-input"])
-        body = title + [setup] + body[len(title):]
+        body = title + [setup] + body[len(title) :]
     nb = {
         "cells": body,
         "metadata": {
@@ -133,8 +139,9 @@ def config_repository(config: str | os.PathLike = "_config.yml") -> str:
     return lines[i].split("url:", 1)[1].split(" #", 1)[0].strip().strip("\"'")
 
 
-def set_repository(url: str, book_dir: str | os.PathLike = "book",
-                   config: str | os.PathLike | None = "_config.yml") -> int:
+def set_repository(
+    url: str, book_dir: str | os.PathLike = "book", config: str | os.PathLike | None = "_config.yml"
+) -> int:
     """Point the book at the repository ``url``; returns the number of chapters changed.
 
     Rewrites ``repository.url`` in ``config`` (the Colab launch button's repository; ``None``
@@ -168,8 +175,9 @@ def set_repository(url: str, book_dir: str | os.PathLike = "book",
     return changed
 
 
-def refresh_setup_cells(book_dir: str | os.PathLike = "book",
-                        config: str | os.PathLike = "_config.yml") -> int:
+def refresh_setup_cells(
+    book_dir: str | os.PathLike = "book", config: str | os.PathLike = "_config.yml"
+) -> int:
     """Make every chapter's first code cell the current :data:`COLAB_CELL`, installing from
     ``config``'s repository; returns the number changed. Cell metadata (tags) is kept."""
     cell = setup_cell_source(config_repository(config))
@@ -198,12 +206,17 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strip", nargs="*", default=[], help="notebooks to strip of outputs")
-    parser.add_argument("--set-repo", metavar="URL",
-                        help="point _config.yml's repository.url and every chapter's set-up cell at URL")
-    parser.add_argument("--root", default=".",
-                        help="the book's root: _config.yml and book/ (default: the current directory)")
-    parser.add_argument("--refresh-setup", action="store_true",
-                        help="rewrite every chapter's set-up cell from COLAB_CELL")
+    parser.add_argument(
+        "--set-repo",
+        metavar="URL",
+        help="point _config.yml's repository.url and every chapter's set-up cell at URL",
+    )
+    parser.add_argument(
+        "--root", default=".", help="the book's root: _config.yml and book/ (default: the current directory)"
+    )
+    parser.add_argument(
+        "--refresh-setup", action="store_true", help="rewrite every chapter's set-up cell from COLAB_CELL"
+    )
     args = parser.parse_args()
     for p in args.strip:
         strip_outputs(p)
@@ -215,5 +228,7 @@ if __name__ == "__main__":
             sys.exit(f"nbtools: {err}")
         print(f"repository {args.set_repo.rstrip('/')}: _config.yml and {n} chapters updated")
     if args.refresh_setup:
-        print(f"refreshed the set-up cell of {refresh_setup_cells(root / 'book', root / '_config.yml')} chapters")
+        print(
+            f"refreshed the set-up cell of {refresh_setup_cells(root / 'book', root / '_config.yml')} chapters"
+        )
     sys.exit(0)

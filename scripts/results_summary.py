@@ -8,12 +8,13 @@ Every number in the file comes from ``results/<name>/results.json`` (written by
 ``python -m companion evaluate``), ``companion/pretrained/<name>.json`` (written by
 ``scripts/export_pretrained.py``) or :data:`companion.paper.TABLE1`; re-run it after a new evaluation.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,14 +37,20 @@ def _figure2_and_table2_lines(results_dir: Path) -> list[str]:
     lines = []
     at = [r for r in doc.get("pavpu") or [] if abs(r["threshold"] - FIGURE2_AT_005["threshold"]) < 1e-9]
     if at and at[0]["p_uncertain_given_inaccurate"] is not None:
-        lines += ["", f"Figure 2 at entropy {FIGURE2_AT_005['threshold']}: p(uncertain | inaccurate) = "
-                      f"{at[0]['p_uncertain_given_inaccurate']:.3f} (paper: "
-                      f"{FIGURE2_AT_005['p_uncertain_given_inaccurate']:.3f}), PAvPU = {at[0]['pavpu']:.3f}."]
+        lines += [
+            "",
+            f"Figure 2 at entropy {FIGURE2_AT_005['threshold']}: p(uncertain | inaccurate) = "
+            f"{at[0]['p_uncertain_given_inaccurate']:.3f} (paper: "
+            f"{FIGURE2_AT_005['p_uncertain_given_inaccurate']:.3f}), PAvPU = {at[0]['pavpu']:.3f}.",
+        ]
     rows = doc.get("proofreading") or []
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        lines += ["", f"Table 2 (simulated guided proofreading, concrete): avAP {first['avAP']:.3f} with "
-                      f"{first['n_corrections']} corrections, {last['avAP']:.3f} with {last['n_corrections']}."]
+        lines += [
+            "",
+            f"Table 2 (simulated guided proofreading, concrete): avAP {first['avAP']:.3f} with "
+            f"{first['n_corrections']} corrections, {last['avAP']:.3f} with {last['n_corrections']}.",
+        ]
     return lines
 
 
@@ -52,11 +59,17 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
     from companion import pretrained
     from companion.paper import TABLE1, TABLE1_KEYS
 
-    lines = ["# Evaluation of the shipped models on the BBBC010 test wells", "",
-             "Written by `python scripts/results_summary.py` from the files in this folder (each folder's",
-             "`results.json` comes from `python -m companion evaluate --pretrained <name> --out results/<name>`).",
-             "", "## Table 1", "",
-             "| model | " + " | ".join(TABLE1_KEYS) + " |", "|---|" + "---|" * len(TABLE1_KEYS)]
+    lines = [
+        "# Evaluation of the shipped models on the BBBC010 test wells",
+        "",
+        "Written by `python scripts/results_summary.py` from the files in this folder (each folder's",
+        "`results.json` comes from `python -m companion evaluate --pretrained <name> --out results/<name>`).",
+        "",
+        "## Table 1",
+        "",
+        "| model | " + " | ".join(TABLE1_KEYS) + " |",
+        "|---|" + "---|" * len(TABLE1_KEYS),
+    ]
     budgets = []
     for name in ("concrete", "baseline"):
         for folder, clustering in ((name, ""), (f"{name}_components", ", per-component clustering")):
@@ -65,25 +78,37 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
             except FileNotFoundError:
                 continue
             for row in doc["rows"]:
-                label = {"mc": f"ours, {name}: {doc['settings']['draws']} MC draws agglomerated, p >= "
-                               f"{doc['settings']['binarize_at']}",
-                         "deterministic": f"ours, {name}: one deterministic pass"}[row["name"]]
+                label = {
+                    "mc": f"ours, {name}: {doc['settings']['draws']} MC draws agglomerated, p >= "
+                    f"{doc['settings']['binarize_at']}",
+                    "deterministic": f"ours, {name}: one deterministic pass",
+                }[row["name"]]
                 lines.append(_metrics_line(label + clustering, row))
             if not clustering:
-                budgets.append(f"* {pretrained.training_budget(name, pretrained_dir)}; evaluated on "
-                               f"{len(doc['wells'])} test wells (skipped as incomplete: "
-                               f"{', '.join(doc.get('skipped_wells') or []) or 'none'}).")
+                budgets.append(
+                    f"* {pretrained.training_budget(name, pretrained_dir)}; evaluated on "
+                    f"{len(doc['wells'])} test wells (skipped as incomplete: "
+                    f"{', '.join(doc.get('skipped_wells') or []) or 'none'})."
+                )
     for name in ("concrete", "baseline"):
         lines.append(_metrics_line(f"paper, {name}", TABLE1[name]))
     lines += _figure2_and_table2_lines(results_dir)
-    lines += ["", "Training budgets (the paper: 800 000 iterations of 2 crops of 512 x 512 on a GPU):", "",
-              *budgets, "", "Rows without a clustering note use the paper's global mean-shift, its bandwidth and",
-              "threshold chosen by 2-fold cross-validation on the test folds. Per-component rows",
-              "(`*_components/`, not in the paper) use the bandwidth and threshold chosen on the validation wells",
-              "(`companion.data.VAL_WELLS`), so no test well took part in their choice.",
-              "", "Per-image numbers: `*/per_image.csv`; the choice of bandwidth and",
-              "threshold: `*/tuning.csv`; the Figure 2 curves: `concrete/pavpu.csv` and `concrete/pavpu.png`;",
-              "Table 2 (simulated proofreading): `concrete/proofreading.csv`.", ""]
+    lines += [
+        "",
+        "Training budgets (the paper: 800 000 iterations of 2 crops of 512 x 512 on a GPU):",
+        "",
+        *budgets,
+        "",
+        "Rows without a clustering note use the paper's global mean-shift, its bandwidth and",
+        "threshold chosen by 2-fold cross-validation on the test folds. Per-component rows",
+        "(`*_components/`, not in the paper) use the bandwidth and threshold chosen on the validation wells",
+        "(`companion.data.VAL_WELLS`), so no test well took part in their choice.",
+        "",
+        "Per-image numbers: `*/per_image.csv`; the choice of bandwidth and",
+        "threshold: `*/tuning.csv`; the Figure 2 curves: `concrete/pavpu.csv` and `concrete/pavpu.png`;",
+        "Table 2 (simulated proofreading): `concrete/proofreading.csv`.",
+        "",
+    ]
     return "\n".join(lines)
 
 

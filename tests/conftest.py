@@ -1,4 +1,5 @@
 """Shared fixtures: the real BBBC010 copy (skipped with a reason when absent) and seeds."""
+
 from __future__ import annotations
 
 import os

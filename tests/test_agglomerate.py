@@ -1,4 +1,5 @@
 """Tests of companion.agglomerate: matching Monte-Carlo instance draws into probability maps."""
+
 from __future__ import annotations
 
 import itertools
@@ -12,8 +13,8 @@ from companion.agglomerate import (
     Agglomeration,
     agglomerate,
     binarize,
-    binarized_indices,
     binarize_with_scores,
+    binarized_indices,
     instance_scores,
     match_instances,
     soft_iou_matrix,
@@ -29,8 +30,9 @@ def random_worms(rng: np.random.Generator, n: int, shape=SHAPE) -> np.ndarray:
     masks = np.zeros((n, *shape), bool)
     for k in range(n):
         r, c = rng.uniform(8, shape[0] - 8), rng.uniform(8, shape[1] - 8)
-        rr, cc = ellipse(r, c, rng.uniform(2, 4), rng.uniform(8, 14), shape=shape,
-                         rotation=rng.uniform(0, np.pi))
+        rr, cc = ellipse(
+            r, c, rng.uniform(2, 4), rng.uniform(8, 14), shape=shape, rotation=rng.uniform(0, np.pi)
+        )
         masks[k, rr, cc] = True
     return masks
 
@@ -38,8 +40,10 @@ def random_worms(rng: np.random.Generator, n: int, shape=SHAPE) -> np.ndarray:
 def random_draws(seed: int, n_draws: int = 4, n_worms: int = 4, p_split: float = 0.2) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     gt = random_worms(rng, n_worms)
-    return [perturb_instances(gt, rng, max_radius=1, p_split=p_split, p_merge=0.2, p_drop=0.15)
-            for _ in range(n_draws)]
+    return [
+        perturb_instances(gt, rng, max_radius=1, p_split=p_split, p_merge=0.2, p_drop=0.15)
+        for _ in range(n_draws)
+    ]
 
 
 def same_instances_any_order(a: np.ndarray, b: np.ndarray) -> bool:
@@ -56,6 +60,7 @@ def same_instances_any_order(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 # --- reference implementation: plain loops, brute-force assignment -------------------------
+
 
 def naive_soft_iou(p: np.ndarray, m: np.ndarray) -> float:
     union = np.maximum(p, m).sum()
@@ -104,6 +109,7 @@ def naive_agglomerate(draws, min_iou):
 
 # --- soft IoU -------------------------------------------------------------------------------
 
+
 def test_soft_iou_matches_loops_for_soft_and_binary_masks(rng):
     for _ in range(5):
         soft = rng.random((3, 10, 12)) * (rng.random((3, 10, 12)) < 0.5)
@@ -129,6 +135,7 @@ def test_soft_iou_rejects_mismatched_shapes():
 
 # --- one matching step ---------------------------------------------------------------------
 
+
 def test_match_instances_is_the_best_assignment_above_min_iou():
     for seed in range(10):
         rng = np.random.default_rng(seed)
@@ -151,6 +158,7 @@ def test_match_instances_with_nothing_to_match():
 
 
 # --- agglomerate: properties ----------------------------------------------------------------
+
 
 def test_agglomerate_matches_bruteforce_reference():
     for seed in range(12):
@@ -247,6 +255,7 @@ def test_invalid_draws_are_rejected():
 
 # --- binarize, entropy --------------------------------------------------------------------
 
+
 def test_binarize_thresholds_and_drops_empty_instances(rng):
     probs = rng.random((6, 9, 11)).astype(np.float32)
     probs[2] *= 0.5  # no pixel reaches 0.75
@@ -277,6 +286,7 @@ def test_bernoulli_entropy_matches_scipy(rng):
 
 # --- perturb_instances (teaching device) ----------------------------------------------------
 
+
 def test_perturb_without_perturbations_is_the_identity(rng):
     masks = random_worms(rng, 5)
     same = perturb_instances(masks, rng, max_radius=0, p_split=0, p_merge=0, p_drop=0)
@@ -299,7 +309,7 @@ def test_perturb_drop_split_and_merge(rng):
     split = perturb_instances(masks, rng, max_radius=0, p_split=1.0, p_merge=0, p_drop=0)
     assert len(split) == 2 * len(masks)
     for k in range(len(masks)):  # halves are disjoint and reassemble the worm
-        halves = split[2 * k: 2 * k + 2]
+        halves = split[2 * k : 2 * k + 2]
         assert not (halves[0] & halves[1]).any()
         np.testing.assert_array_equal(halves[0] | halves[1], masks[k])
     touching = np.zeros((2, *SHAPE), bool)
@@ -310,14 +320,16 @@ def test_perturb_drop_split_and_merge(rng):
     apart = touching.copy()
     apart[1] = np.roll(apart[1], 10, axis=1)  # a 10-pixel gap: nothing to merge with
     np.testing.assert_array_equal(
-        perturb_instances(apart, rng, max_radius=0, p_split=0, p_merge=1.0, p_drop=0), apart)
+        perturb_instances(apart, rng, max_radius=0, p_split=0, p_merge=1.0, p_drop=0), apart
+    )
 
 
 def test_perturb_dilation_and_erosion_stay_near_the_original(rng):
     masks = random_worms(rng, 3)
     for seed in range(4):
-        draw = perturb_instances(masks, np.random.default_rng(seed), max_radius=2,
-                                 p_split=0, p_merge=0, p_drop=0)
+        draw = perturb_instances(
+            masks, np.random.default_rng(seed), max_radius=2, p_split=0, p_merge=0, p_drop=0
+        )
         for original, changed in zip(masks, draw):
             grown = ndimage.binary_dilation(original, iterations=2)
             shrunk = ndimage.binary_erosion(original, iterations=2)

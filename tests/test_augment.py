@@ -1,6 +1,6 @@
 """Tests of companion.augment: geometry against references, mask consistency, dataset and speed."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -8,9 +8,16 @@ import torch
 from scipy import ndimage
 
 from companion.augment import (
-    MIN_PIXELS, WormCropDataset, augment_sample, collate_crops, elastic_displacement, encode_masks,
+    MIN_PIXELS,
+    WormCropDataset,
+    _bilinear,
+    _pad_channels_last,
+    _sample_masks,
+    augment_sample,
+    collate_crops,
+    elastic_displacement,
+    encode_masks,
 )
-from companion.augment import _bilinear, _pad_channels_last, _sample_masks
 from companion.synthetic import make_dataset, make_sample
 from companion.targets import three_class_target
 
@@ -25,8 +32,12 @@ def sample():
 def _find_window(big: np.ndarray, small: np.ndarray) -> list[tuple[int, int]]:
     """All (y, x) where ``small`` (C, h, w) equals a window of ``big`` (brute force)."""
     _, h, w = small.shape
-    return [(y, x) for y in range(big.shape[1] - h + 1) for x in range(big.shape[2] - w + 1)
-            if np.array_equal(big[:, y:y + h, x:x + w], small)]
+    return [
+        (y, x)
+        for y in range(big.shape[1] - h + 1)
+        for x in range(big.shape[2] - w + 1)
+        if np.array_equal(big[:, y : y + h, x : x + w], small)
+    ]
 
 
 def test_bilinear_matches_scipy():
@@ -35,13 +46,22 @@ def test_bilinear_matches_scipy():
     cy = rng.uniform(-4, 24, (50, 60)).astype(np.float32)
     cx = rng.uniform(-4, 34, (50, 60)).astype(np.float32)
     ours = _bilinear(_pad_channels_last(image), image.shape[1:], cy, cx)
-    ref = np.stack([ndimage.map_coordinates(c, [cy, cx], order=1, mode="grid-constant", cval=0.0) for c in image])
+    ref = np.stack(
+        [ndimage.map_coordinates(c, [cy, cx], order=1, mode="grid-constant", cval=0.0) for c in image]
+    )
     np.testing.assert_allclose(ours, ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("k, words_shape, dtype", [(0, (1, 99), np.uint8), (8, (1, 99), np.uint8),
-                                                   (15, (1, 99), np.uint16), (33, (1, 99), np.uint64),
-                                                   (70, (2, 99), np.uint64)])
+@pytest.mark.parametrize(
+    "k, words_shape, dtype",
+    [
+        (0, (1, 99), np.uint8),
+        (8, (1, 99), np.uint8),
+        (15, (1, 99), np.uint16),
+        (33, (1, 99), np.uint64),
+        (70, (2, 99), np.uint64),
+    ],
+)
 def test_mask_encoding_roundtrip(k, words_shape, dtype):
     rng = np.random.default_rng(1)
     masks = rng.random((k, 9, 11)) < 0.3
@@ -54,29 +74,42 @@ def test_mask_encoding_roundtrip(k, words_shape, dtype):
 
 
 def test_plain_crop_is_a_window(sample):
-    image, masks = augment_sample(sample.image, sample.instances, np.random.default_rng(3), crop_size=(40, 56), **OFF)
+    image, masks = augment_sample(
+        sample.image, sample.instances, np.random.default_rng(3), crop_size=(40, 56), **OFF
+    )
     assert image.shape == (2, 40, 56) and image.dtype == np.float32
-    (y, x), = _find_window(sample.image, image)
-    window = sample.instances[:, y:y + 40, x:x + 56]
-    expected = window[window.reshape(len(window), -1).sum(1) >= MIN_PIXELS]  # left or tiny instances are dropped
+    ((y, x),) = _find_window(sample.image, image)
+    window = sample.instances[:, y : y + 40, x : x + 56]
+    expected = window[
+        window.reshape(len(window), -1).sum(1) >= MIN_PIXELS
+    ]  # left or tiny instances are dropped
     np.testing.assert_array_equal(masks, expected)
 
 
 def test_crop_larger_than_image_is_zero_padded(sample):
-    image, masks = augment_sample(sample.image, sample.instances, np.random.default_rng(0), crop_size=160, **OFF)
+    image, masks = augment_sample(
+        sample.image, sample.instances, np.random.default_rng(0), crop_size=160, **OFF
+    )
     assert image.shape == (2, 160, 160)
-    (y, x), = [w for w in _find_window(image, sample.image)]
+    ((y, x),) = [w for w in _find_window(image, sample.image)]
     padding = np.ones(image.shape[1:], bool)
-    padding[y:y + 96, x:x + 128] = False
+    padding[y : y + 96, x : x + 128] = False
     assert not image[:, padding].any() and not masks[:, padding].any()
-    np.testing.assert_array_equal(masks[:, y:y + 96, x:x + 128], sample.instances)
+    np.testing.assert_array_equal(masks[:, y : y + 96, x : x + 128], sample.instances)
 
 
 def test_flip_gives_one_of_four_flips(sample):
     seen = set()
     for seed in range(12):
-        image, masks = augment_sample(sample.image, sample.instances, np.random.default_rng(seed),
-                                      crop_size=(96, 128), rotate=False, elastic=False, flip=True)
+        image, masks = augment_sample(
+            sample.image,
+            sample.instances,
+            np.random.default_rng(seed),
+            crop_size=(96, 128),
+            rotate=False,
+            elastic=False,
+            flip=True,
+        )
         for code, (fy, fx) in enumerate([(1, 1), (1, -1), (-1, 1), (-1, -1)]):
             if np.array_equal(image, sample.image[:, ::fy, ::fx]):
                 np.testing.assert_array_equal(masks, sample.instances[:, ::fy, ::fx])
@@ -90,12 +123,22 @@ def test_flip_gives_one_of_four_flips(sample):
 def test_rotation_preserves_area_and_is_random():
     disk = np.zeros((1, 80, 80), bool)
     yy, xx = np.mgrid[0:80, 0:80]
-    disk[0] = (yy - 39.5) ** 2 + (xx - 39.5) ** 2 <= 15 ** 2
+    disk[0] = (yy - 39.5) ** 2 + (xx - 39.5) ** 2 <= 15**2
     bar = np.zeros((1, 80, 80), bool)
     bar[0, 38:42, 10:70] = True
     image = np.stack([disk[0], bar[0]]).astype(np.float32)
-    outs = [augment_sample(image, np.concatenate([disk, bar]), np.random.default_rng(s), crop_size=80,
-                           rotate=True, flip=False, elastic=False) for s in range(4)]
+    outs = [
+        augment_sample(
+            image,
+            np.concatenate([disk, bar]),
+            np.random.default_rng(s),
+            crop_size=80,
+            rotate=True,
+            flip=False,
+            elastic=False,
+        )
+        for s in range(4)
+    ]
     for img, masks in outs:
         assert masks.dtype == bool and len(masks) == 2
         assert abs(int(masks[0].sum()) - int(disk.sum())) <= 0.03 * disk.sum()
@@ -108,8 +151,9 @@ def test_rotation_preserves_area_and_is_random():
 def test_image_and_masks_move_together(sample, seed):
     union = sample.instances.any(0).astype(np.float32)
     image = np.stack([union, sample.image[1]])
-    out_image, masks = augment_sample(image, sample.instances, np.random.default_rng(seed), crop_size=(64, 80),
-                                      min_pixels=0)
+    out_image, masks = augment_sample(
+        image, sample.instances, np.random.default_rng(seed), crop_size=(64, 80), min_pixels=0
+    )
     assert len(masks) == len(sample.instances)
     predicted, actual = out_image[0] > 0.5, masks.any(0)
     iou = (predicted & actual).sum() / max((predicted | actual).sum(), 1)
@@ -132,7 +176,9 @@ def test_tiny_instances_are_dropped():
     image = np.zeros((2, 32, 32), np.float32)
     _, kept = augment_sample(image, instances, np.random.default_rng(0), crop_size=32, **OFF)
     np.testing.assert_array_equal(kept, instances[1:])
-    _, all_kept = augment_sample(image, instances, np.random.default_rng(0), crop_size=32, min_pixels=1, **OFF)
+    _, all_kept = augment_sample(
+        image, instances, np.random.default_rng(0), crop_size=32, min_pixels=1, **OFF
+    )
     np.testing.assert_array_equal(all_kept, instances)
     _, none = augment_sample(image, instances[:0], np.random.default_rng(0), crop_size=16)
     assert none.shape == (0, 16, 16)
@@ -190,8 +236,9 @@ def test_dataset_without_augmentation_is_plain_crops():
 def test_dataloader_workers_reproduce_direct_indexing():
     samples = make_dataset(2, seed=1, shape=(48, 48))
     ds = WormCropDataset(samples, crop_size=32, length=4, seed=2)
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_crops,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=2, num_workers=2, collate_fn=collate_crops, multiprocessing_context="fork"
+    )
     batches = list(loader)
     direct = collate_crops([ds[i] for i in range(2)])
     torch.testing.assert_close(batches[0]["image"], direct["image"])

@@ -1,4 +1,5 @@
 """Tests of companion.augment_torch: exact geometry, binary masks, agreement with the scipy path."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,7 @@ import torch
 from scipy import stats
 
 from companion.augment import MIN_PIXELS, WormCropDataset
-from companion.augment_torch import (CropParams, DeviceCropLoader, DeviceCropSource, augment_batch,
-                                     batch_seed)
+from companion.augment_torch import CropParams, DeviceCropLoader, DeviceCropSource, augment_batch, batch_seed
 from companion.batches import make_loader, uses_gpu_augment
 from companion.config import TrainConfig
 from companion.synthetic import make_dataset, make_sample
@@ -25,13 +25,15 @@ def sample():
     return make_sample(3, shape=(64, 64), n_worms=6)
 
 
-def _params(n: int = 1, *, cy: float, cx: float, angle: float = 0.0, flip_y: float = 1.0,
-            flip_x: float = 1.0) -> CropParams:
+def _params(
+    n: int = 1, *, cy: float, cx: float, angle: float = 0.0, flip_y: float = 1.0, flip_x: float = 1.0
+) -> CropParams:
     def full(value: float) -> torch.Tensor:
         return torch.full((n,), float(value), dtype=torch.float64)
 
-    return CropParams(torch.zeros(n, dtype=torch.int64), full(cy), full(cx), full(flip_y), full(flip_x),
-                      full(angle), None)
+    return CropParams(
+        torch.zeros(n, dtype=torch.int64), full(cy), full(cx), full(flip_y), full(flip_x), full(angle), None
+    )
 
 
 def _one(source: DeviceCropSource, params: CropParams) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +72,12 @@ def test_plain_random_crops_are_windows_and_zero_padded_outside():
     source = DeviceCropSource([big], crop_size=(32, 40), min_pixels=0, **OFF)
     batch = source.crops([0] * 6, torch.Generator().manual_seed(1))
     for image in batch["image"].numpy():
-        hits = [(y, x) for y in range(17) for x in range(41)
-                if np.array_equal(big.image[:, y:y + 32, x:x + 40], image)]
+        hits = [
+            (y, x)
+            for y in range(17)
+            for x in range(41)
+            if np.array_equal(big.image[:, y : y + 32, x : x + 40], image)
+        ]
         assert len(hits) == 1
     small = DeviceCropSource([big], crop_size=(64, 96), min_pixels=0, **OFF)
     image = small.crops([0], torch.Generator().manual_seed(2))["image"][0].numpy()
@@ -94,7 +100,9 @@ def test_image_and_masks_move_together():
     sample = make_sample(7, shape=(96, 96), n_worms=6)
     union = sample.instances.any(axis=0).astype(np.float32)
     marked = type(sample)(sample.well, np.stack([union, sample.image[1]]), sample.instances)
-    batch = DeviceCropSource([marked], crop_size=64, min_pixels=1).crops([0] * 4, torch.Generator().manual_seed(3))
+    batch = DeviceCropSource([marked], crop_size=64, min_pixels=1).crops(
+        [0] * 4, torch.Generator().manual_seed(3)
+    )
     for image, target in zip(batch["image"], batch["target"]):
         agree = ((image[0] > 0.5) == (target > 0)).float().mean()
         assert agree > 0.97
@@ -154,7 +162,9 @@ def test_loader_batches_are_a_function_of_the_iteration():
     resumed = list(DeviceCropLoader(source, start=2, stop=3, batch_size=2, seed=4))
     assert torch.equal(full[2]["image"], resumed[0]["image"])
     rank1 = DeviceCropLoader(source, start=0, stop=1, batch_size=2, seed=4, rank=1, world_size=2).batch(0)
-    assert torch.equal(rank1["image"], DeviceCropLoader(source, start=0, stop=2, batch_size=2, seed=4).batch(1)["image"])
+    assert torch.equal(
+        rank1["image"], DeviceCropLoader(source, start=0, stop=2, batch_size=2, seed=4).batch(1)["image"]
+    )
     assert batch_seed(4, 0) != batch_seed(5, 0)
 
 
@@ -178,7 +188,9 @@ def test_training_selects_the_torch_path_on_request(tmp_path):
     assert isinstance(make_loader(data, cpu), torch.utils.data.DataLoader)  # the default on the CPU
     config = TrainConfig.preset("quick", iterations=2, gpu_augment=True, checkpoint_every=2, log_every=1)
     loader = make_loader(data, config, start=1)
-    assert isinstance(loader, DeviceCropLoader) and [tuple(b["image"].shape) for b in loader] == [(2, 2, 64, 64)]
+    assert isinstance(loader, DeviceCropLoader) and [tuple(b["image"].shape) for b in loader] == [
+        (2, 2, 64, 64)
+    ]
     final = train(config, data, tmp_path / "run", progress=False)
     assert final.is_file()
     assert TrainConfig.from_dict(TrainConfig.preset("cpu", gpu_augment=True).to_dict()).gpu_augment is True

@@ -1,6 +1,7 @@
 """Structure of the book: every notebook is listed in _toc.yml, starts with the (hidden) Colab set-up
 cell, ends with its key takeaways and is stored without outputs; _config.yml carries what the Colab
 launch button needs, and `scripts/nbtools.py --set-repo` points both at a repository."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT
 
 BOOK = REPO_ROOT / "book"
@@ -47,7 +47,8 @@ def test_notebook_opens_with_colab_setup_and_is_output_stripped(path: Path):
     assert code, f"{path.name} has no code cell"
     first = "".join(code[0]["source"])
     assert "google.colab" in first and "pip" in first and "install" in first, (
-        f"{path.name}: the first code cell must be the Colab set-up cell (scripts/nbtools.COLAB_CELL)")
+        f"{path.name}: the first code cell must be the Colab set-up cell (scripts/nbtools.COLAB_CELL)"
+    )
     assert "torch.cuda.is_available()" in first, f"{path.name}: the set-up cell must check for a GPU"
     assert "QUICK" in first
     dirty = [i for i, c in enumerate(code) if c.get("outputs") or c.get("execution_count")]
@@ -67,8 +68,9 @@ def test_config_has_colab_launch_button_and_forced_execution():
 def test_colab_cells_point_at_the_configured_repository():
     url = yaml.safe_load((REPO_ROOT / "_config.yml").read_text())["repository"]["url"]
     for path in NOTEBOOKS:
-        first = "".join(next(c for c in json.loads(path.read_text())["cells"]
-                             if c["cell_type"] == "code")["source"])
+        first = "".join(
+            next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")["source"]
+        )
         assert url in first, f"{path.name} installs from another repository than _config.yml's {url}"
 
 
@@ -104,13 +106,20 @@ def test_set_repo_rewrites_config_and_every_setup_cell(tmp_path: Path):
     (tmp_path / "_config.yml").write_text((REPO_ROOT / "_config.yml").read_text())
     for path in NOTEBOOKS:
         (tmp_path / "book" / path.name).write_text(path.read_text())
-    originals = {p.name: p.read_bytes() for p in NOTEBOOKS} | {"_config.yml": (REPO_ROOT / "_config.yml").read_bytes()}
+    originals = {p.name: p.read_bytes() for p in NOTEBOOKS} | {
+        "_config.yml": (REPO_ROOT / "_config.yml").read_bytes()
+    }
     config_before = yaml.safe_load((tmp_path / "_config.yml").read_text())
     old_url = config_before["repository"]["url"]
 
     for url in ("https://github.com/someone/fork-of-the-book", "https://github.com/other/book-two"):
-        done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "nbtools.py"), "--set-repo", url],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "scripts" / "nbtools.py"), "--set-repo", url],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         config = yaml.safe_load((tmp_path / "_config.yml").read_text())
         assert config["repository"]["url"] == url
@@ -127,7 +136,8 @@ def test_set_repo_rewrites_config_and_every_setup_cell(tmp_path: Path):
             assert before == after, f"{path.name}: --set-repo changed more than the set-up cell's REPO line"
 
     assert originals == {p.name: p.read_bytes() for p in NOTEBOOKS} | {
-        "_config.yml": (REPO_ROOT / "_config.yml").read_bytes()}, "the test touched the real book"
+        "_config.yml": (REPO_ROOT / "_config.yml").read_bytes()
+    }, "the test touched the real book"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -135,7 +145,8 @@ def test_chapter_ends_with_key_takeaways(path: Path):
     last = json.loads(path.read_text())["cells"][-1]
     text = "".join(last["source"])
     assert last["cell_type"] == "markdown" and text.startswith("```{admonition} Key takeaways"), (
-        f"{path.name}: end the chapter with a Key takeaways admonition")
+        f"{path.name}: end the chapter with a Key takeaways admonition"
+    )
     assert text.rstrip().endswith("```")
     bullets = [line for line in text.splitlines() if line.startswith("* ")]
     assert 3 <= len(bullets) <= 4, f"{path.name}: {len(bullets)} takeaways, want 3-4"
@@ -181,19 +192,28 @@ def test_visible_code_lines_fit_the_page(path: Path):
         tags = set(cell.get("metadata", {}).get("tags", []))
         if cell["cell_type"] != "code" or tags & _HIDDEN_CODE_TAGS:
             continue
-        too_long += [f"{cell.get('id')}: {line[:60]}..." for line in "".join(cell["source"]).splitlines()
-                     if len(line) > MAX_CODE_LINE]
+        too_long += [
+            f"{cell.get('id')}: {line[:60]}..."
+            for line in "".join(cell["source"]).splitlines()
+            if len(line) > MAX_CODE_LINE
+        ]
     assert not too_long, f"{path.name}: code lines over {MAX_CODE_LINE} characters: {too_long}"
 
 
-_FIGURE = re.compile(r"^(?P<fence>`{3,}|:{3,})\{figure\}[ \t]*(?P<target>\S*)[ \t]*\n(?P<body>.*?)^(?P=fence)[ \t]*$",
-                     re.MULTILINE | re.DOTALL)
+_FIGURE = re.compile(
+    r"^(?P<fence>`{3,}|:{3,})\{figure\}[ \t]*(?P<target>\S*)[ \t]*\n(?P<body>.*?)^(?P=fence)[ \t]*$",
+    re.MULTILINE | re.DOTALL,
+)
 
 
 def _book_markdown() -> list[tuple[str, str]]:
     """(where, text) of every markdown cell of the chapters and of every .md page."""
-    texts = [(f"{p.name} {c.get('id')}", "".join(c["source"]))
-             for p in NOTEBOOKS for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "markdown"]
+    texts = [
+        (f"{p.name} {c.get('id')}", "".join(c["source"]))
+        for p in NOTEBOOKS
+        for c in json.loads(p.read_text())["cells"]
+        if c["cell_type"] == "markdown"
+    ]
     return texts + [(p.name, p.read_text()) for p in sorted(BOOK.glob("*.md"))]
 
 
@@ -206,17 +226,24 @@ def test_figure_directives_have_a_caption_a_label_and_their_image():
             options = [line for line in lines if re.match(r"^:[\w-]+:", line)]
             caption = "\n".join(line for line in lines if line not in options).strip()
             assert caption, f"{where}: the {{figure}} {match['target']} has no caption"
-            assert any(line.startswith(":name:") and line.split(":name:", 1)[1].strip() for line in options), (
-                f"{where}: give the {{figure}} {match['target']} a :name: label to reference it by")
+            assert any(
+                line.startswith(":name:") and line.split(":name:", 1)[1].strip() for line in options
+            ), f"{where}: give the {{figure}} {match['target']} a :name: label to reference it by"
             assert match["target"] and (BOOK / match["target"]).is_file(), (
-                f"{where}: the {{figure}} image {match['target']!r} does not exist under book/")
+                f"{where}: the {{figure}} image {match['target']!r} does not exist under book/"
+            )
     assert figures >= 2, "the intro's pipeline diagram and chapter 2's U-Net diagram are {figure}s"
 
 
 def test_method_diagrams_regenerate(tmp_path: Path):
     """book/figures/make_figures.py draws both committed diagrams (no data, no model needed)."""
-    done = subprocess.run([sys.executable, str(BOOK / "figures" / "make_figures.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+    done = subprocess.run(
+        [sys.executable, str(BOOK / "figures" / "make_figures.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
     assert done.returncode == 0, done.stderr
     for name in ("pipeline.png", "unet.png"):
         png = tmp_path / name
@@ -233,6 +260,9 @@ def test_widget_cells_are_live_only_and_define_nothing(path: Path):
         if cell["cell_type"] != "code" or "interact(" not in cell["source"]:
             continue
         tags = set(cell.get("metadata", {}).get("tags", []))
-        assert {"skip-execution", "nbval-skip"} <= tags, f"{path.name}: widget cell {cell.get('id')} runs in CI"
-        assert not re.search(r"^(def|class) ", cell["source"], re.M), \
+        assert {"skip-execution", "nbval-skip"} <= tags, (
+            f"{path.name}: widget cell {cell.get('id')} runs in CI"
+        )
+        assert not re.search(r"^(def|class) ", cell["source"], re.M), (
             f"{path.name}: widget cell {cell.get('id')} defines what later cells may need"
+        )

@@ -1,4 +1,5 @@
 """Foreground calibration: a shift of the background logit chosen by pixel F1."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,7 @@ def test_foreground_f1_counts_pixels_and_names_bad_shapes():
     logits = np.zeros((3, 2, 2), np.float32)
     logits[0] = [[3.0, 0.5], [-1.0, 3.0]]
     truth = np.array([[True, True], [False, False]])
-    assert foreground_f1(logits, truth) == (0, 1, 2)          # argmax: only (1, 0) is foreground
+    assert foreground_f1(logits, truth) == (0, 1, 2)  # argmax: only (1, 0) is foreground
     assert foreground_f1(logits, truth, shift=1.0) == (1, 1, 1)
     assert foreground_f1(logits, truth, shift=5.0) == (2, 2, 0)
     with pytest.raises(ValueError, match=r"\(3, 2, 2\) and \(3, 3\)"):
@@ -34,9 +35,9 @@ def test_choose_background_shift_undoes_a_known_bias(monkeypatch):
 
     monkeypatch.setattr("companion.sampling.predict", fake_predict)
     choice = choose_background_shift(None, samples, shifts=[0.0, 1.0, 2.0, 3.0])
-    assert choice.shift == 2.0            # the smallest shift that makes worm pixels win
+    assert choice.shift == 2.0  # the smallest shift that makes worm pixels win
     assert choice.f1[0] == 0.0 and choice.f1[2] == pytest.approx(1.0)
-    assert choice.f1[3] < 1.0             # a larger shift calls the background worm too
+    assert choice.f1[3] < 1.0  # a larger shift calls the background worm too
     assert choice.wells == [s.well for s in samples]
     with pytest.raises(ValueError, match="at least one sample"):
         choose_background_shift(None, [])

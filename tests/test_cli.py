@@ -1,4 +1,5 @@
 """The command line: ``python -m companion train ...``."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,15 +8,24 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO_ROOT
 
 from companion.__main__ import build_parser, config_from_args, main
 from companion.checkpoint import read_checkpoint
 from companion.config import TrainConfig
 from companion.run_folder import read_log
-from conftest import REPO_ROOT
 
-QUICK = ["--preset", "quick", "--crop-size", "32", "--checkpoint-every", "2", "--log-every", "1",
-         "--no-progress"]
+QUICK = [
+    "--preset",
+    "quick",
+    "--crop-size",
+    "32",
+    "--checkpoint-every",
+    "2",
+    "--log-every",
+    "1",
+    "--no-progress",
+]
 
 
 def _subcommand_parser(name: str) -> argparse.ArgumentParser:
@@ -35,11 +45,30 @@ def test_every_option_is_explained_in_help(command, n_options):
 
 
 def test_options_override_the_preset():
-    args = build_parser().parse_args(["train", "--preset", "cpu", "--out", "x", "--model", "baseline",
-                                      "--iterations", "7", "--seed", "3", "--batch-size", "4",
-                                      "--lr", "0.01", "--no-amp", "--no-augment"])
-    expected = TrainConfig.preset("cpu", model="baseline", iterations=7, seed=3, batch_size=4,
-                                  lr=0.01, amp=False, augment=False)
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--preset",
+            "cpu",
+            "--out",
+            "x",
+            "--model",
+            "baseline",
+            "--iterations",
+            "7",
+            "--seed",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.01",
+            "--no-amp",
+            "--no-augment",
+        ]
+    )
+    expected = TrainConfig.preset(
+        "cpu", model="baseline", iterations=7, seed=3, batch_size=4, lr=0.01, amp=False, augment=False
+    )
     assert config_from_args(args) == expected
     untouched = config_from_args(build_parser().parse_args(["train", "--preset", "colab", "--out", "x"]))
     assert untouched == TrainConfig.preset("colab")
@@ -61,13 +90,16 @@ def test_train_on_synthetic_data_then_resume_to_more_iterations(tmp_path, capsys
     assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "2", "--out", str(out)]) == 0
     assert f"final checkpoint: {out / 'final.pt'}" in capsys.readouterr().out
     assert read_checkpoint(out / "final.pt")["iteration"] == 2
-    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "4", "--resume",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["train", *QUICK, "--synthetic", "2", "--iterations", "4", "--resume", "--out", str(out)]) == 0
+    )
     assert read_checkpoint(out / "final.pt")["iteration"] == 4
     assert [r["iteration"] for r in read_log(out)] == [1, 2, 3, 4]
     with pytest.warns(UserWarning, match="already at iteration 4 >= iterations=3: nothing to train"):
-        assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "3", "--resume",
-                     "--out", str(out)]) == 0
+        assert (
+            main(["train", *QUICK, "--synthetic", "2", "--iterations", "3", "--resume", "--out", str(out)])
+            == 0
+        )
     assert read_checkpoint(out / "final.pt")["iteration"] == 4
 
 
@@ -79,9 +111,13 @@ def test_existing_run_without_resume_is_a_clear_error(tmp_path, capsys):
 
 
 def test_python_dash_m_companion_runs(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "companion", "train", "--help"],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-m", "companion", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert done.returncode == 0, done.stderr
     assert "--synthetic" in done.stdout and "torchrun" in done.stdout
 
@@ -90,15 +126,21 @@ def test_python_dash_m_companion_runs(tmp_path):
 @pytest.mark.slow
 def test_train_on_the_bbbc010_training_wells(bbbc010_root, tmp_path):
     out = tmp_path / "real"
-    assert main(["train", *QUICK, "--data-root", str(bbbc010_root), "--iterations", "1",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["train", *QUICK, "--data-root", str(bbbc010_root), "--iterations", "1", "--out", str(out)]) == 0
+    )
     ckpt = read_checkpoint(out / "final.pt")
     assert ckpt["iteration"] == 1 and ckpt["config"]["crop_size"] == 32
 
 
-@pytest.mark.parametrize("command", [["train", *QUICK, "--synthetic", "2"],
-                                     ["evaluate", "--pretrained", "baseline"],
-                                     ["predict", "--pretrained", "baseline", "--wells", "C03"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", *QUICK, "--synthetic", "2"],
+        ["evaluate", "--pretrained", "baseline"],
+        ["predict", "--pretrained", "baseline", "--wells", "C03"],
+    ],
+)
 def test_an_unwritable_out_fails_before_any_work(tmp_path, capsys, command):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -114,18 +156,36 @@ def test_package_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(text), "--out", str(tmp_path / "ev")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "notes.pt" in err and err.count("\n") == 1
-    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "1", "--device", "banana",
-                 "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                *QUICK,
+                "--synthetic",
+                "2",
+                "--iterations",
+                "1",
+                "--device",
+                "banana",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "banana" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("extra, says", [
-    (["--crop-size", "17"], "crop_size must be a multiple of 16"),
-    (["--lr", "-1"], "lr must be > 0"),
-    (["--data-root", "no/such/root"], "no/such/root"),
-    (["--init-from", "TEXT"], "notes.pt"),
-])
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--crop-size", "17"], "crop_size must be a multiple of 16"),
+        (["--lr", "-1"], "lr must be > 0"),
+        (["--data-root", "no/such/root"], "no/such/root"),
+        (["--init-from", "TEXT"], "notes.pt"),
+    ],
+)
 def test_bad_training_settings_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says):
     text = tmp_path / "notes.pt"
     text.write_text("just some text\n")
@@ -142,7 +202,9 @@ def test_a_truncated_last_checkpoint_on_resume_is_one_line(tmp_path, capsys):
     whole = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(whole[: len(whole) // 2])
     capsys.readouterr()
-    assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "4", "--resume", "--out", str(out)]) == 2
+    assert (
+        main(["train", *QUICK, "--synthetic", "2", "--iterations", "4", "--resume", "--out", str(out)]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "last.pt" in err and err.count("\n") == 1
 
@@ -172,13 +234,17 @@ def test_an_earlier_log_needs_overwrite_and_a_locked_out_is_one_line(tmp_path, c
     with pytest.raises(SystemExit):  # continue and replace at once: a usage error
         build_parser().parse_args(["train", "--out", "x", "--resume", "--overwrite"])
     with pytest.warns(UserWarning, match="overwrite: removed"):
-        assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "1", "--overwrite",
-                     "--out", str(out)]) == 0
+        assert (
+            main(["train", *QUICK, "--synthetic", "2", "--iterations", "1", "--overwrite", "--out", str(out)])
+            == 0
+        )
     assert [r["iteration"] for r in read_log(out)] == [1]
     capsys.readouterr()
     with lock_run_folder(out):  # another training holds the folder
-        assert main(["train", *QUICK, "--synthetic", "2", "--iterations", "2", "--resume",
-                     "--out", str(out)]) == 2
+        assert (
+            main(["train", *QUICK, "--synthetic", "2", "--iterations", "2", "--resume", "--out", str(out)])
+            == 2
+        )
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out} is in use by another training process (pid {os.getpid()}")
     assert err.count("\n") == 1

@@ -1,4 +1,5 @@
 """Tests of companion.data: constants, layouts, the loader's errors, the download, and the real data."""
+
 from __future__ import annotations
 
 import functools
@@ -11,19 +12,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from scipy import ndimage
 from PIL import Image
+from scipy import ndimage
 
 from companion import data
 from companion.data import (
-    CHANNEL_MAX, TEST_FOLDS, TEST_WELLS, TRAIN_WELLS, WELLS, CorruptFileError, IncompleteWellError, Sample,
-    fetch_bbbc010, find_layout, load_bbbc010, normalize, resolve_root,
+    CHANNEL_MAX,
+    TEST_FOLDS,
+    TEST_WELLS,
+    TRAIN_WELLS,
+    WELLS,
+    CorruptFileError,
+    IncompleteWellError,
+    Sample,
+    fetch_bbbc010,
+    find_layout,
+    load_bbbc010,
+    normalize,
+    resolve_root,
 )
 
 SHAPE = (12, 16)
 
 
 # ---------------------------------------------------------------- fake copies written by the tests
+
 
 def _raw(well: str, channel: str) -> np.ndarray:
     seed = WELLS.index(well) * 2 + (channel == "w2")
@@ -43,9 +56,13 @@ def write_copy(images: Path, masks: Path, wells: dict[str, list[int]], *, channe
     masks.mkdir(parents=True, exist_ok=True)
     for well, numbers in wells.items():
         for ch in channels:
-            tifffile.imwrite(images / f"1649_1109_0003_Amp5-1_B_20070424_{well}_{ch}_0A1B2C.tif", _raw(well, ch))
+            tifffile.imwrite(
+                images / f"1649_1109_0003_Amp5-1_B_20070424_{well}_{ch}_0A1B2C.tif", _raw(well, ch)
+            )
         for n in numbers:
-            Image.fromarray(_mask(well, n).astype(np.uint8) * 255).save(masks / f"{well}_{n:02d}_ground_truth.png")
+            Image.fromarray(_mask(well, n).astype(np.uint8) * 255).save(
+                masks / f"{well}_{n:02d}_ground_truth.png"
+            )
 
 
 @pytest.fixture
@@ -55,6 +72,7 @@ def flat_copy(tmp_path) -> Path:
 
 
 # ---------------------------------------------------------------- constants
+
 
 def test_well_constants():
     assert len(WELLS) == 100 == len(set(WELLS))
@@ -93,6 +111,7 @@ def test_sample_validates_shapes():
 
 # ---------------------------------------------------------------- loading a fake copy
 
+
 def test_load_flat_layout(flat_copy):
     samples = load_bbbc010(flat_copy, wells=["A02", "A01", "B05"], progress=False)
     assert [s.well for s in samples] == ["A02", "A01", "B05"]
@@ -101,13 +120,18 @@ def test_load_flat_layout(flat_copy):
     np.testing.assert_allclose(a01.image[0], _raw("A01", "w1") / CHANNEL_MAX[0], rtol=1e-6)
     np.testing.assert_allclose(a01.image[1], _raw("A01", "w2") / CHANNEL_MAX[1], rtol=1e-6)
     assert a01.instances.dtype == bool
-    np.testing.assert_array_equal(a01.instances, np.stack([_mask("A01", n) for n in (1, 2, 10)]))  # numeric order
+    np.testing.assert_array_equal(
+        a01.instances, np.stack([_mask("A01", n) for n in (1, 2, 10)])
+    )  # numeric order
     assert samples[2].instances.shape == (0,) + SHAPE  # a well without masks
 
 
 def test_load_official_nested_layout(tmp_path):
-    write_copy(tmp_path / "x.unzip" / "BBBC010_v2_images", tmp_path / "y.unzip" / "BBBC010_v1_foreground_eachworm",
-               {"C03": [1, 2]})
+    write_copy(
+        tmp_path / "x.unzip" / "BBBC010_v2_images",
+        tmp_path / "y.unzip" / "BBBC010_v1_foreground_eachworm",
+        {"C03": [1, 2]},
+    )
     layout = find_layout(tmp_path)
     assert layout.images.name == "BBBC010_v2_images" and layout.masks.name == "BBBC010_v1_foreground_eachworm"
     (sample,) = load_bbbc010(tmp_path, wells=["C03"])
@@ -136,7 +160,9 @@ def test_unknown_well(flat_copy):
 
 
 def test_missing_channel_raises_or_skips(tmp_path):
-    write_copy(tmp_path / "images", tmp_path / "masks_eachworm", {"A01": [1], "D24": [1, 2]}, channels=("w1",))
+    write_copy(
+        tmp_path / "images", tmp_path / "masks_eachworm", {"A01": [1], "D24": [1, 2]}, channels=("w1",)
+    )
     write_copy(tmp_path / "images", tmp_path / "masks_eachworm", {"A01": [1]}, channels=("w2",))
     with pytest.raises(IncompleteWellError, match=r"D24.*w2.*\*_D24_w2_\*\.tif"):
         load_bbbc010(tmp_path, wells=["A01", "D24"], progress=False)
@@ -168,7 +194,9 @@ def test_corrupt_png_names_the_file(flat_copy):
 
 
 def test_mask_shape_mismatch_gives_both_shapes(flat_copy):
-    Image.fromarray(np.zeros((10, 16), np.uint8)).save(flat_copy / "masks_eachworm" / "A02_03_ground_truth.png")
+    Image.fromarray(np.zeros((10, 16), np.uint8)).save(
+        flat_copy / "masks_eachworm" / "A02_03_ground_truth.png"
+    )
     with pytest.raises(ValueError, match=r"A02_03_ground_truth.png.*\(10, 16\).*\(12, 16\)"):
         load_bbbc010(flat_copy, wells=["A02"])
 
@@ -186,6 +214,7 @@ def test_root_resolution(flat_copy, tmp_path_factory, monkeypatch):
 
 
 # ---------------------------------------------------------------- download from a local server
+
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     requests: list[str] = []
@@ -205,13 +234,17 @@ def zip_server(tmp_path):
     write_copy(src / "BBBC010_v2_images", src / "BBBC010_v1_foreground_eachworm", {"A01": [1, 2], "E04": [5]})
     site = tmp_path / "site" / "bbbc"
     site.mkdir(parents=True)
-    for archive, folder in ((data.IMAGES_ZIP, "BBBC010_v2_images"), (data.MASKS_ZIP, "BBBC010_v1_foreground_eachworm")):
+    for archive, folder in (
+        (data.IMAGES_ZIP, "BBBC010_v2_images"),
+        (data.MASKS_ZIP, "BBBC010_v1_foreground_eachworm"),
+    ):
         with zipfile.ZipFile(site / archive, "w") as zf:
             for f in sorted((src / folder).iterdir()):
                 zf.write(f, f"{folder}/{f.name}")
     handler = type("Handler", (_QuietHandler,), {"requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(handler, directory=str(tmp_path / "site")))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(tmp_path / "site"))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -245,7 +278,6 @@ def test_load_without_root_downloads_to_cache(zip_server, tmp_path, monkeypatch)
     assert len(requests) == 2
 
 
-
 def test_fetch_failure_names_the_url_and_the_way_out(zip_server, tmp_path):
     base_url, requests = zip_server
     missing = base_url + "nowhere/"  # the server answers 404
@@ -253,6 +285,7 @@ def test_fetch_failure_names_the_url_and_the_way_out(zip_server, tmp_path):
         fetch_bbbc010(tmp_path / "cache", missing, progress=False)
     assert requests == ["/bbbc/nowhere/" + data.IMAGES_ZIP]
     assert not (tmp_path / "cache" / data.IMAGES_ZIP).exists()  # nothing half-written is left
+
 
 # ---------------------------------------------------------------- the real BBBC010 copy
 
@@ -316,7 +349,9 @@ def test_a_nan_pixel_in_a_float_tiff_names_the_file(flat_copy):
 def test_an_all_zero_mask_is_dropped_with_a_warning_naming_it(flat_copy):
     empty = flat_copy / "masks_eachworm" / "A01_02_ground_truth.png"
     Image.fromarray(np.zeros(SHAPE, np.uint8)).save(empty)
-    with pytest.warns(UserWarning, match=r"A01_02_ground_truth\.png' is all zero \(no worm pixel\): dropped from well A01"):
+    with pytest.warns(
+        UserWarning, match=r"A01_02_ground_truth\.png' is all zero \(no worm pixel\): dropped from well A01"
+    ):
         (a01,) = load_bbbc010(flat_copy, wells=["A01"], progress=False)
     np.testing.assert_array_equal(a01.instances, np.stack([_mask("A01", n) for n in (1, 10)]))
     with warnings.catch_warnings():

@@ -1,4 +1,5 @@
 """Tests of companion.ensemble: pooling draws of several models, ranking images for annotation."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,7 +39,9 @@ def test_pool_draws_takes_the_first_draws_of_each_member_in_order():
     assert all(p is q for p, q in zip(pooled.draws, a.draws[:4] + b.draws[:2]))
 
 
-@pytest.mark.parametrize("counts, message", [([6, 1], "holds 5 draws"), ([1], "2 members but 1"), ([0, 0], "no draw")])
+@pytest.mark.parametrize(
+    "counts, message", [([6, 1], "holds 5 draws"), ([1], "2 members but 1"), ([0, 0], "no draw")]
+)
 def test_pool_draws_rejects_impossible_requests(counts, message):
     inst = _worms()
     with pytest.raises(ValueError, match=message):
@@ -73,8 +76,10 @@ def test_member_seed_matches_the_evaluation_for_member_zero_and_differs_otherwis
 
 def test_ensemble_outputs_runs_every_member_with_its_own_seed():
     torch.manual_seed(0)
-    models = [UNet(base_filters=2, depth=2, embedding_dim=4, dropout="concrete", init_dropout_rate=0.3)
-              for _ in range(2)]
+    models = [
+        UNet(base_filters=2, depth=2, embedding_dim=4, dropout="concrete", init_dropout_rate=0.3)
+        for _ in range(2)
+    ]
     image = np.random.default_rng(0).random((2, 24, 24), dtype=np.float32)
     members = ensemble_outputs(models, image, [3, 2], seed=5, well="X")
     assert [len(m.draws) for m in members] == [3, 2]

@@ -1,4 +1,5 @@
 """The evaluation pipeline (companion.evaluate) and ``python -m companion evaluate``."""
+
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,14 @@ from companion._io import file_sha256
 from companion.agglomerate import agglomerate, binarize
 from companion.evaluate import _ScaledCounts, _to_counts, evaluate_model
 from companion.model import ConcreteDropout2d, UNet, UNetOutput
-from companion.outputs import CompactPass, _well_seed, cached_well_outputs, compact_pass, compact_scores, expand_pass
+from companion.outputs import (
+    CompactPass,
+    _well_seed,
+    cached_well_outputs,
+    compact_pass,
+    compact_scores,
+    expand_pass,
+)
 from companion.paper import TABLE1_KEYS
 from companion.postprocess import segment
 from companion.predict import segment_compact
@@ -81,8 +89,16 @@ def oracle_run(samples, folds, tmp_path_factory):
     torch.manual_seed(0)
     model = OracleNet(samples)
     cache = tmp_path_factory.mktemp("cache")
-    result = evaluate_model(model, samples, folds=folds, bandwidths=[1.0, 2.0], thresholds=[1.0, 3.0],
-                            draws=4, cache_dir=cache, progress=False)
+    result = evaluate_model(
+        model,
+        samples,
+        folds=folds,
+        bandwidths=[1.0, 2.0],
+        thresholds=[1.0, 3.0],
+        draws=4,
+        cache_dir=cache,
+        progress=False,
+    )
     return model, result, cache
 
 
@@ -111,7 +127,9 @@ def test_compact_pass_segments_exactly_like_the_full_outputs(samples):
     np.testing.assert_allclose(compact_scores(compact, got), foreground_scores(got, logits), atol=2e-3)
     full_embedding, one_hot = expand_pass(compact)
     assert np.array_equal(one_hot.argmax(0), logits.argmax(0))
-    assert np.array_equal(full_embedding[:, logits.argmax(0) == 0], np.zeros((8, (logits.argmax(0) == 0).sum())))
+    assert np.array_equal(
+        full_embedding[:, logits.argmax(0) == 0], np.zeros((8, (logits.argmax(0) == 0).sum()))
+    )
 
 
 def test_expand_pass_rejects_an_embedding_that_does_not_fit_the_class_map():
@@ -152,8 +170,10 @@ def test_deterministic_row_is_the_cross_validated_grid_search(oracle_run, sample
     for f, choice in enumerate(tuning.choices):
         other = tuning.scores[1 - f]
         i, j = np.unravel_index(np.argmax(other), other.shape)
-        assert choice.applied_to == f and (choice.bandwidth, choice.threshold) == (tuning.bandwidths[i],
-                                                                                    tuning.thresholds[j])
+        assert choice.applied_to == f and (choice.bandwidth, choice.threshold) == (
+            tuning.bandwidths[i],
+            tuning.thresholds[j],
+        )
         # each well's prediction is segment() of its ideal outputs with the other fold's choice
         for well in folds[f]:
             index = result.wells.index(well)
@@ -178,7 +198,10 @@ def test_mc_row_pavpu_and_proofreading_match_an_independent_run(oracle_run, samp
     aggs = _independent_agglomerations(model, samples, result)
     for agg, got in zip(aggs, result.predictions["mc"]):
         assert np.array_equal(binarize(agg.probs, 0.75), got)
-    assert any(not np.array_equal(a, b) for a, b in zip(result.predictions["mc"], result.predictions["deterministic"]))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(result.predictions["mc"], result.predictions["deterministic"])
+    )
     gts = [_by_well(samples)[w].instances for w in result.wells]
     expected = pavpu(gts, [a.probs for a in aggs], result.settings["pavpu_thresholds"])
     np.testing.assert_array_equal(result.pavpu.n_ac, expected.n_ac)
@@ -214,7 +237,9 @@ def test_cache_is_reused_and_invalidated(oracle_run, samples):
     fresh = cached_well_outputs(model, samples[:1], None, draws=4, progress=False)
     first = again[samples[0].well]
     assert np.array_equal(first.deterministic.embedding, fresh[samples[0].well].deterministic.embedding)
-    assert all(np.array_equal(a.classes, b.classes) for a, b in zip(first.draws, fresh[samples[0].well].draws))
+    assert all(
+        np.array_equal(a.classes, b.classes) for a, b in zip(first.draws, fresh[samples[0].well].draws)
+    )
     cached_well_outputs(model, samples[:1], cache, draws=2, progress=False)  # other settings
     assert model.calls > before
     (cache / f"{samples[1].well}.npz").write_bytes(b"not an npz")  # a broken file is recomputed
@@ -240,8 +265,9 @@ def test_baseline_model_gets_only_the_deterministic_row(samples, folds):
     model = UNet(base_filters=2, depth=3, embedding_dim=4)
     outputs = cached_well_outputs(model, samples[:1], None, draws=5, progress=False)
     assert outputs[samples[0].well].draws == ()
-    result = evaluate_model(model, samples, folds=folds, bandwidths=[1.0], thresholds=[1.0], draws=5,
-                            progress=False)
+    result = evaluate_model(
+        model, samples, folds=folds, bandwidths=[1.0], thresholds=[1.0], draws=5, progress=False
+    )
     assert [r["name"] for r in result.rows] == ["deterministic"]
     assert result.pavpu is None and result.proofreading is None and result.settings["draws"] == 0
 
@@ -253,15 +279,25 @@ def test_folds_must_cover_the_samples(samples, folds):
     with pytest.raises(ValueError, match="disjoint"):
         evaluate_model(model, samples, folds=[folds[0], folds[1] + folds[0][:1]], progress=False)
     with pytest.raises(ValueError, match="at least one well"):
-        evaluate_model(model, samples[:2], folds=[[samples[0].well, samples[1].well], ["C03"]], progress=False)
+        evaluate_model(
+            model, samples[:2], folds=[[samples[0].well, samples[1].well], ["C03"]], progress=False
+        )
 
 
 def test_write_report_files(oracle_run, samples, tmp_path):
     _, result, _ = oracle_run
     files = write_report(result, samples, tmp_path, info=dict(skipped_wells=["X"], wall_time_s=1.0))
     names = {p.name for p in files}
-    assert names == {"results.json", "table1.csv", "per_image.csv", "tuning.csv", "pavpu.csv",
-                     "proofreading.csv", "pavpu.png", "gallery.png"}
+    assert names == {
+        "results.json",
+        "table1.csv",
+        "per_image.csv",
+        "tuning.csv",
+        "pavpu.csv",
+        "proofreading.csv",
+        "pavpu.png",
+        "gallery.png",
+    }
     for name in names:
         assert (tmp_path / name).stat().st_size > 0
         assert (tmp_path / name).stat().st_mode & 0o044  # readable by group and others
@@ -288,8 +324,29 @@ def tiny_checkpoint(tmp_path_factory):
     from companion.__main__ import main
 
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", "--preset", "quick", "--crop-size", "32", "--iterations", "2", "--synthetic", "2",
-                 "--checkpoint-every", "2", "--log-every", "1", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "quick",
+                "--crop-size",
+                "32",
+                "--iterations",
+                "2",
+                "--synthetic",
+                "2",
+                "--checkpoint-every",
+                "2",
+                "--log-every",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out / "final.pt"
 
 
@@ -297,8 +354,25 @@ def test_cli_evaluates_a_checkpoint_on_synthetic_wells(tiny_checkpoint, tmp_path
     from companion.__main__ import main
 
     out = tmp_path / "res"
-    args = ["evaluate", "--checkpoint", str(tiny_checkpoint), "--synthetic", "4", "--synthetic-size", "96",
-            "--draws", "2", "--bandwidths", "1", "--thresholds", "1", "2", "--no-progress", "--out", str(out)]
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--synthetic",
+        "4",
+        "--synthetic-size",
+        "96",
+        "--draws",
+        "2",
+        "--bandwidths",
+        "1",
+        "--thresholds",
+        "1",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "avAP" in printed and "fold 0" in printed
@@ -317,7 +391,9 @@ def test_cli_evaluates_a_checkpoint_on_synthetic_wells(tiny_checkpoint, tmp_path
     cache_times = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
     assert len(cache_times) == 4
     assert doc["settings"]["max_points"] is None
-    assert main(args[:-2] + ["--bandwidths", "2", "--max-points", "300", "--out", str(out)]) == 0  # clustering only
+    assert (
+        main(args[:-2] + ["--bandwidths", "2", "--max-points", "300", "--out", str(out)]) == 0
+    )  # clustering only
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()} == cache_times
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert settings["bandwidths"] == [2.0] and settings["max_points"] == 300
@@ -326,8 +402,22 @@ def test_cli_evaluates_a_checkpoint_on_synthetic_wells(tiny_checkpoint, tmp_path
 def test_cli_errors_are_clear(tmp_path, capsys):
     from companion.__main__ import main
 
-    assert main(["evaluate", "--pretrained", "concrete", "--pretrained-dir", str(tmp_path), "--synthetic", "2",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pretrained",
+                "concrete",
+                "--pretrained-dir",
+                str(tmp_path),
+                "--synthetic",
+                "2",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "not been shipped" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["evaluate", "--out", "x", "--synthetic", "2"])  # a model is required
@@ -338,7 +428,10 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 def test_cli_rejects_wells_outside_the_test_set(tiny_checkpoint, tmp_path, capsys):
     from companion.__main__ import main
 
-    assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--wells", "A01", "--out", str(tmp_path)]) == 2
+    assert (
+        main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--wells", "A01", "--out", str(tmp_path)])
+        == 2
+    )
     assert "A01" in capsys.readouterr().err
 
 
@@ -346,8 +439,22 @@ def test_cli_rejects_wells_outside_the_test_set(tiny_checkpoint, tmp_path, capsy
 def test_cli_data_lists_skipped_incomplete_wells(bbbc010_root):
     from companion.__main__ import _evaluation_data, build_parser
 
-    args = build_parser().parse_args(["evaluate", "--checkpoint", "x.pt", "--out", "o", "--no-progress",
-                                      "--data-root", str(bbbc010_root), "--wells", "C03", "C04", "C13"])
+    args = build_parser().parse_args(
+        [
+            "evaluate",
+            "--checkpoint",
+            "x.pt",
+            "--out",
+            "o",
+            "--no-progress",
+            "--data-root",
+            str(bbbc010_root),
+            "--wells",
+            "C03",
+            "C04",
+            "C13",
+        ]
+    )
     with pytest.warns(UserWarning, match="C13"):
         samples, folds, skipped, info = _evaluation_data(args)
     assert [s.well for s in samples] == ["C03", "C04"] and skipped == ["C13"]
@@ -366,10 +473,15 @@ def test_wells_without_ground_truth_are_an_error_naming_them(samples, folds):
     from companion.data import Sample
 
     empty = {samples[1].well, samples[2].well}
-    stripped = [Sample(s.well, s.image, np.zeros((0,) + s.image.shape[1:], bool)) if s.well in empty else s
-                for s in samples]
-    with pytest.raises(ValueError, match=rf"without ground truth \(no worm mask\): "
-                                         rf"{samples[1].well}, {samples[2].well};"):
+    stripped = [
+        Sample(s.well, s.image, np.zeros((0,) + s.image.shape[1:], bool)) if s.well in empty else s
+        for s in samples
+    ]
+    with pytest.raises(
+        ValueError,
+        match=rf"without ground truth \(no worm mask\): "
+        rf"{samples[1].well}, {samples[2].well};",
+    ):
         evaluate_model(_NeverCalled(), stripped, folds=folds, progress=False)
 
 
@@ -389,9 +501,24 @@ def test_cli_refuses_test_wells_whose_masks_are_all_empty(tiny_checkpoint, tmp_p
     Image.fromarray(worm).save(masks / "C03_01_ground_truth.png")
     Image.fromarray(np.zeros_like(worm)).save(masks / "C04_01_ground_truth.png")  # no worm pixel
     with pytest.warns(UserWarning, match="C04_01_ground_truth.png' is all zero"):
-        code = main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data-root", str(tmp_path / "data"),
-                     "--wells", "C03", "C04", "--no-progress", "--out", str(tmp_path / "res")])
+        code = main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data-root",
+                str(tmp_path / "data"),
+                "--wells",
+                "C03",
+                "C04",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "res"),
+            ]
+        )
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: cannot evaluate well(s) without ground truth") and "C04" in err
+    assert (
+        code == 2 and err.startswith("error: cannot evaluate well(s) without ground truth") and "C04" in err
+    )
     assert "C03" not in err and err.count("\n") == 1
     assert not (tmp_path / "res" / "results.json").exists()

@@ -1,4 +1,5 @@
 """Tests of scripts/gpu_run.py: the data archive, the budget, and a smoke run end to end on the CPU."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,13 @@ def _camera_samples(n: int = 2, shape: tuple[int, int] = (24, 40)) -> list[Sampl
 
 
 def _same(a: Sample, b: Sample) -> bool:
-    return (a.well == b.well and a.image.dtype == b.image.dtype and np.array_equal(a.image, b.image)
-            and a.instances.dtype == b.instances.dtype and np.array_equal(a.instances, b.instances))
+    return (
+        a.well == b.well
+        and a.image.dtype == b.image.dtype
+        and np.array_equal(a.image, b.image)
+        and a.instances.dtype == b.instances.dtype
+        and np.array_equal(a.instances, b.instances)
+    )
 
 
 def test_the_archive_reads_back_exactly(tmp_path):
@@ -77,13 +83,22 @@ def test_training_stops_at_a_checkpoint_when_its_time_is_up(tmp_path):
     assert info["planned_iterations"] == 20 and info["iterations"] == 2  # the first checkpoint (every 10 %)
     assert run.summary["phases"]["train baseline"]["status"] == "stopped"
     config = gpu_run.train_config(settings, "concrete", 1000, 4)
-    assert (config.dropout_lr_scale, config.disc_warmup, config.lr_warmup, config.gpu_augment) == (10.0, 60, 40, True)
+    assert (config.dropout_lr_scale, config.disc_warmup, config.lr_warmup, config.gpu_augment) == (
+        10.0,
+        60,
+        40,
+        True,
+    )
 
 
 def test_a_budget_too_small_keeps_a_summary_and_skips_the_rest(tmp_path):
     out = tmp_path / "out"
-    assert gpu_run.main(["--out", str(out), "--work", str(tmp_path / "work"), "--smoke", "--synthetic",
-                         "--budget-s", "1"]) == 0
+    assert (
+        gpu_run.main(
+            ["--out", str(out), "--work", str(tmp_path / "work"), "--smoke", "--synthetic", "--budget-s", "1"]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "partial" and summary["phases"]["benchmarks"]["status"] == "skipped"
     assert (out / "run.log").is_file()
@@ -121,8 +136,16 @@ def test_smoke_run_end_to_end(tmp_path):
     assert summary["status"] == "complete", summary["phases"]
     assert summary["data"]["source"] == ("pack" if pack else "synthetic")
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["baseline.json", "baseline.pt", "baseline_run.zip", "concrete.json", "concrete.pt",
-                     "concrete_run.zip", "run.log", "summary.json"]
+    assert files == [
+        "baseline.json",
+        "baseline.pt",
+        "baseline_run.zip",
+        "concrete.json",
+        "concrete.pt",
+        "concrete_run.zip",
+        "run.log",
+        "summary.json",
+    ]
     assert all((out / f).stat().st_size < 16 * 2**20 for f in files)
     bench = summary["benchmarks"]
     assert {"augmentation", "training", "mc_sampling"} <= set(bench)
@@ -131,6 +154,7 @@ def test_smoke_run_end_to_end(tmp_path):
         model = summary["models"][name]
         assert model["training"]["iterations"] >= 2 and model["evaluation"]["status"] == "done"
         assert {r["name"] for r in model["evaluation"]["rows"]} == (
-            {"deterministic"} if name == "baseline" else {"mc", "deterministic"})
+            {"deterministic"} if name == "baseline" else {"mc", "deterministic"}
+        )
     provenance = json.loads((out / "concrete.json").read_text())
     assert provenance["config"]["dropout_lr_scale"] == 10.0 and provenance["calibration"]["wells"]

@@ -1,4 +1,5 @@
 """Tests of companion.losses against loop-based re-computations of eqs. (1)-(3)."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from companion.losses import (
-    DiscriminativeTerms, ObjectiveTerms, batched_discriminative_loss, class_loss,
-    discriminative_loss, instance_means, training_objective,
+    DiscriminativeTerms,
+    ObjectiveTerms,
+    batched_discriminative_loss,
+    class_loss,
+    discriminative_loss,
+    instance_means,
+    training_objective,
 )
 from companion.model import UNet, concrete_regularizer
 
@@ -18,8 +24,13 @@ from companion.model import UNet, concrete_regularizer
 # ---------------------------------------------------------------------------------------------
 # naive references (loops over pixels, Python floats)
 # ---------------------------------------------------------------------------------------------
-def naive_discriminative(embedding: np.ndarray, instances: np.ndarray, delta_d: float,
-                         weights: tuple[float, float, float], hinge: str) -> tuple[float, ...]:
+def naive_discriminative(
+    embedding: np.ndarray,
+    instances: np.ndarray,
+    delta_d: float,
+    weights: tuple[float, float, float],
+    hinge: str,
+) -> tuple[float, ...]:
     e_dim, height, width = embedding.shape
     centres = []
     for mask in instances:
@@ -43,7 +54,7 @@ def naive_discriminative(embedding: np.ndarray, instances: np.ndarray, delta_d: 
                 d = d2 if hinge == "squared" else math.sqrt(d2)
                 dist += max(0.0, 2 * delta_d - d) ** 2
         dist /= n * (n - 1)
-    reg = sum(float(np.sum(mu ** 2)) for mu, _ in centres) / n
+    reg = sum(float(np.sum(mu**2)) for mu, _ in centres) / n
     total = weights[0] * var + weights[1] * dist + weights[2] * reg
     return total, var, dist, reg
 
@@ -71,8 +82,9 @@ def test_discriminative_loss_matches_loop_reference(hinge, seed):
     embedding = rng.normal(scale=1.5, size=(3, *masks.shape[1:]))
     weights = tuple(rng.uniform(0.1, 2.0, size=3))
     delta_d = float(rng.uniform(1.0, 5.0))
-    terms = discriminative_loss(torch.from_numpy(embedding), torch.from_numpy(masks),
-                                delta_d=delta_d, weights=weights, hinge=hinge)
+    terms = discriminative_loss(
+        torch.from_numpy(embedding), torch.from_numpy(masks), delta_d=delta_d, weights=weights, hinge=hinge
+    )
     expected = naive_discriminative(embedding, masks, delta_d, weights, hinge)
     assert isinstance(terms, DiscriminativeTerms)
     assert expected[2] > 0  # the push term is active for these inputs
@@ -87,7 +99,9 @@ def test_hinge_forms_differ_in_the_expected_band():
     sq = discriminative_loss(torch.from_numpy(embedding), torch.from_numpy(masks), hinge="squared")
     eu = discriminative_loss(torch.from_numpy(embedding), torch.from_numpy(masks), hinge="euclidean")
     assert sq.dist.item() == 0.0
-    assert eu.dist.item() == pytest.approx(naive_discriminative(embedding, masks, 4.0, (1, 1, 0.001), "euclidean")[2])
+    assert eu.dist.item() == pytest.approx(
+        naive_discriminative(embedding, masks, 4.0, (1, 1, 0.001), "euclidean")[2]
+    )
     assert eu.dist.item() > 0
 
 
@@ -110,12 +124,17 @@ def test_loss_vanishes_for_well_separated_clusters(hinge):
     masks[0, :, :3] = masks[1, :, 3:6] = masks[2, :, 6:] = True
     points = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])  # pairwise distance >= 10 > 2*delta_d
     embedding = np.einsum("khw,ke->ehw", masks.astype(float), points)
-    terms = discriminative_loss(torch.from_numpy(embedding), torch.from_numpy(masks),
-                                delta_d=4.0, weights=(1.0, 1.0, 0.0), hinge=hinge)
+    terms = discriminative_loss(
+        torch.from_numpy(embedding),
+        torch.from_numpy(masks),
+        delta_d=4.0,
+        weights=(1.0, 1.0, 0.0),
+        hinge=hinge,
+    )
     assert terms.var.item() == pytest.approx(0.0, abs=1e-12)
     assert terms.dist.item() == 0.0
     assert terms.total.item() == pytest.approx(0.0, abs=1e-12)
-    assert terms.reg.item() == pytest.approx(float(np.mean(np.sum(points ** 2, axis=1))))
+    assert terms.reg.item() == pytest.approx(float(np.mean(np.sum(points**2, axis=1))))
 
 
 def test_no_instance_gives_zeros_connected_to_graph():
@@ -191,8 +210,10 @@ def test_batched_loss_is_mean_of_per_image_losses():
     stacks = [torch.from_numpy(random_overlapping_masks(rng, k=k)) for k in (3, 1, 0)]
     embeddings = torch.from_numpy(rng.normal(size=(3, 2, *stacks[0].shape[1:])))
     batched = batched_discriminative_loss(embeddings, stacks, delta_d=3.0, hinge="euclidean")
-    singles = [naive_discriminative(e.numpy(), s.numpy(), 3.0, (1.0, 1.0, 0.001), "euclidean")
-               for e, s in zip(embeddings, stacks)]
+    singles = [
+        naive_discriminative(e.numpy(), s.numpy(), 3.0, (1.0, 1.0, 0.001), "euclidean")
+        for e, s in zip(embeddings, stacks)
+    ]
     np.testing.assert_allclose([t.item() for t in batched], np.mean(singles, axis=0), rtol=1e-10)
     with pytest.raises(ValueError, match="batch of 3"):
         batched_discriminative_loss(embeddings, stacks[:2])
@@ -242,15 +263,16 @@ def test_training_objective_sums_its_terms_concrete_and_baseline():
     assert terms.var.item() == pytest.approx(disc.var.item())
     assert terms.ce.item() == pytest.approx(F.cross_entropy(out.logits, batch["target"]).item())
     assert terms.model_reg.item() == pytest.approx(
-        concrete_regularizer(concrete, 50, length_scale_sq=1e-4, zeta=1e-2).item())
-    assert terms.total.item() == pytest.approx(
-        (disc.total + terms.ce + terms.model_reg).item(), rel=1e-6)
+        concrete_regularizer(concrete, 50, length_scale_sq=1e-4, zeta=1e-2).item()
+    )
+    assert terms.total.item() == pytest.approx((disc.total + terms.ce + terms.model_reg).item(), rel=1e-6)
 
     baseline = UNet(base_filters=4)
     out = baseline(batch["image"])
     terms = training_objective(baseline, out, batch, n_train=50, weight_decay=1e-3)
-    squares = sum(float((p.detach() ** 2).sum()) for name, p in baseline.named_parameters()
-                  if name.endswith("weight"))
+    squares = sum(
+        float((p.detach() ** 2).sum()) for name, p in baseline.named_parameters() if name.endswith("weight")
+    )
     assert terms.model_reg.item() == pytest.approx(1e-3 * squares, rel=1e-5)
     with pytest.raises(ValueError, match="n_train"):
         training_objective(baseline, out, batch, n_train=0)

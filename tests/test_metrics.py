@@ -1,4 +1,5 @@
 """Tests of companion.metrics: pycocotools agreement and hand-worked examples."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,7 @@ def _random_stack(rng, n, shape):
         cy, cx = rng.integers(0, shape[0]), rng.integers(0, shape[1])
         if rng.random() < 0.5:
             h, w = rng.integers(2, shape[0] // 2), rng.integers(2, shape[1] // 2)
-            masks[k, max(cy - h, 0): cy + h, max(cx - w, 0): cx + w] = True
+            masks[k, max(cy - h, 0) : cy + h, max(cx - w, 0) : cx + w] = True
         else:
             r = rng.integers(2, shape[0] // 3)
             masks[k] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
@@ -56,8 +57,17 @@ def _pycocotools_stats(gts, preds, scores):
     for i, (gt, pred, score) in enumerate(zip(gts, preds, scores), start=1):
         images.append(dict(id=i, height=h, width=w))
         for m in gt:
-            anns.append(dict(id=len(anns) + 1, image_id=i, category_id=1, iscrowd=0,
-                             segmentation=rle(m), area=float(m.sum()), bbox=[0, 0, w, h]))
+            anns.append(
+                dict(
+                    id=len(anns) + 1,
+                    image_id=i,
+                    category_id=1,
+                    iscrowd=0,
+                    segmentation=rle(m),
+                    area=float(m.sum()),
+                    bbox=[0, 0, w, h],
+                )
+            )
         for m, s in zip(pred, score):
             results.append(dict(image_id=i, category_id=1, segmentation=rle(m), score=float(s)))
     with contextlib.redirect_stdout(io.StringIO()):
@@ -230,13 +240,15 @@ def test_precision_recall_curve_hand_worked():
     np.testing.assert_allclose(curve.precision[0], [0.0, 0.5])
     np.testing.assert_allclose(curve.interpolated[0], 0.5)  # monotone: 0.5 at every recall point
     assert curve.n_gt == 1
-    np.testing.assert_allclose(metrics.coco_ap([iou], [np.array([0.9, 0.8])]), curve.interpolated.mean(axis=1))
+    np.testing.assert_allclose(
+        metrics.coco_ap([iou], [np.array([0.9, 0.8])]), curve.interpolated.mean(axis=1)
+    )
 
 
 @pytest.mark.realdata
 def test_real_wells_against_pycocotools(bbbc010_root):
-    from companion.simulate import perturb_instances
     from companion.data import load_bbbc010
+    from companion.simulate import perturb_instances
 
     samples = load_bbbc010(bbbc010_root, wells=["C03", "C04"], progress=False)
     rng = np.random.default_rng(0)

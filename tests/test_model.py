@@ -1,4 +1,5 @@
 """Tests of companion.model: U-Net shapes, Concrete Dropout sampling and its regulariser."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,17 @@ import torch
 from torch import nn
 
 from companion.model import (
-    ConcreteDropout, ConcreteDropout2d, DropoutLayer, UNet, UNetOutput, concrete_layers,
-    concrete_regularizer, dropout_rates, mc_sampling, set_mc_sampling, weight_decay_penalty,
+    ConcreteDropout,
+    ConcreteDropout2d,
+    DropoutLayer,
+    UNet,
+    UNetOutput,
+    concrete_layers,
+    concrete_regularizer,
+    dropout_rates,
+    mc_sampling,
+    set_mc_sampling,
+    weight_decay_penalty,
 )
 
 
@@ -34,7 +44,7 @@ def test_unet_output_shapes(dropout):
 def test_unet_widths_double_per_level():
     net = UNet(base_filters=19, depth=5)
     first_convs = [block[0].layer for block in net.encoder]
-    assert [c.out_channels for c in first_convs] == [19 * 2 ** i for i in range(5)]
+    assert [c.out_channels for c in first_convs] == [19 * 2**i for i in range(5)]
     assert [u.layer.kernel_size for u in net.upconvs] == [(2, 2)] * 4
 
 
@@ -123,7 +133,9 @@ def test_spatial_dropout_drops_whole_channels_at_rate_p():
     assert torch.equal(per_channel, y.amin(dim=(2, 3)))
     dropped = (per_channel * 0.7 < 0.5).float().mean().item()  # P(relaxed drop > 1/2) = p
     assert dropped == pytest.approx(0.3, abs=0.02)
-    assert ((per_channel * 0.7 > 0.05) & (per_channel * 0.7 < 0.95)).float().mean() < 0.2  # t = 0.1: mostly near 0 or 1
+    assert (
+        (per_channel * 0.7 > 0.05) & (per_channel * 0.7 < 0.95)
+    ).float().mean() < 0.2  # t = 0.1: mostly near 0 or 1
     assert y.mean().item() == pytest.approx(1.0, abs=0.02)  # inverted dropout keeps the mean
 
 
@@ -178,8 +190,9 @@ def test_concrete_regulariser_matches_hand_computation(p):
     l2, zeta, n = 0.01, 0.002, 7
     w = layer.layer.weight.detach().double().numpy()
     b = layer.layer.bias.detach().double().numpy()
-    expected = (l2 * np.sum(w ** 2) / (2 * (1 - p)) + l2 / 2 * np.sum(b ** 2)
-                - zeta * 3 * _bernoulli_entropy(p)) / n
+    expected = (
+        l2 * np.sum(w**2) / (2 * (1 - p)) + l2 / 2 * np.sum(b**2) - zeta * 3 * _bernoulli_entropy(p)
+    ) / n
     got = concrete_regularizer(layer, n_train=n, length_scale_sq=l2, zeta=zeta).item()
     assert got == pytest.approx(expected, rel=1e-5)
 
@@ -190,7 +203,7 @@ def test_inverted_weight_term_equals_non_inverted_form():
     p, l2 = 0.35, 1.0
     layer = DropoutLayer(nn.Linear(5, 3, bias=False), ConcreteDropout(p))
     m_non_inverted = layer.layer.weight.detach().double() / (1 - p)
-    non_inverted = (1 - p) * l2 / 2 * float((m_non_inverted ** 2).sum())
+    non_inverted = (1 - p) * l2 / 2 * float((m_non_inverted**2).sum())
     ours = concrete_regularizer(layer, n_train=1, length_scale_sq=l2, zeta=0.0).item()
     assert ours == pytest.approx(non_inverted, rel=1e-5)
 
@@ -215,8 +228,11 @@ def test_regulariser_of_baseline_is_zero_and_rejects_bad_n():
 
 def test_weight_decay_penalty_sums_squared_weights_only():
     net = small_unet()
-    expected = sum(float((m.weight.detach().double() ** 2).sum()) for m in net.modules()
-                   if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+    expected = sum(
+        float((m.weight.detach().double() ** 2).sum())
+        for m in net.modules()
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+    )
     assert weight_decay_penalty(net).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -241,8 +257,10 @@ def test_regulariser_passes_gradcheck_in_float64():
         values = {"inner.dropout.p_logit": logit, "inner.layer.weight": weight, "inner.layer.bias": bias}
         return torch.func.functional_call(wrapped, values, args=())
 
-    inputs = tuple(p.detach().clone().requires_grad_(True)
-                   for p in (layer.dropout.p_logit, layer.layer.weight, layer.layer.bias))
+    inputs = tuple(
+        p.detach().clone().requires_grad_(True)
+        for p in (layer.dropout.p_logit, layer.layer.weight, layer.layer.bias)
+    )
     assert torch.autograd.gradcheck(regulariser, inputs, eps=1e-6, atol=1e-7)
 
 
@@ -277,7 +295,9 @@ def test_input_standardization_is_applied_and_validated():
     scaled = UNet(base_filters=2, depth=2, input_mean=[1.0, 2.0], input_std=[2.0, 4.0])
     scaled.load_state_dict(plain.state_dict())  # the statistics are not in the state dict
     x = torch.rand(1, 2, 8, 8)
-    expected = plain((x - torch.tensor([1.0, 2.0]).view(1, 2, 1, 1)) / torch.tensor([2.0, 4.0]).view(1, 2, 1, 1))
+    expected = plain(
+        (x - torch.tensor([1.0, 2.0]).view(1, 2, 1, 1)) / torch.tensor([2.0, 4.0]).view(1, 2, 1, 1)
+    )
     assert torch.allclose(scaled(x).embedding, expected.embedding, atol=1e-6)
     with pytest.raises(ValueError, match="input_std"):
         UNet(input_mean=[0.0, 0.0], input_std=[1.0, 0.0])

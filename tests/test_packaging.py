@@ -1,11 +1,11 @@
 """The package's declared dependencies and the conda environment file agree."""
+
 from __future__ import annotations
 
 import re
 import tomllib
 
 import yaml
-
 from conftest import REPO_ROOT
 
 
@@ -53,7 +53,7 @@ def _readme_section(title: str) -> str:
     text = (REPO_ROOT / "README.md").read_text()
     start = text.index(f"## {title}")
     end = text.find("\n## ", start + 3)
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 def test_readme_result_numbers_are_rows_of_the_committed_evaluations_or_the_paper():
@@ -61,11 +61,17 @@ def test_readme_result_numbers_are_rows_of_the_committed_evaluations_or_the_pape
 
     from companion.paper import TABLE1
 
-    pairs = {(round(r["avAP"], 3), round(r["AP50"], 3))
-             for path in (REPO_ROOT / "results").glob("*/results.json")
-             for r in json.loads(path.read_text())["rows"]}
+    pairs = {
+        (round(r["avAP"], 3), round(r["AP50"], 3))
+        for path in (REPO_ROOT / "results").glob("*/results.json")
+        for r in json.loads(path.read_text())["rows"]
+    }
     pairs |= {(row["avAP"], row["AP50"]) for row in TABLE1.values()}
-    quoted = re.findall(r"(\d\.\d{3}) / (?:AP50 )?(\d\.\d{3})", _readme_section("Trained models and their results"))
+    quoted = re.findall(
+        r"(\d\.\d{3}) / (?:AP50 )?(\d\.\d{3})", _readme_section("Trained models and their results")
+    )
     assert len(quoted) >= 4
     for avap, ap50 in quoted:
-        assert (float(avap), float(ap50)) in pairs, f"README quotes avAP {avap} / AP50 {ap50}, no evaluated row has it"
+        assert (float(avap), float(ap50)) in pairs, (
+            f"README quotes avAP {avap} / AP50 {ap50}, no evaluated row has it"
+        )

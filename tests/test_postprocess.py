@@ -1,4 +1,5 @@
 """Tests of companion.postprocess: mean-shift against scikit-learn, segment on idealised outputs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,14 @@ from companion.simulate import ideal_logits, simulate_embedding
 from companion.targets import OVERLAP, three_class_target
 
 
-def embedding_blobs(seed: int, n: int = 3000, dim: int = 16, n_blobs: int = 8, spread: float = 0.25,
-                    outlier_fraction: float = 0.02) -> np.ndarray:
+def embedding_blobs(
+    seed: int,
+    n: int = 3000,
+    dim: int = 16,
+    n_blobs: int = 8,
+    spread: float = 0.25,
+    outlier_fraction: float = 0.02,
+) -> np.ndarray:
     """Points like a trained discriminative embedding: tight blobs >= 4 (mostly 4-6) apart, a few outliers."""
     rng = np.random.default_rng(seed)
     centers = np.empty((0, dim))
@@ -57,7 +64,9 @@ def test_mean_shift_without_bin_seeding_matches_sklearn():
 def test_bin_seeds_match_sklearn_in_order():
     points = embedding_blobs(7, n=2000).astype(np.float64)
     for min_bin_freq in (1, 3):
-        np.testing.assert_allclose(pp.bin_seeds(points, 2.0, min_bin_freq), get_bin_seeds(points, 2.0, min_bin_freq))
+        np.testing.assert_allclose(
+            pp.bin_seeds(points, 2.0, min_bin_freq), get_bin_seeds(points, 2.0, min_bin_freq)
+        )
 
 
 def test_mean_bin_seeds_are_cell_means_near_their_points():
@@ -96,12 +105,15 @@ def test_mean_shift_finds_separated_blobs_sorted_by_size():
     np.testing.assert_array_equal(np.bincount(result.labels), [300, 100])
 
 
-@pytest.mark.parametrize("points,bandwidth,message", [
-    (np.array([[0.0, np.nan]]), 1.0, "NaN"),
-    (np.zeros(5), 1.0, "shape"),
-    (np.zeros((0, 3)), 1.0, "shape"),
-    (np.zeros((4, 2)), 0.0, "bandwidth"),
-])
+@pytest.mark.parametrize(
+    "points,bandwidth,message",
+    [
+        (np.array([[0.0, np.nan]]), 1.0, "NaN"),
+        (np.zeros(5), 1.0, "shape"),
+        (np.zeros((0, 3)), 1.0, "shape"),
+        (np.zeros((4, 2)), 0.0, "bandwidth"),
+    ],
+)
 def test_mean_shift_rejects_bad_input(points, bandwidth, message):
     with pytest.raises(ValueError, match=message):
         pp.mean_shift(points, bandwidth)
@@ -130,11 +142,11 @@ def test_trajectories_follow_the_flat_kernel_mean():
 # ------------------------------------------------------------------------------- overlap heuristic
 def test_fill_overlap_adds_touching_overlap_and_drops_fragments():
     instance = np.zeros((9, 9), bool)
-    instance[1:4, 1:4] = True      # main body
-    instance[7, 7] = True          # stray fragment
+    instance[1:4, 1:4] = True  # main body
+    instance[7, 7] = True  # stray fragment
     overlap = np.zeros((9, 9), bool)
-    overlap[4, 1:4] = True         # touches the body
-    overlap[0, 7] = True           # elsewhere
+    overlap[4, 1:4] = True  # touches the body
+    overlap[0, 7] = True  # elsewhere
     filled = pp.fill_overlap(instance, overlap)
     expected = np.zeros((9, 9), bool)
     expected[1:5, 1:4] = True
@@ -172,8 +184,11 @@ def test_segment_reproduces_the_heuristic_on_ideal_output(synthetic_cases):
 
 
 def test_segment_recovers_instances_the_heuristic_can_represent(synthetic_cases):
-    representable = [case for case in synthetic_cases
-                     if (pairwise_iou(case[0], oracle_heuristic(case[0])).diagonal() > 0.99).all()]
+    representable = [
+        case
+        for case in synthetic_cases
+        if (pairwise_iou(case[0], oracle_heuristic(case[0])).diagonal() > 0.99).all()
+    ]
     assert len(representable) >= 2
     for instances, embedding, logits in representable:
         predicted = pp.segment(embedding, logits, bandwidth=2.0, threshold=1.5)
@@ -191,8 +206,10 @@ def test_segment_subsampling_and_torch_input(synthetic_cases):
 
 def test_segment_is_deterministic(synthetic_cases):
     _, embedding, logits = synthetic_cases[1]
-    np.testing.assert_array_equal(pp.segment(embedding, logits, 2.0, 1.5, max_points=800),
-                                  pp.segment(embedding, logits, 2.0, 1.5, max_points=800))
+    np.testing.assert_array_equal(
+        pp.segment(embedding, logits, 2.0, 1.5, max_points=800),
+        pp.segment(embedding, logits, 2.0, 1.5, max_points=800),
+    )
 
 
 def test_segment_without_foreground_is_empty():
@@ -204,7 +221,7 @@ def test_segment_without_foreground_is_empty():
 
 def test_segment_drops_instances_below_min_size():
     instances = np.zeros((2, 40, 40), bool)
-    instances[0, 5:15, 5:35] = True   # 300 pixels
+    instances[0, 5:15, 5:35] = True  # 300 pixels
     instances[1, 30:33, 5:15] = True  # 30 pixels
     embedding = simulate_embedding(instances, dim=8, seed=0)
     out = pp.segment(embedding, ideal_logits(instances), 2.0, 1.5, min_size=50)
@@ -253,8 +270,15 @@ def test_claim_pixels_matches_a_naive_distance_check():
     mask = rng.random((6, 7)) > 0.3
     centers = rng.normal(size=(4, 3))
     claimed = pp.claim_pixels(embedding, mask, centers, 1.2)
-    naive = np.array([[[mask[y, x] and np.linalg.norm(embedding[:, y, x] - c) <= 1.2 for x in range(7)]
-                       for y in range(6)] for c in centers])
+    naive = np.array(
+        [
+            [
+                [mask[y, x] and np.linalg.norm(embedding[:, y, x] - c) <= 1.2 for x in range(7)]
+                for y in range(6)
+            ]
+            for c in centers
+        ]
+    )
     np.testing.assert_array_equal(claimed, naive)
     assert claimed.any() and not claimed.all()
     with pytest.raises(ValueError, match=r"\(4, 2\)"):
@@ -297,8 +321,9 @@ def test_component_clustering_takes_small_components_whole_and_checks_its_name()
     instances[0, 5:10, 5:30] = True
     instances[1, 20:25, 5:30] = True
     embedding = np.zeros((4, 40, 40))  # useless embedding: every pixel alike
-    masks = pp.segment(embedding, ideal_logits(instances), 1.0, 1.0, clustering="components",
-                    single_below=1000)
+    masks = pp.segment(
+        embedding, ideal_logits(instances), 1.0, 1.0, clustering="components", single_below=1000
+    )
     assert sorted(m.sum() for m in masks) == [125, 125]
     with pytest.raises(ValueError, match="clustering"):
         pp.segment(embedding, ideal_logits(instances), 1.0, 1.0, clustering="local")
@@ -324,11 +349,17 @@ def test_segment_reuses_the_modes_across_thresholds(monkeypatch):
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(threshold=-1.0), "threshold"), (dict(threshold=float("nan")), "threshold"),
-    (dict(bandwidth=0.0), "bandwidth"), (dict(max_points=-1), "max_points"),
-    (dict(max_points=0), "max_points"), (dict(min_size=-5), "min_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(threshold=-1.0), "threshold"),
+        (dict(threshold=float("nan")), "threshold"),
+        (dict(bandwidth=0.0), "bandwidth"),
+        (dict(max_points=-1), "max_points"),
+        (dict(max_points=0), "max_points"),
+        (dict(min_size=-5), "min_size"),
+    ],
+)
 def test_segment_rejects_bad_settings_early(kwargs, match):
     instances = np.zeros((1, 20, 20), bool)
     instances[0, 5:10, 5:15] = True

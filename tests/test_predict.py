@@ -1,4 +1,5 @@
 """companion.predict.predict_instances and the `predict` command."""
+
 from __future__ import annotations
 
 import csv
@@ -8,14 +9,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from companion.__main__ import main
 from companion.metrics import evaluate as instance_metrics
 from companion.model import UNet
 from companion.outputs import well_outputs
-from companion.predict import predict_deterministic
-from companion.predict import predict_instances
-from conftest import REPO_ROOT
+from companion.predict import predict_deterministic, predict_instances
 
 
 @pytest.fixture
@@ -34,19 +34,23 @@ def test_deterministic_prediction_is_the_evaluation_path(tiny_concrete):
 
 def test_mc_prediction_returns_probabilities_that_binarise_to_the_masks(tiny_concrete):
     image = np.random.default_rng(1).random((2, 32, 48), dtype=np.float32)
-    result = predict_instances(tiny_concrete, image, bandwidth=1.0, threshold=1.0, draws=3,
-                               binarize_at=0.6)
+    result = predict_instances(tiny_concrete, image, bandwidth=1.0, threshold=1.0, draws=3, binarize_at=0.6)
     assert result.probabilities.dtype == np.float16
     assert result.probabilities.shape == result.masks.shape
     assert np.array_equal(result.probabilities >= np.float16(0.6), result.masks)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.zeros((3, 8, 8)), r"shape \(3, 8, 8\), but the model expects a \(2, H, W\) array.*2 channels"),
-    (np.zeros((8, 8, 2)), r"shape \(8, 8, 2\), but the model expects a \(2, H, W\)"),
-    (np.zeros((2, 0, 8)), r"shape \(2, 0, 8\), but the model expects .* H, W >= 1"),
-    (np.zeros((2, 0, 0)), r"shape \(2, 0, 0\)"), (np.zeros((0,)), r"shape \(0,\)"),
-    (np.full((2, 8, 8), np.nan), "NaN")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((3, 8, 8)), r"shape \(3, 8, 8\), but the model expects a \(2, H, W\) array.*2 channels"),
+        (np.zeros((8, 8, 2)), r"shape \(8, 8, 2\), but the model expects a \(2, H, W\)"),
+        (np.zeros((2, 0, 8)), r"shape \(2, 0, 8\), but the model expects .* H, W >= 1"),
+        (np.zeros((2, 0, 0)), r"shape \(2, 0, 0\)"),
+        (np.zeros((0,)), r"shape \(0,\)"),
+        (np.full((2, 8, 8), np.nan), "NaN"),
+    ],
+)
 def test_bad_images_are_refused(tiny_concrete, bad, match):
     with pytest.raises(ValueError, match=match):
         predict_instances(tiny_concrete, bad, bandwidth=1.0, threshold=1.0)
@@ -54,8 +58,13 @@ def test_bad_images_are_refused(tiny_concrete, bad, match):
 
 def test_draws_need_concrete_dropout():
     with pytest.raises(ValueError, match="Concrete Dropout"):
-        predict_instances(UNet(base_filters=2, depth=2), np.zeros((2, 8, 8), np.float32),
-                          bandwidth=1.0, threshold=1.0, draws=2)
+        predict_instances(
+            UNet(base_filters=2, depth=2),
+            np.zeros((2, 8, 8), np.float32),
+            bandwidth=1.0,
+            threshold=1.0,
+            draws=2,
+        )
 
 
 def test_predict_command_reproduces_the_committed_per_image_line(bbbc010_root, tmp_path):
@@ -63,8 +72,22 @@ def test_predict_command_reproduces_the_committed_per_image_line(bbbc010_root, t
     row = max(results["rows"], key=lambda r: r["avAP"])["name"]
     with open(REPO_ROOT / "results" / "baseline" / "per_image.csv") as f:
         line = next(r for r in csv.DictReader(f) if r["row"] == row and r["well"] == "C03")
-    assert main(["predict", "--pretrained", "baseline", "--wells", "C03", "--data-root",
-                 str(bbbc010_root), "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--pretrained",
+                "baseline",
+                "--wells",
+                "C03",
+                "--data-root",
+                str(bbbc010_root),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     saved = np.load(tmp_path / "C03.npz")
     assert (tmp_path / "C03.png").is_file()
     from companion.data import load_bbbc010
@@ -76,8 +99,12 @@ def test_predict_command_reproduces_the_committed_per_image_line(bbbc010_root, t
 
 
 def test_predict_command_names_an_unknown_row(bbbc010_root, tmp_path, capsys):
-    assert main(["predict", "--pretrained", "baseline", "--row", "nope", "--wells", "C03",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            ["predict", "--pretrained", "baseline", "--row", "nope", "--wells", "C03", "--out", str(tmp_path)]
+        )
+        == 2
+    )
     assert "nope" in capsys.readouterr().err
 
 
@@ -100,8 +127,10 @@ def test_predict_command_refuses_an_unusable_image_file_in_one_line(tmp_path, ca
         tifffile.imwrite(path, np.zeros((2, 64, 80), np.uint16), photometric="minisblack")
         path.write_bytes(path.read_bytes()[:5000])
         expected = "the file is truncated or unreadable"
-    assert main(["predict", "--pretrained", "baseline", "--images", str(path),
-                 "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(["predict", "--pretrained", "baseline", "--images", str(path), "--out", str(tmp_path / "out")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and path.name in err and err.count("\n") == 1, err
     assert re.search(expected, err), err

@@ -1,4 +1,5 @@
 """Pretrained weights: export (scripts/export_pretrained.py) and companion.pretrained.load."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from companion import pretrained
 from companion.checkpoint import load_model
@@ -16,11 +18,12 @@ from companion.model import dropout_rates
 from companion.run_folder import TERM_NAMES, read_log
 from companion.synthetic import make_dataset
 from companion.train import train
-from conftest import REPO_ROOT
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("export_pretrained", REPO_ROOT / "scripts" / "export_pretrained.py")
+    spec = importlib.util.spec_from_file_location(
+        "export_pretrained", REPO_ROOT / "scripts" / "export_pretrained.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -40,8 +43,21 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shelf(run_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("shelf")
-    assert export_main(["--checkpoint", str(run_dir / "final.pt"), "--name", "concrete", "--out-dir", str(folder),
-                        "--command", "python -m companion train --preset quick"]) == 0
+    assert (
+        export_main(
+            [
+                "--checkpoint",
+                str(run_dir / "final.pt"),
+                "--name",
+                "concrete",
+                "--out-dir",
+                str(folder),
+                "--command",
+                "python -m companion train --preset quick",
+            ]
+        )
+        == 0
+    )
     return folder
 
 
@@ -75,8 +91,11 @@ def test_provenance_records_the_run(run_dir, shelf):
     assert record["size_bytes"] == weights.stat().st_size < pretrained.MAX_BYTES
     assert record["iterations"] == 4 and record["dtype"] == "float16"
     assert record["command"] == "python -m companion train --preset quick"
-    assert record["preset"] == "quick" and record["overrides"] == {"iterations": 4, "crop_size": 32,
-                                                                   "checkpoint_every": 2}
+    assert record["preset"] == "quick" and record["overrides"] == {
+        "iterations": 4,
+        "crop_size": 32,
+        "checkpoint_every": 2,
+    }
     log = read_log(run_dir)
     assert record["final_loss_terms"] == {k: log[-1][k] for k in TERM_NAMES}
     assert record["training_time_s"] == pytest.approx(sum(2 / r["it_per_s"] for r in log))
@@ -106,7 +125,9 @@ def test_a_modified_file_fails_the_checksum(shelf, tmp_path):
 
 
 def test_unknown_name_lists_the_available_models(shelf):
-    with pytest.raises(ValueError, match=r"unknown pretrained model 'bayesian'.*\['concrete', 'baseline'\].*concrete"):
+    with pytest.raises(
+        ValueError, match=r"unknown pretrained model 'bayesian'.*\['concrete', 'baseline'\].*concrete"
+    ):
         pretrained.load("bayesian", directory=shelf)
 
 
@@ -126,10 +147,14 @@ def test_export_refuses_oversized_weights_and_leaves_nothing(run_dir, tmp_path, 
 
 
 def test_exporting_the_same_checkpoint_twice_gives_the_same_file(run_dir, tmp_path):
-    (first, _), (second, _) = (pretrained.export(run_dir / "final.pt", "concrete", tmp_path / d) for d in "ab")
+    (first, _), (second, _) = (
+        pretrained.export(run_dir / "final.pt", "concrete", tmp_path / d) for d in "ab"
+    )
     assert first.read_bytes() == second.read_bytes()
-    assert pretrained.provenance("concrete", directory=tmp_path / "a")["sha256"] == \
-        pretrained.provenance("concrete", directory=tmp_path / "b")["sha256"]
+    assert (
+        pretrained.provenance("concrete", directory=tmp_path / "a")["sha256"]
+        == pretrained.provenance("concrete", directory=tmp_path / "b")["sha256"]
+    )
 
 
 def test_export_rejects_a_bad_name(run_dir, tmp_path):
@@ -141,12 +166,37 @@ def test_the_evaluate_cli_loads_pretrained_weights(shelf, tmp_path):
     from companion.__main__ import main
 
     out = tmp_path / "res"
-    assert main(["evaluate", "--pretrained", "concrete", "--pretrained-dir", str(shelf), "--synthetic", "2",
-                 "--synthetic-size", "64", "--draws", "2", "--bandwidths", "1", "--thresholds", "1",
-                 "--no-progress", "--no-cache", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pretrained",
+                "concrete",
+                "--pretrained-dir",
+                str(shelf),
+                "--synthetic",
+                "2",
+                "--synthetic-size",
+                "64",
+                "--draws",
+                "2",
+                "--bandwidths",
+                "1",
+                "--thresholds",
+                "1",
+                "--no-progress",
+                "--no-cache",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads((out / "results.json").read_text())
-    assert doc["model"]["source"] == "pretrained" and doc["model"]["sha256"] == pretrained.provenance(
-        "concrete", shelf)["sha256"]
+    assert (
+        doc["model"]["source"] == "pretrained"
+        and doc["model"]["sha256"] == pretrained.provenance("concrete", shelf)["sha256"]
+    )
     assert not (out / "cache").exists()
 
 
@@ -180,7 +230,9 @@ def test_load_or_train_loads_the_shipped_model_or_trains_a_quick_one(shelf, monk
 
 def test_export_folds_a_background_shift_into_the_weights_and_records_it(run_dir, tmp_path):
     calibration = dict(method="test", wells=["A01"], shifts=[0.0, 1.0], f1=[0.5, 0.7])
-    pretrained.export(run_dir / "final.pt", "concrete", tmp_path, background_shift=1.0, calibration=calibration)
+    pretrained.export(
+        run_dir / "final.pt", "concrete", tmp_path, background_shift=1.0, calibration=calibration
+    )
     shifted = pretrained.load("concrete", directory=tmp_path)
     original = load_model(run_dir / "final.pt")
     delta = original.class_head.layer.bias.detach() - shifted.class_head.layer.bias.detach()
@@ -190,19 +242,30 @@ def test_export_folds_a_background_shift_into_the_weights_and_records_it(run_dir
 
 
 def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, tmp_path):
-    spec = importlib.util.spec_from_file_location("results_summary", REPO_ROOT / "scripts" / "results_summary.py")
+    spec = importlib.util.spec_from_file_location(
+        "results_summary", REPO_ROOT / "scripts" / "results_summary.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     row = dict(avAP=0.25, AP50=0.5, AP75=0.125, recall80=0.2, avAP_dsb=0.3)
-    doc = dict(rows=[dict(name="mc", **row), dict(name="deterministic", **row)], wells=["C03", "C04"],
-               settings=dict(draws=8, binarize_at=0.75), skipped_wells=["C13"],
-               pavpu=[dict(threshold=0.0, p_uncertain_given_inaccurate=1.0, pavpu=0.1),
-                      dict(threshold=0.05, p_uncertain_given_inaccurate=0.5, pavpu=0.25)])
+    doc = dict(
+        rows=[dict(name="mc", **row), dict(name="deterministic", **row)],
+        wells=["C03", "C04"],
+        settings=dict(draws=8, binarize_at=0.75),
+        skipped_wells=["C13"],
+        pavpu=[
+            dict(threshold=0.0, p_uncertain_given_inaccurate=1.0, pavpu=0.1),
+            dict(threshold=0.05, p_uncertain_given_inaccurate=0.5, pavpu=0.25),
+        ],
+    )
     (tmp_path / "concrete").mkdir()
     (tmp_path / "concrete" / "results.json").write_text(json.dumps(doc))
     assert module.main(["--results-dir", str(tmp_path), "--pretrained-dir", str(shelf)]) == 0
     text = (tmp_path / "README.md").read_text()
-    assert "| ours, concrete: 8 MC draws agglomerated, p >= 0.75 | 0.250 | 0.500 | 0.125 | 0.200 | 0.300 |" in text
+    assert (
+        "| ours, concrete: 8 MC draws agglomerated, p >= 0.75 | 0.250 | 0.500 | 0.125 | 0.200 | 0.300 |"
+        in text
+    )
     assert "| paper, concrete | 0.770 | 0.974 | 0.883 | 0.810 | 0.703 |" in text
     assert pretrained.training_budget("concrete", shelf) in text and "skipped as incomplete: C13" in text
     assert "baseline:" not in text.split("Training budgets")[1]  # no results for it: no budget line
@@ -213,8 +276,7 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
     (tmp_path / "concrete_components" / "results.json").write_text(json.dumps(doc))
     assert module.main(["--results-dir", str(tmp_path), "--pretrained-dir", str(shelf)]) == 0
     text = (tmp_path / "README.md").read_text()
-    assert ("| ours, concrete: one deterministic pass, per-component clustering | 0.375 | 0.500 |"
-            in text)
+    assert "| ours, concrete: one deterministic pass, per-component clustering | 0.375 | 0.500 |" in text
     assert text.count(pretrained.training_budget("concrete", shelf)) == 1  # one budget line per model
 
 
@@ -230,9 +292,14 @@ def test_training_can_start_from_an_exported_model(shelf, tmp_path):
     init_weights(fresh, shelf / "concrete.pt")  # the float16 file: weights come back as float32
     ours = fresh.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in exported.state_dict().items() if k in ours)
-    final = train(TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1,
-                                     init_from=str(shelf / "concrete.pt")),
-                  make_dataset(2, seed=0, shape=(96, 96)), tmp_path / "run", progress=False)
+    final = train(
+        TrainConfig.preset(
+            "quick", iterations=2, checkpoint_every=2, log_every=1, init_from=str(shelf / "concrete.pt")
+        ),
+        make_dataset(2, seed=0, shape=(96, 96)),
+        tmp_path / "run",
+        progress=False,
+    )
     assert final.exists()
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
@@ -254,7 +321,9 @@ def _copy_with(shelf, folder, payload=None, weights=None):
 def test_a_truncated_or_foreign_weights_file_is_a_value_error_naming_it(shelf, tmp_path):
     data = (shelf / "concrete.pt").read_bytes()
     _copy_with(shelf, tmp_path, weights=data[: len(data) // 2])  # truncated, but signed as such
-    with pytest.raises(ValueError, match=r"concrete\.pt is not a readable exported companion model \(truncated"):
+    with pytest.raises(
+        ValueError, match=r"concrete\.pt is not a readable exported companion model \(truncated"
+    ):
         pretrained.load("concrete", directory=tmp_path)
     payload = torch.load(shelf / "concrete.pt", weights_only=True)
     payload["model_kwargs"] = {**payload["model_kwargs"], "base_filters": 7}  # another architecture
@@ -295,14 +364,17 @@ def test_a_gpu_location_without_cuda_says_so_and_does_not_blame_the_file(shelf, 
 
 def test_a_model_trained_in_stages_records_each_and_their_totals(run_dir, shelf, tmp_path):
     first = pretrained.provenance("concrete", shelf)
-    stages = pretrained.stage_summary(shelf / "concrete.json") + pretrained.stage_summary(run_dir / "final.pt")
+    stages = pretrained.stage_summary(shelf / "concrete.json") + pretrained.stage_summary(
+        run_dir / "final.pt"
+    )
     assert [s["iterations"] for s in stages] == [first["iterations"]] * 2
     assert stages[0]["source"] == "concrete.json" and stages[1]["source"] == "final.pt"
     pretrained.export(run_dir / "final.pt", "baseline", tmp_path, earlier_stages=stages)
     record = pretrained.provenance("baseline", tmp_path)
     assert record["total_iterations"] == 3 * first["iterations"]
     assert record["total_training_time_s"] == pytest.approx(
-        sum(s["training_time_s"] for s in stages) + record["training_time_s"])
+        sum(s["training_time_s"] for s in stages) + record["training_time_s"]
+    )
     line = pretrained.training_budget("baseline", tmp_path)
     assert line.startswith(f"baseline: {3 * first['iterations']:,} iterations of 32 x 32 crops")
     assert "in 3 stages: " in line and line.count(", then ") == 2

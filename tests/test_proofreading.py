@@ -1,4 +1,5 @@
 """Tests of companion.proofreading on tiny hand-built examples."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,9 @@ def _worm(shape, rows, cols):
 def test_uncertainty_map_is_max_entropy_and_zero_without_instances():
     rng = np.random.default_rng(0)
     probs = rng.random((3, 5, 6))
-    expected = np.max([[[bernoulli_entropy(probs[k, y, x]) for x in range(6)] for y in range(5)] for k in range(3)], axis=0)
+    expected = np.max(
+        [[[bernoulli_entropy(probs[k, y, x]) for x in range(6)] for y in range(5)] for k in range(3)], axis=0
+    )
     np.testing.assert_allclose(uncertainty_map(probs), expected)
     np.testing.assert_array_equal(uncertainty_map(np.zeros((0, 5, 6))), np.zeros((5, 6)))
 
@@ -40,11 +43,11 @@ def test_patch_means_with_partial_border_patches():
 
 def test_find_peaks_suppresses_neighbours_only_in_the_same_image():
     a = np.zeros((32, 64))
-    a[0:4, 0:4] = 0.6    # best peak
+    a[0:4, 0:4] = 0.6  # best peak
     a[0:4, 16:20] = 0.5  # 16 px away: suppressed (<= 16)
     a[0:4, 20:24] = 0.45  # 20 px away: a peak
     b = np.zeros((32, 64))
-    b[0:4, 4:8] = 0.55   # other image, close in coordinates: a peak
+    b[0:4, 4:8] = 0.55  # other image, close in coordinates: a peak
     peaks = find_peaks([a, b], 10)
     assert list(zip(peaks.image.tolist(), peaks.x.tolist())) == [(0, 0), (1, 4), (0, 20)]
     np.testing.assert_allclose(peaks.value, [0.6, 0.55, 0.45])
@@ -58,8 +61,8 @@ def _two_worm_scene():
     gt = np.stack([left, right])
     probs = np.zeros((2,) + shape, np.float32)
     probs[0][left] = 1.0
-    probs[1][right] = 0.5          # uncertain: below 0.75 ...
-    probs[1, 4:16, 30:36] = 0.8    # ... except the top half, which is predicted
+    probs[1][right] = 0.5  # uncertain: below 0.75 ...
+    probs[1, 4:16, 30:36] = 0.8  # ... except the top half, which is predicted
     return gt, probs
 
 
@@ -87,8 +90,11 @@ def test_zero_corrections_equals_plain_evaluate():
     table = simulate_proofreading([gt, gt], [probs, probs2], (0,))
     preds = [p >= 0.75 for p in (probs, probs2)]
     keep = [b.any(axis=(1, 2)) for b in preds]
-    plain = evaluate([gt, gt], [b[k] for b, k in zip(preds, keep)],
-                     [instance_scores(p)[k] for p, k in zip((probs, probs2), keep)])
+    plain = evaluate(
+        [gt, gt],
+        [b[k] for b, k in zip(preds, keep)],
+        [instance_scores(p)[k] for p, k in zip((probs, probs2), keep)],
+    )
     for key in ("avAP", "AP50", "AP75", "recall80", "avAP_dsb"):
         assert table.rows[0][key] == plain[key], key
 
@@ -127,9 +133,9 @@ def test_worm_seen_at_the_peak_is_fixed_even_if_its_prediction_ends_elsewhere():
     shape = (12, 48)
     worm = _worm(shape, slice(4, 8), slice(0, 40))
     probs = np.zeros((1,) + shape, np.float32)
-    probs[0, 4:8, 0:12] = 1.0    # predicted part, far from the peak
-    probs[0, 4:8, 12:24] = 0.3   # missing part, somewhat uncertain
-    probs[0, 4:8, 24:40] = 0.5   # missing part, most uncertain: the peak is here
+    probs[0, 4:8, 0:12] = 1.0  # predicted part, far from the peak
+    probs[0, 4:8, 12:24] = 0.3  # missing part, somewhat uncertain
+    probs[0, 4:8, 24:40] = 0.5  # missing part, most uncertain: the peak is here
     table = simulate_proofreading([worm[None]], [probs], (0, 1))
     assert table.peaks.x[0] >= 24
     fix = table.corrections[1]

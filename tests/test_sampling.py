@@ -1,4 +1,5 @@
 """Tests of companion.sampling: deterministic and Monte-Carlo dropout inference on whole images."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,7 +57,9 @@ def test_predict_equals_a_plain_forward_pass_when_no_padding_is_needed(net, rng)
     with torch.no_grad():
         reference = net.eval()(torch.from_numpy(image)[None])
     out = predict(net, image)
-    np.testing.assert_allclose(out.logits, reference.logits.numpy(), atol=1e-5)  # NHWC kernels sum in another order
+    np.testing.assert_allclose(
+        out.logits, reference.logits.numpy(), atol=1e-5
+    )  # NHWC kernels sum in another order
     np.testing.assert_allclose(out.embeddings, reference.embedding.numpy(), atol=1e-5)
 
 
@@ -94,7 +97,9 @@ def test_mc_predict_batched_matches_a_reference_sampling_loop(net, rng):
         x = torch.from_numpy(image)[None]
         reference = torch.cat([net.eval()(x.repeat(4, 1, 1, 1)).logits, net(x.repeat(2, 1, 1, 1)).logits])
     set_mc_sampling(net, False)
-    np.testing.assert_allclose(draws.logits, reference.numpy(), rtol=1e-5, atol=1e-4)  # batched convolutions round differently
+    np.testing.assert_allclose(
+        draws.logits, reference.numpy(), rtol=1e-5, atol=1e-4
+    )  # batched convolutions round differently
 
 
 def test_mc_predict_restores_modes(net, image):

@@ -1,6 +1,6 @@
 """Tests of companion.synthetic: format, determinism, geometry and speed of synthetic worms."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest

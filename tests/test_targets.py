@@ -1,4 +1,5 @@
 """Tests of companion.targets: the three-class target against a per-pixel reference."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,9 @@ def test_torch_matches_numpy(overlapping_instances):
 def test_numeric_masks(overlapping_instances, dtype):
     as_numbers = overlapping_instances.astype(dtype)
     np.testing.assert_array_equal(three_class_target(as_numbers), _reference(overlapping_instances))
-    np.testing.assert_array_equal(three_class_target(torch.from_numpy(as_numbers)).numpy(),
-                                  _reference(overlapping_instances))
+    np.testing.assert_array_equal(
+        three_class_target(torch.from_numpy(as_numbers)).numpy(), _reference(overlapping_instances)
+    )
 
 
 def test_many_overlapping_masks_stay_overlap():

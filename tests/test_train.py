@@ -1,4 +1,5 @@
 """Training: configuration, data order, logs, checkpoints, exact resuming, safe loading, DDP."""
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from companion.augment import WormCropDataset, collate_crops
 from companion.batches import _IterationSampler
@@ -23,16 +25,15 @@ from companion.model import concrete_layers
 from companion.run_folder import TERM_NAMES, read_log
 from companion.synthetic import make_dataset
 from companion.train import build_model, train, train_step
-from conftest import REPO_ROOT
 
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                  "PYTHONPATH": str(REPO_ROOT)}
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
 
 
 def tiny_config(**overrides) -> TrainConfig:
     """The quick preset, shortened further for tests."""
-    base = dict(iterations=4, checkpoint_every=2, log_every=2, crop_size=32, base_filters=2,
-                embedding_dim=4, depth=3)
+    base = dict(
+        iterations=4, checkpoint_every=2, log_every=2, crop_size=32, base_filters=2, embedding_dim=4, depth=3
+    )
     return TrainConfig.preset("quick", **{**base, **overrides})
 
 
@@ -55,13 +56,22 @@ def test_every_preset_is_valid_and_round_trips_through_json(name):
 def test_paper_preset_has_the_papers_settings():
     config = TrainConfig.preset("paper")
     assert (config.crop_size, config.embedding_dim, config.base_filters, config.depth) == (512, 16, 19, 5)
-    assert (config.iterations, config.delta_d, config.length_scale_sq, config.zeta) == (800_000, 4.0, 1e-6, 1e-3)
+    assert (config.iterations, config.delta_d, config.length_scale_sq, config.zeta) == (
+        800_000,
+        4.0,
+        1e-6,
+        1e-3,
+    )
     assert config.weight_decay == 1e-6 and config.model == "concrete"
 
 
 def test_presets_are_ordered_by_cost():
-    cost = {n: TrainConfig.preset(n).iterations * TrainConfig.preset(n).crop_size ** 2
-            * TrainConfig.preset(n).batch_size for n in PRESETS}
+    cost = {
+        n: TrainConfig.preset(n).iterations
+        * TrainConfig.preset(n).crop_size ** 2
+        * TrainConfig.preset(n).batch_size
+        for n in PRESETS
+    }
     assert cost["quick"] < cost["cpu"] < cost["colab"] < cost["paper"]
 
 
@@ -83,7 +93,7 @@ def test_preset_overrides_and_errors():
 def test_data_order_is_a_function_of_the_iteration():
     full = list(_IterationSampler(0, 10, batch_size=3))
     resumed = list(_IterationSampler(4, 10, batch_size=3))
-    assert resumed == full[4 * 3:]
+    assert resumed == full[4 * 3 :]
 
 
 def test_ranks_read_disjoint_shards_whose_union_is_the_single_process_batch():
@@ -91,9 +101,9 @@ def test_ranks_read_disjoint_shards_whose_union_is_the_single_process_batch():
     shards = [list(_IterationSampler(0, 5, batch, rank=r, world_size=world)) for r in range(world)]
     single = list(_IterationSampler(0, 5, batch * world))
     for it in range(5):
-        per_rank = [s[it * batch:(it + 1) * batch] for s in shards]
+        per_rank = [s[it * batch : (it + 1) * batch] for s in shards]
         union = sorted(i for part in per_rank for i in part)
-        assert union == single[it * batch * world:(it + 1) * batch * world]
+        assert union == single[it * batch * world : (it + 1) * batch * world]
 
 
 def test_numpy_blas_runs_single_threaded_inside_the_training_loop():
@@ -101,8 +111,7 @@ def test_numpy_blas_runs_single_threaded_inside_the_training_loop():
     from companion.batches import single_threaded_numpy_blas
 
     def openblas_threads():
-        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
-                if i["internal_api"] == "openblas"]
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["internal_api"] == "openblas"]
 
     if not openblas_threads():
         pytest.skip("NumPy is not linked against OpenBLAS here")
@@ -136,8 +145,9 @@ def test_train_writes_a_log_record_of_every_term_and_dropout_rate(finished_run):
         assert set(TERM_NAMES) <= set(r)
         assert len(r["dropout_rates"]) == n_layers and all(0 < p < 1 for p in r["dropout_rates"])
         # window means are linear, so the logged total is still the sum of the logged terms
-        assert r["total"] == pytest.approx(r["var"] + r["dist"] + 1e-3 * r["reg"] + r["ce"]
-                                           + r["model_reg"], rel=1e-5)
+        assert r["total"] == pytest.approx(
+            r["var"] + r["dist"] + 1e-3 * r["reg"] + r["ce"] + r["model_reg"], rel=1e-5
+        )
 
 
 def test_final_checkpoint_is_safe_and_holds_everything_needed_to_resume(finished_run):
@@ -151,8 +161,10 @@ def test_final_checkpoint_is_safe_and_holds_everything_needed_to_resume(finished
     assert not model.training
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, initial[k])]
     assert changed, "training did not change any weight"
-    assert torch.equal(read_checkpoint(out / "last.pt")["model"]["class_head.layer.weight"],
-                       ckpt["model"]["class_head.layer.weight"])
+    assert torch.equal(
+        read_checkpoint(out / "last.pt")["model"]["class_head.layer.weight"],
+        ckpt["model"]["class_head.layer.weight"],
+    )
 
 
 def test_train_refuses_to_overwrite_a_run_without_resume(finished_run, tiny_data):
@@ -174,8 +186,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(tiny_data):
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     ds = WormCropDataset(tiny_data, crop_size=32, length=2, seed=0)
     batch = collate_crops([ds[0], ds[1]])
-    losses = [float(train_step(model, optimizer, batch, n_train=3, config=config).total)
-              for _ in range(15)]
+    losses = [float(train_step(model, optimizer, batch, n_train=3, config=config).total) for _ in range(15)]
     assert losses[-1] < losses[0]
 
 
@@ -288,8 +299,13 @@ RUN_SCRIPT = textwrap.dedent("""
 
 
 def _run(script: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *map(str, args)], env=SUBPROCESS_ENV,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
@@ -316,7 +332,10 @@ def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_p
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("time", "it_per_s")} for r in recs]
+
+    def strip(recs):
+        return [{k: v for k, v in r.items() if k not in ("time", "it_per_s")} for r in recs]
+
     assert strip(read_log(whole)) == strip(read_log(broken))
     assert [r["iteration"] for r in read_log(broken)] == [1, 2, 3, 4, 5, 6]
 
@@ -379,12 +398,23 @@ def test_two_gloo_processes_agree_with_each_other_and_with_one_process(tmp_path)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     first, second = _free_ports(2)
-    env = {**SUBPROCESS_ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(first),
-           "SECOND_MASTER_PORT": str(second), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    env = {
+        **SUBPROCESS_ENV,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(first),
+        "SECOND_MASTER_PORT": str(second),
+        "WORLD_SIZE": "2",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     try:
         outputs = [p.communicate(timeout=150) for p in procs]
     finally:
@@ -400,8 +430,9 @@ def test_two_gloo_processes_agree_with_each_other_and_with_one_process(tmp_path)
         assert torch.equal(r0["params"][key], r1["params"][key]), key
 
     # ... equal to one process stepping on the combined batch
-    config = TrainConfig.preset("quick", model="baseline", crop_size=32, base_filters=2,
-                                embedding_dim=4, depth=3, batch_size=2)
+    config = TrainConfig.preset(
+        "quick", model="baseline", crop_size=32, base_filters=2, embedding_dim=4, depth=3, batch_size=2
+    )
     data = make_dataset(3, seed=0, shape=(64, 64))
     torch.manual_seed(0)
     model = build_model(config)
@@ -421,9 +452,12 @@ def test_two_gloo_processes_agree_with_each_other_and_with_one_process(tmp_path)
     # combined batch (rank r reads crops (t * 2 + r), one process with batch 2 reads both)
     run = tmp_path / "ddp_run"
     assert [r["iteration"] for r in read_log(run)] == [1, 2, 3]
-    single = train(TrainConfig.from_dict({**read_checkpoint(run / "final.pt")["config"],
-                                          "batch_size": 2}),
-                   data, tmp_path / "single_run", progress=False)
+    single = train(
+        TrainConfig.from_dict({**read_checkpoint(run / "final.pt")["config"], "batch_size": 2}),
+        data,
+        tmp_path / "single_run",
+        progress=False,
+    )
     for a, b in zip(read_log(run), read_log(single.parent)):
         assert a["total"] == pytest.approx(b["total"], rel=1e-6)
     ddp_model, one_model = load_model(run / "final.pt"), load_model(single)
@@ -444,8 +478,9 @@ def test_init_from_starts_a_concrete_model_from_baseline_weights(tmp_path):
     data = make_dataset(2, seed=0, shape=(96, 96))
     base_cfg = TrainConfig.preset("quick", model="baseline", iterations=2, checkpoint_every=2, log_every=1)
     base = train(base_cfg, data, tmp_path / "base", progress=False)
-    cfg = TrainConfig.preset("quick", model="concrete", iterations=2, checkpoint_every=2, log_every=1,
-                             init_from=str(base))
+    cfg = TrainConfig.preset(
+        "quick", model="concrete", iterations=2, checkpoint_every=2, log_every=1, init_from=str(base)
+    )
     model = build_model(cfg)
     init_weights(model, base)
     baseline_state = load_model(base).state_dict()
@@ -518,8 +553,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(t
     from companion.synthetic import make_dataset
 
     # an absurd learning rate without clipping blows the weights up within a few steps
-    cfg = TrainConfig.preset("quick", iterations=30, checkpoint_every=1, log_every=1, lr=1e12,
-                             grad_clip=0.0)
+    cfg = TrainConfig.preset("quick", iterations=30, checkpoint_every=1, log_every=1, lr=1e12, grad_clip=0.0)
     with pytest.raises(FloatingPointError, match=r"keeps the last finite checkpoint") as err:
         train(cfg, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False)
     found = re.search(r"the (loss of|weights after) iteration (\d+)", str(err.value))
@@ -563,9 +597,14 @@ def test_a_second_training_into_a_locked_folder_is_refused_naming_the_holder(tmp
 
     script, out = tmp_path / "hold.py", tmp_path / "run"
     script.write_text(HOLD_LOCK_SCRIPT)
-    holder = subprocess.Popen([sys.executable, str(script), str(out)], env=SUBPROCESS_ENV,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(out)],
+        env=SUBPROCESS_ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked", holder.communicate(timeout=60)[1]
         expected = rf"{re.escape(str(out))} is in use by another training process \(pid {holder.pid} "
@@ -619,7 +658,8 @@ def test_resume_without_a_checkpoint_drops_the_log_it_would_repeat(tmp_path, tin
 
 
 def test_a_kill_between_a_checkpoints_temp_file_and_its_rename_keeps_the_previous_one(
-        tmp_path, tiny_data, monkeypatch):
+    tmp_path, tiny_data, monkeypatch
+):
     import companion._io
 
     config = tiny_config(iterations=6, log_every=1)

@@ -1,4 +1,5 @@
 """Tests of companion.tuning: cross-validated grid search and foreground scores."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ from companion.tuning import foreground_scores, grid_search
 
 def _square(shift=0):
     m = np.zeros((1, 8, 8), bool)
-    m[0, 2:6, 2 + shift:6 + shift] = True
+    m[0, 2:6, 2 + shift : 6 + shift] = True
     return m
 
 
@@ -32,7 +33,10 @@ def test_grid_scores_and_cross_fold_choices():
         for i, bw in enumerate([1, 2]):
             for j, t in enumerate([0.5, 0.7]):
                 preds, scores = zip(*(_stand_in(w, bw, t) for w in fold))
-                assert result.scores[f, i, j] == evaluate([GTS[w] for w in fold], list(preds), list(scores))["avAP"]
+                assert (
+                    result.scores[f, i, j]
+                    == evaluate([GTS[w] for w in fold], list(preds), list(scores))["avAP"]
+                )
     first, second = result.choices
     # chosen on fold b (bandwidth 2), applied to fold a, where it is wrong - and vice versa
     assert (first.tuned_on, first.applied_to, first.bandwidth, first.threshold) == (1, 0, 2.0, 0.5)
@@ -66,8 +70,13 @@ def test_grid_search_with_the_real_segment_on_an_ideal_embedding():
     from companion.synthetic import make_sample
 
     samples = [make_sample(seed, shape=(96, 96), n_worms=2) for seed in range(2)]
-    cache = {s.well: {"embedding": simulate_embedding(s.instances, dim=4, seed=i),
-                      "logits": ideal_logits(s.instances)} for i, s in enumerate(samples)}
+    cache = {
+        s.well: {
+            "embedding": simulate_embedding(s.instances, dim=4, seed=i),
+            "logits": ideal_logits(s.instances),
+        }
+        for i, s in enumerate(samples)
+    }
 
     def predict(well, bandwidth, threshold):
         embedding, logits = cache[well]["embedding"], cache[well]["logits"]

@@ -1,4 +1,5 @@
 """Tests of companion.uncertainty: entropy, patch table, PAvPU counts on hand-built examples."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -98,9 +99,15 @@ def _naive_patch_rows(gt, prob, patch=4, binarize_at=0.75):
         g = gt[partner[k]] if partner[k] >= 0 else np.zeros((h, w), bool)
         for y in range(0, hp, patch):
             for x in range(0, wp, patch):
-                b_, g_, p_ = binary[k, y:y + patch, x:x + patch], g[y:y + patch, x:x + patch], prob[k, y:y + patch, x:x + patch]
+                b_, g_, p_ = (
+                    binary[k, y : y + patch, x : x + patch],
+                    g[y : y + patch, x : x + patch],
+                    prob[k, y : y + patch, x : x + patch],
+                )
                 if (b_ | g_).any():
-                    rows.append((k, y, x, float((b_ == g_).mean()), float(np.mean([_h(v) for v in p_.ravel()]))))
+                    rows.append(
+                        (k, y, x, float((b_ == g_).mean()), float(np.mean([_h(v) for v in p_.ravel()])))
+                    )
     return sorted(rows)
 
 
@@ -111,10 +118,17 @@ def test_patch_table_equals_full_image_reference(seed):
     gt = np.zeros((3,) + shape, bool)
     for k in range(3):
         y, x = rng.integers(0, 8), rng.integers(0, 12)
-        gt[k, y:y + rng.integers(2, 6), x:x + rng.integers(2, 7)] = True
-    prob = np.clip(gt[[2, 0, 1]] * rng.uniform(0.6, 1.0, shape) + rng.uniform(0, 0.3, (3,) + shape) * (rng.random((3,) + shape) < 0.2), 0, 1)
+        gt[k, y : y + rng.integers(2, 6), x : x + rng.integers(2, 7)] = True
+    prob = np.clip(
+        gt[[2, 0, 1]] * rng.uniform(0.6, 1.0, shape)
+        + rng.uniform(0, 0.3, (3,) + shape) * (rng.random((3,) + shape) < 0.2),
+        0,
+        1,
+    )
     t = patch_table([gt], [prob])
-    ours = sorted(zip(t.instance.tolist(), t.y.tolist(), t.x.tolist(), t.accuracy.tolist(), t.entropy.tolist()))
+    ours = sorted(
+        zip(t.instance.tolist(), t.y.tolist(), t.x.tolist(), t.accuracy.tolist(), t.entropy.tolist())
+    )
     ref = _naive_patch_rows(gt, prob)
     assert [r[:3] for r in ours] == [r[:3] for r in ref]
     np.testing.assert_allclose([r[3:] for r in ours], [r[3:] for r in ref], atol=1e-12)
@@ -141,8 +155,9 @@ def test_input_validation():
 
 def test_pavpu_references_by_hand_and_against_random_flags():
     # 4 accurate patches (entropies 0.1-0.4), 2 inaccurate (0.5, 0.6); at t = 0.35, 3 patches are uncertain
-    table = PatchTable(*[np.zeros(6, int)] * 4, np.array([1, 1, 1, 1, 0, 0.0]),
-                       np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
+    table = PatchTable(
+        *[np.zeros(6, int)] * 4, np.array([1, 1, 1, 1, 0, 0.0]), np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    )
     curves = pavpu_from_patches(table, [0.35])
     refs = pavpu_references(curves)
     assert refs.all_certain.tolist() == [4 / 6]
@@ -157,5 +172,7 @@ def test_pavpu_references_by_hand_and_against_random_flags():
 
 
 def test_pavpu_references_are_nan_without_patches():
-    refs = pavpu_references(pavpu_from_patches(PatchTable(*[np.zeros(0, int)] * 4, np.zeros(0), np.zeros(0)), [0.1]))
+    refs = pavpu_references(
+        pavpu_from_patches(PatchTable(*[np.zeros(0, int)] * 4, np.zeros(0), np.zeros(0)), [0.1])
+    )
     assert np.isnan(refs.all_certain).all() and np.isnan(refs.random_pavpu).all()

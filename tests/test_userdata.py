@@ -1,4 +1,5 @@
 """Tests of companion.userdata: reading your own images and masks, saving predictions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,13 @@ import tifffile
 from PIL import Image
 
 from companion.data import CHANNEL_MAX
-from companion.userdata import (load_user_images, match_percentiles, read_image, read_instances,
-                                save_prediction)
+from companion.userdata import (
+    load_user_images,
+    match_percentiles,
+    read_image,
+    read_instances,
+    save_prediction,
+)
 
 
 @pytest.fixture
@@ -101,8 +107,10 @@ def test_load_user_images_builds_samples(tmp_path, raw):
     labels = np.zeros((12, 16), np.uint16)
     labels[2:5, 2:9] = 1
     tifffile.imwrite(tmp_path / "one_labels.tif", labels)
-    a, b = load_user_images([tmp_path / "one.tif", (tmp_path / "w1.tif", tmp_path / "w2.tif")],
-                            [tmp_path / "one_labels.tif", None])
+    a, b = load_user_images(
+        [tmp_path / "one.tif", (tmp_path / "w1.tif", tmp_path / "w2.tif")],
+        [tmp_path / "one_labels.tif", None],
+    )
     assert (a.well, b.well) == ("one", "w1")
     np.testing.assert_array_equal(a.image, b.image)
     assert a.instances.shape == (1, 12, 16) and b.instances.shape == (0, 12, 16)
@@ -117,7 +125,9 @@ def test_match_percentiles_maps_onto_the_reference_range():
     reference = 0.3 + 0.4 * rng.random((2, 20, 25)).astype(np.float32)
     out = match_percentiles(image, reference)
     for c in range(2):
-        np.testing.assert_allclose(np.percentile(out[c], [1, 99]), np.percentile(reference[c], [1, 99]), atol=1e-5)
+        np.testing.assert_allclose(
+            np.percentile(out[c], [1, 99]), np.percentile(reference[c], [1, 99]), atol=1e-5
+        )
     assert out.min() >= 0 and out.max() <= 1
     flat = match_percentiles(np.zeros((2, 4, 4)), reference)  # a constant channel does not divide by 0
     assert np.isfinite(flat).all()
@@ -189,7 +199,9 @@ def test_a_truncated_file_is_named_as_truncated_or_unreadable(tmp_path):
     whole = (tmp_path / "cut.tif").read_bytes()
     for size in (len(whole) // 2, 100, 7):
         (tmp_path / "cut.tif").write_bytes(whole[:size])
-        with pytest.raises(ValueError, match=r"cannot read image '.*cut\.tif': the file is truncated or unreadable"):
+        with pytest.raises(
+            ValueError, match=r"cannot read image '.*cut\.tif': the file is truncated or unreadable"
+        ):
             read_image(tmp_path / "cut.tif")
     noise = np.random.default_rng(0).integers(0, 256, (40, 50)).astype(np.uint8)  # incompressible
     Image.fromarray(noise).save(tmp_path / "cut.png")

@@ -25,6 +25,7 @@ Examples
 >>> available(shelf), provenance("concrete", shelf)["iterations"], load("concrete", directory=shelf).training
 (['concrete'], 2, False)
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,8 +34,9 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,8 +44,20 @@ from torch import nn
 from .._io import atomic_write
 from ..checkpoint import EXPORTED_FORMAT, check_map_location, read_exported
 
-__all__ = ["NAMES", "PRETRAINED_DIR", "RESULTS_DIR", "MAX_BYTES", "available", "provenance", "load",
-           "load_or_train", "results", "training_budget", "stage_summary", "export"]
+__all__ = [
+    "NAMES",
+    "PRETRAINED_DIR",
+    "RESULTS_DIR",
+    "MAX_BYTES",
+    "available",
+    "provenance",
+    "load",
+    "load_or_train",
+    "results",
+    "training_budget",
+    "stage_summary",
+    "export",
+]
 
 #: The models the package ships (when the lead has exported them).
 NAMES: tuple[str, ...] = ("concrete", "baseline")
@@ -76,8 +90,10 @@ def _paths(name: str, directory: str | os.PathLike | None) -> tuple[Path, Path]:
     folder = _directory(directory)
     present = available(directory)
     if name not in NAMES and name not in present:
-        raise ValueError(f"unknown pretrained model {name!r}; the package knows {list(NAMES)}, "
-                         f"available in {folder}: {present or 'none'}")
+        raise ValueError(
+            f"unknown pretrained model {name!r}; the package knows {list(NAMES)}, "
+            f"available in {folder}: {present or 'none'}"
+        )
     weights, info = folder / f"{name}.pt", folder / f"{name}.json"
     missing = [p.name for p in (weights, info) if not p.is_file()]
     if missing:
@@ -87,7 +103,8 @@ def _paths(name: str, directory: str | os.PathLike | None) -> tuple[Path, Path]:
             f"yourself (`python -m companion train --preset colab --model {name} --out runs/{name}`) "
             f"and use it with `python -m companion evaluate --checkpoint runs/{name}/final.pt`, or "
             f"export it here with `python scripts/export_pretrained.py --checkpoint runs/{name}/final.pt "
-            f"--name {name}`.")
+            f"--name {name}`."
+        )
     return weights, info
 
 
@@ -101,11 +118,13 @@ def provenance(name: str, directory: str | os.PathLike | None = None) -> dict:
         with open(info, encoding="utf-8") as handle:
             record = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{info} is not a readable provenance record (corrupt or truncated JSON: "
-                         f"{err})") from None
+        raise ValueError(
+            f"{info} is not a readable provenance record (corrupt or truncated JSON: {err})"
+        ) from None
     if not isinstance(record, dict):
-        raise ValueError(f"{info} is not a provenance record: it holds a JSON "
-                         f"{type(record).__name__}, not an object")
+        raise ValueError(
+            f"{info} is not a provenance record: it holds a JSON {type(record).__name__}, not an object"
+        )
     return record
 
 
@@ -115,8 +134,9 @@ def _sha256(path: Path) -> str:
     return file_sha256(path)
 
 
-def load(name: str, *, directory: str | os.PathLike | None = None,
-         map_location: str | torch.device = "cpu") -> nn.Module:
+def load(
+    name: str, *, directory: str | os.PathLike | None = None, map_location: str | torch.device = "cpu"
+) -> nn.Module:
     """A pretrained :class:`companion.model.UNet`, float32, in eval mode.
 
     Parameters
@@ -145,16 +165,20 @@ def load(name: str, *, directory: str | os.PathLike | None = None,
     expected = provenance(name, directory).get("sha256")
     actual = _sha256(weights)
     if actual != expected:
-        raise ValueError(f"{weights}: sha256 {actual} differs from {expected} recorded in "
-                         f"{weights.with_suffix('.json').name}; the file is corrupt or was replaced")
+        raise ValueError(
+            f"{weights}: sha256 {actual} differs from {expected} recorded in "
+            f"{weights.with_suffix('.json').name}; the file is corrupt or was replaced"
+        )
     state, model_kwargs = read_exported(weights, map_location=map_location)
     try:
         model = UNet(**model_kwargs)
         model.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError) as err:
         detail = " ".join(str(err).split())[:300]
-        raise ValueError(f"{weights}: its weights do not fit the architecture {model_kwargs} it "
-                         f"records (another model's file?): {detail}") from err
+        raise ValueError(
+            f"{weights}: its weights do not fit the architecture {model_kwargs} it "
+            f"records (another model's file?): {detail}"
+        ) from err
     return model.to(map_location).eval()
 
 
@@ -184,7 +208,8 @@ def results(name: str, directory: str | os.PathLike | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found. The evaluation results live in the book's repository (clone it), or "
-            f"compute them: python -m companion evaluate --pretrained {name} --out {folder / name}")
+            f"compute them: python -m companion evaluate --pretrained {name} --out {folder / name}"
+        )
     with open(path) as handle:
         return json.load(handle)
 
@@ -213,17 +238,26 @@ def training_budget(name: str, directory: str | os.PathLike | None = None) -> st
     crops = f"{cfg.get('crop_size')} x {cfg.get('crop_size')} crops{scale}"
     stages = info.get("earlier_stages") or []
     if stages:
-        parts = [f"{s['iterations']:,} as {s['model']} at lr {s['lr']:g} ({_hours(s['training_time_s'])})"
-                 for s in stages]
-        parts.append(f"{info['iterations']:,} as {info.get('model')} at lr {cfg.get('lr'):g} "
-                     f"({_hours(info.get('training_time_s'))})")
-        return (f"{name}: {info['total_iterations']:,} iterations of {crops}, batch {cfg.get('batch_size')}, "
-                f"in {len(parts)} stages: " + ", then ".join(parts)
-                + f"; {_hours(info.get('total_training_time_s'))} in all on {device}")
+        parts = [
+            f"{s['iterations']:,} as {s['model']} at lr {s['lr']:g} ({_hours(s['training_time_s'])})"
+            for s in stages
+        ]
+        parts.append(
+            f"{info['iterations']:,} as {info.get('model')} at lr {cfg.get('lr'):g} "
+            f"({_hours(info.get('training_time_s'))})"
+        )
+        return (
+            f"{name}: {info['total_iterations']:,} iterations of {crops}, batch {cfg.get('batch_size')}, "
+            f"in {len(parts)} stages: "
+            + ", then ".join(parts)
+            + f"; {_hours(info.get('total_training_time_s'))} in all on {device}"
+        )
     start = f", starting from the weights of {Path(cfg['init_from']).name}" if cfg.get("init_from") else ""
-    return (f"{name}: {info['iterations']:,} iterations of {crops} "
-            f"(batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}){start}, "
-            f"{_hours(info.get('training_time_s'))} on {device}")
+    return (
+        f"{name}: {info['iterations']:,} iterations of {crops} "
+        f"(batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}){start}, "
+        f"{_hours(info.get('training_time_s'))} on {device}"
+    )
 
 
 def stage_summary(source: str | os.PathLike) -> list[dict[str, Any]]:
@@ -240,9 +274,15 @@ def stage_summary(source: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             info = json.loads(path.read_text())
             cfg = info["config"]
-            own = dict(source=path.name, model=info["model"], iterations=int(info["iterations"]),
-                       training_time_s=info.get("training_time_s"), lr=cfg["lr"],
-                       crop_size=cfg["crop_size"], command=info.get("command"))
+            own = dict(
+                source=path.name,
+                model=info["model"],
+                iterations=int(info["iterations"]),
+                training_time_s=info.get("training_time_s"),
+                lr=cfg["lr"],
+                crop_size=cfg["crop_size"],
+                command=info.get("command"),
+            )
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a provenance record of an exported model ({err})") from err
         return list(info.get("earlier_stages") or []) + [own]
@@ -250,9 +290,17 @@ def stage_summary(source: str | os.PathLike) -> list[dict[str, Any]]:
     cfg = ckpt["config"]
     log = path.parent / "log.jsonl"
     records = [r for r in read_log(log) if r["iteration"] <= ckpt["iteration"]] if log.is_file() else []
-    return [dict(source=path.name, model=cfg["model"], iterations=int(ckpt["iteration"]),
-                 training_time_s=_training_time(records), lr=cfg["lr"], crop_size=cfg["crop_size"],
-                 command=None)]
+    return [
+        dict(
+            source=path.name,
+            model=cfg["model"],
+            iterations=int(ckpt["iteration"]),
+            training_time_s=_training_time(records),
+            lr=cfg["lr"],
+            crop_size=cfg["crop_size"],
+            command=None,
+        )
+    ]
 
 
 def _example_dir() -> Path:  # a throw-away exported model for the doctests
@@ -268,10 +316,17 @@ def _example_dir() -> Path:  # a throw-away exported model for the doctests
     return Path(shelf)
 
 
-def load_or_train(name: str = "concrete", *, retrain: bool = False, quick: bool = True,
-                  device: str | torch.device = "cpu", train_wells: Sequence[str] | None = None,
-                  data_root: str | os.PathLike | None = None, directory: str | os.PathLike | None = None,
-                  progress: bool = False) -> tuple[nn.Module, str]:
+def load_or_train(
+    name: str = "concrete",
+    *,
+    retrain: bool = False,
+    quick: bool = True,
+    device: str | torch.device = "cpu",
+    train_wells: Sequence[str] | None = None,
+    data_root: str | os.PathLike | None = None,
+    directory: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, str]:
     """The model a chapter works with: the shipped one, or one trained right now.
 
     Parameters
@@ -330,8 +385,10 @@ def load_or_train(name: str = "concrete", *, retrain: bool = False, quick: bool 
         warnings.simplefilter("ignore")
         checkpoint = train(config, samples, tempfile.mkdtemp(prefix=f"companion-{name}-"), progress=progress)
     model = load_model(checkpoint, map_location=device).eval()
-    return model, (f"{name} model trained here ({'quick' if quick else 'full'} configuration): "
-                   f"{config.iterations:,} iterations, {time.perf_counter() - start:.0f} s on {device}")
+    return model, (
+        f"{name} model trained here ({'quick' if quick else 'full'} configuration): "
+        f"{config.iterations:,} iterations, {time.perf_counter() - start:.0f} s on {device}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,27 +426,39 @@ def _finite(value: float) -> float | None:
 
 def _git_commit() -> str | None:
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PRETRAINED_DIR, capture_output=True,
-                              text=True, timeout=10)
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PRETRAINED_DIR, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _hardware() -> dict[str, Any]:
-    info: dict[str, Any] = dict(platform=platform.platform(), machine=platform.machine(),
-                                processor=platform.processor() or None, cpu_count=os.cpu_count(),
-                                torch_threads=torch.get_num_threads(), python=platform.python_version(),
-                                torch=str(torch.__version__))
+    info: dict[str, Any] = dict(
+        platform=platform.platform(),
+        machine=platform.machine(),
+        processor=platform.processor() or None,
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        torch=str(torch.__version__),
+    )
     info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return info
 
 
-
-def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike | None = None, *,
-           command: str | None = None, log: str | os.PathLike | None = None,
-           background_shift: float = 0.0, calibration: dict | None = None,
-           earlier_stages: Sequence[dict] = ()) -> tuple[Path, Path]:
+def export(
+    checkpoint: str | os.PathLike,
+    name: str,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    command: str | None = None,
+    log: str | os.PathLike | None = None,
+    background_shift: float = 0.0,
+    calibration: dict | None = None,
+    earlier_stages: Sequence[dict] = (),
+) -> tuple[Path, Path]:
     """Write ``<name>.pt`` (float16 weights) and ``<name>.json`` (provenance) from a training checkpoint.
 
     Parameters
@@ -446,8 +515,10 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
         Path(tmp).write_bytes(buffer.getvalue())
         size = os.path.getsize(tmp)
         if size > MAX_BYTES:
-            raise ValueError(f"{name}.pt would be {size / 2**20:.1f} MiB, over the "
-                             f"{MAX_BYTES / 2**20:.0f} MiB limit for shipped weights")
+            raise ValueError(
+                f"{name}.pt would be {size / 2**20:.1f} MiB, over the "
+                f"{MAX_BYTES / 2**20:.0f} MiB limit for shipped weights"
+            )
 
     atomic_write(weights, save_checked)
 
@@ -470,7 +541,9 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
         config=dict(ckpt["config"]),
         iterations=int(ckpt["iteration"]),
         training_time_s=_training_time(records),
-        final_loss_terms={k: _finite(records[-1][k]) for k in TERM_NAMES if k in records[-1]} if records else None,
+        final_loss_terms={k: _finite(records[-1][k]) for k in TERM_NAMES if k in records[-1]}
+        if records
+        else None,
         final_loss_iteration=records[-1]["iteration"] if records else None,
         dropout_rates=[float(p) for p in dropout_rates(model)],
         background_shift=float(background_shift),
@@ -482,14 +555,16 @@ def export(checkpoint: str | os.PathLike, name: str, out_dir: str | os.PathLike 
         checkpoint_package_version=ckpt.get("package_version"),
         checkpoint_torch_version=ckpt.get("torch_version"),
         source_checkpoint=checkpoint.name,
-        exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        exported_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
     if earlier_stages:
         stages = [dict(stage) for stage in earlier_stages]
         times = [s.get("training_time_s") for s in stages] + [record["training_time_s"]]
-        record.update(earlier_stages=stages,
-                      total_iterations=sum(int(s["iterations"]) for s in stages) + record["iterations"],
-                      total_training_time_s=None if None in times else float(sum(times)))
+        record.update(
+            earlier_stages=stages,
+            total_iterations=sum(int(s["iterations"]) for s in stages) + record["iterations"],
+            total_training_time_s=None if None in times else float(sum(times)),
+        )
     text = json.dumps(record, indent=1, sort_keys=False, allow_nan=False) + "\n"
     atomic_write(info, lambda tmp: Path(tmp).write_text(text))
     return weights, info
