@@ -19,7 +19,7 @@ import torch
 
 from companion import pretrained
 from companion.data import TEST_WELLS, load_bbbc010
-from companion.metrics import evaluate as instance_metrics
+from companion.metrics import instance_metrics
 from companion.outputs import well_outputs
 from companion.predict import predict_deterministic
 

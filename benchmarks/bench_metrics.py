@@ -46,8 +46,8 @@ def main() -> None:
     for label, dense in (("dense float32 matmul", True), ("sparse CSR product", False)):
         t = _best_of(lambda dense=dense: [metrics.overlaps(g, p, dense=dense) for g, p in zip(gts, preds)])
         print(f"pairwise intersections, {label:22s}: {t:.3f} s")
-    t = _best_of(lambda: metrics.evaluate(gts, preds, scores))
-    print(f"evaluate() on all {len(gts)} images (default product): {t:.3f} s")
+    t = _best_of(lambda: metrics.instance_metrics(gts, preds, scores))
+    print(f"instance_metrics() on all {len(gts)} images (default product): {t:.3f} s")
 
 
 if __name__ == "__main__":

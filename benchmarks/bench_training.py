@@ -2,7 +2,7 @@
 
 Measures, in one run, with the ``cpu`` preset's crop size and batch size (full-size U-Net):
 
-1. iterations/s of :func:`companion.train.train_step` fed by the real pipeline
+1. iterations/s of :func:`companion.step.train_step` fed by the real pipeline
    (:func:`companion.batches.make_loader`: ``WormCropDataset`` augmentation in DataLoader
    workers, pinned memory on CUDA) on the BBBC010 training wells if ``$BBBC010_ROOT`` is set,
    else on synthetic 520 x 696 worms;
@@ -29,7 +29,7 @@ import torch
 from companion.augment import WormCropDataset
 from companion.batches import make_loader, single_threaded_numpy_blas, to_device
 from companion.config import TrainConfig
-from companion.train import _amp_dtype, build_model, train_step
+from companion.step import autocast_dtype, build_model, train_step
 
 
 def training_data(n_synthetic: int = 8):
@@ -125,7 +125,7 @@ def main() -> None:
     if device.type != "cuda":
         print("no CUDA device: GPU figures not measured")
         return
-    amp_dtype = _amp_dtype(config, device)
+    amp_dtype = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     fp32 = [_step_seconds(model, optimizer, in_memory[i], config, device, **common) for i in range(2, n + 2)]
     model = model.to(memory_format=torch.channels_last)

@@ -2,16 +2,17 @@
 
 The package holds all the logic the book's chapters show: the BBBC010 data layer
 (:mod:`companion.data`), synthetic worms (:mod:`companion.synthetic`), training targets
-(:mod:`companion.targets`), augmentation (:mod:`companion.augment`), the U-Net with
-Concrete Dropout (:mod:`companion.model`), the discriminative loss (:mod:`companion.losses`),
-training (:mod:`companion.train`), post-processing (:mod:`companion.postprocess`, with the
+(:mod:`companion.targets`), augmentation (:mod:`companion.augment`), the U-Net (:mod:`companion.model`) with
+Concrete Dropout (:mod:`companion.dropout`), the discriminative loss (:mod:`companion.losses`),
+training (:mod:`companion.train`, one step in :mod:`companion.step`), post-processing (:mod:`companion.postprocess`, with the
 mean-shift of :mod:`companion.meanshift`), simulated network outputs (:mod:`companion.simulate`),
 Monte-Carlo sampling (:mod:`companion.sampling`), agglomeration (:mod:`companion.agglomerate`),
 metrics (:mod:`companion.metrics`), uncertainty evaluation (:mod:`companion.uncertainty`),
 guided proofreading (:mod:`companion.proofreading`), the whole evaluation
 (:mod:`companion.evaluate`: network outputs in :mod:`companion.outputs`, predictions in
 :mod:`companion.predict`, result files in :mod:`companion.report`), the trained models shipped with the package
-(:mod:`companion.pretrained`, :mod:`companion.calibration`), the paper's reported numbers
+(:mod:`companion.pretrained`, written by :mod:`companion.export`, calibrated by
+:mod:`companion.calibration`; what the chapters print beside them in :mod:`companion.chapters`), the paper's reported numbers
 (:mod:`companion.paper`), ensembles and uncertainty ranking (:mod:`companion.ensemble`) and
 reading your own images (:mod:`companion.userdata`).
 
@@ -50,6 +51,11 @@ _SUBMODULES = {
     "predict",
     "report",
     "simulate",
+    "dropout",
+    "cli",
+    "step",
+    "export",
+    "chapters",
 }
 
 

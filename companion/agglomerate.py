@@ -46,7 +46,7 @@ __all__ = [
     "binarize_with_scores",
     "instance_scores",
     "Matching",
-    "match_instances",
+    "match_draw_to_base",
     "soft_iou_matrix",
 ]
 
@@ -111,7 +111,7 @@ def soft_iou_matrix(soft: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 class Matching(NamedTuple):
-    """Result of :func:`match_instances`.
+    """Result of :func:`match_draw_to_base`.
 
     Attributes
     ----------
@@ -128,7 +128,7 @@ class Matching(NamedTuple):
     unmatched: np.ndarray
 
 
-def match_instances(base: np.ndarray, masks: np.ndarray, *, min_iou: float = DEFAULT_MIN_IOU) -> Matching:
+def match_draw_to_base(base: np.ndarray, masks: np.ndarray, *, min_iou: float = DEFAULT_MIN_IOU) -> Matching:
     """One step of :func:`agglomerate`: match a draw's instances to the current base instances.
 
     The one-to-one assignment maximising the summed IoU (Hungarian algorithm,
@@ -152,7 +152,7 @@ def match_instances(base: np.ndarray, masks: np.ndarray, *, min_iou: float = DEF
     --------
     >>> base = np.zeros((2, 4, 8), bool); base[0, :, :3] = True; base[1, :, 5:] = True
     >>> new = base[::-1].copy(); new[1, :, 3] = True   # same worms, other order, one thicker
-    >>> m = match_instances(base, new)
+    >>> m = match_draw_to_base(base, new)
     >>> m.pairs.tolist(), m.unmatched.tolist()
     ([[0, 1], [1, 0]], [])
     """
@@ -227,7 +227,7 @@ def agglomerate(draws: Sequence[np.ndarray], *, min_iou: float = DEFAULT_MIN_IOU
             if counts
             else np.zeros((0, height, width), np.float32)
         )
-        matching = match_instances(mean_masks, stack, min_iou=min_iou)
+        matching = match_draw_to_base(mean_masks, stack, min_iou=min_iou)
         for r, c in matching.pairs:
             counts[r] += stack[c]
             hits[r] += 1

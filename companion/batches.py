@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .augment import WormCropDataset, collate_crops
+from .augment_torch import DeviceCropLoader, DeviceCropSource
 from .config import TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,8 +99,6 @@ def make_loader(
     [(2, 2, 64, 64), (2, 2, 64, 64)]
     """
     if uses_gpu_augment(config, device):
-        from companion.augment_torch import DeviceCropLoader, DeviceCropSource
-
         source = DeviceCropSource(
             list(data),
             crop_size=config.crop_size,
@@ -116,8 +116,6 @@ def make_loader(
             rank=rank,
             world_size=world_size,
         )
-    from companion.augment import WormCropDataset, collate_crops
-
     n_crops = config.iterations * config.batch_size * world_size
     dataset = WormCropDataset(
         list(data), crop_size=config.crop_size, length=n_crops, seed=config.seed, augment=config.augment

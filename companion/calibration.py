@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .sampling import mc_predict, predict
+
 __all__ = [
     "DEFAULT_SHIFTS",
     "ShiftChoice",
@@ -90,8 +92,6 @@ def _pass_logits(
     model: nn.Module, image: np.ndarray, draws: int, seed: int, device: str | torch.device | None
 ) -> np.ndarray:
     """``(P, 3, H, W)`` logits: the deterministic pass (``draws == 0``) or ``draws`` MC draws."""
-    from companion.sampling import mc_predict, predict
-
     if draws == 0:
         return np.asarray(predict(model, image, device=device).logits)
     return np.asarray(mc_predict(model, image, n_draws=draws, device=device, seed=seed).logits)

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import __version__
 from ._io import atomic_write, tensors_sha256
 from .config import TrainConfig
 from .distributed import DistInfo, unwrap
+from .model import UNet
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -216,8 +218,6 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     >>> model.training
     False
     """
-    from companion.model import UNet
-
     ckpt = read_checkpoint(path, map_location=map_location)
     try:
         model = UNet(**ckpt["model_kwargs"])
@@ -326,13 +326,11 @@ def _checkpoint_state(
     rng_per_rank: list[dict],
     dist_info: DistInfo,
 ) -> dict:
-    import companion
-
     weights = unwrap(model).state_dict()
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "package_version": companion.__version__,
+        "package_version": __version__,
         "torch_version": str(torch.__version__),
         "iteration": iteration,
         "config": config.to_dict(),

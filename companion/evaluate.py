@@ -17,7 +17,7 @@ For a trained model and the test wells:
    for a Concrete Dropout model every draw is segmented, the draws agglomerated
    (:func:`companion.agglomerate.agglomerate`) and binarised at ``binarize_at`` (scores from
    the agglomeration).
-4. **Metrics**: Table 1 rows (:func:`companion.metrics.evaluate`), PAvPU curves
+4. **Metrics**: Table 1 rows (:func:`companion.metrics.instance_metrics`), PAvPU curves
    (:func:`companion.uncertainty.pavpu`) and simulated proofreading
    (:func:`companion.proofreading.simulate_proofreading`) of the agglomerated predictions.
 
@@ -53,7 +53,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metrics import evaluate
+from .data import TEST_FOLDS
+from .metrics import instance_metrics
 from .outputs import cached_well_outputs
 from .paper import TABLE1_KEYS
 from .postprocess import DEFAULT_MIN_SIZE
@@ -157,7 +158,7 @@ def _check_folds(samples: Sequence[Sample], folds: Sequence[Sequence[str]] | Non
             f"samples hold duplicate wells: {sorted(w for w in set(wells) if wells.count(w) > 1)}"
         )
     if folds is None:
-        from companion.data import TEST_FOLDS as folds
+        folds = TEST_FOLDS
     present = set(wells)
     used = [tuple(w for w in fold if w in present) for fold in folds]
     in_folds = {w for fold in used for w in fold}
@@ -280,7 +281,7 @@ def evaluate_model(
     chosen = {c.applied_to: (c.bandwidth, c.threshold) for c in tuning.choices}
     det = [tuning.predictions[w] for w in wells]  # each well segmented at its fold's chosen point
     gt_list = [gts[w] for w in wells]
-    det_metrics = evaluate(gt_list, [m for m, _ in det], [s for _, s in det])
+    det_metrics = instance_metrics(gt_list, [m for m, _ in det], [s for _, s in det])
     rows = [
         dict(
             name="deterministic",
@@ -301,7 +302,7 @@ def evaluate_model(
             )
             mc_masks.append(masks), mc_scores.append(scores)
             counts.append(_to_counts(agg.probs, n_draws)), agg_scores.append(agg.scores)
-        mc_metrics = evaluate(gt_list, mc_masks, mc_scores)
+        mc_metrics = instance_metrics(gt_list, mc_masks, mc_scores)
         rows.insert(
             0,
             dict(

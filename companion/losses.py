@@ -40,7 +40,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from companion.model import UNetOutput, concrete_layers, concrete_regularizer, weight_decay_penalty
+from companion.dropout import concrete_layers, concrete_regularizer
+from companion.model import UNetOutput, weight_decay_penalty
 
 __all__ = [
     "DiscriminativeTerms",
@@ -220,13 +221,16 @@ def batched_discriminative_loss(
     return DiscriminativeTerms(*(torch.stack(terms).mean() for terms in zip(*per_image)))
 
 
-def class_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def class_loss(logits: torch.Tensor, target: torch.Tensor, *, overlap_weight: float = 1.0) -> torch.Tensor:
     """Pixel-wise cross-entropy of the 3-class head (0 background, 1 foreground, 2 overlap).
 
     Parameters
     ----------
     logits : Tensor (B, 3, H, W)
     target : Tensor (B, H, W), int64 (see :func:`companion.targets.three_class_target`)
+    overlap_weight : float
+        Weight of the overlap pixels' terms (1: the paper's plain cross-entropy). The mean is
+        taken over the weights, as :func:`torch.nn.functional.cross_entropy` does.
 
     Examples
     --------
@@ -240,7 +244,12 @@ def class_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             f"logits (B, C, H, W) and target (B, H, W) do not match: "
             f"{tuple(logits.shape)} vs {tuple(target.shape)}"
         )
-    return F.cross_entropy(logits, target.to(device=logits.device, dtype=torch.long))
+    if not overlap_weight > 0:
+        raise ValueError(f"overlap_weight must be > 0, got {overlap_weight!r}")
+    weight = None
+    if overlap_weight != 1:
+        weight = torch.tensor([1.0, 1.0, overlap_weight], device=logits.device, dtype=logits.dtype)
+    return F.cross_entropy(logits, target.to(device=logits.device, dtype=torch.long), weight=weight)
 
 
 def training_objective(
@@ -254,10 +263,11 @@ def training_objective(
     zeta: float = 1e-3,
     delta_d: float = 4.0,
     disc_weight: float = 1.0,
+    overlap_weight: float = 1.0,
 ) -> ObjectiveTerms:
     """The loss the training loop minimises: discriminative + cross-entropy + model regulariser.
 
-    The model regulariser is :func:`companion.model.concrete_regularizer` for a model with
+    The model regulariser is :func:`companion.dropout.concrete_regularizer` for a model with
     Concrete Dropout, else ``weight_decay`` times the sum of squared weights (the baseline).
 
     Parameters
@@ -277,6 +287,8 @@ def training_objective(
         Weight of the discriminative term in ``total`` (1 in the paper; the training loop sets 0
         during an optional cross-entropy warm-up). The returned ``var``, ``dist``, ``reg`` are
         unweighted either way.
+    overlap_weight : float
+        Weight of the overlap class in the cross-entropy (:func:`class_loss`; 1 in the paper).
 
     Examples
     --------
@@ -293,7 +305,7 @@ def training_objective(
     if n_train <= 0:
         raise ValueError(f"n_train must be positive, got {n_train!r}")
     disc = batched_discriminative_loss(output.embedding, batch["instances"], delta_d=delta_d)
-    ce = class_loss(output.logits, batch["target"])
+    ce = class_loss(output.logits, batch["target"], overlap_weight=overlap_weight)
     if concrete_layers(model):
         model_reg = concrete_regularizer(model, n_train, length_scale_sq=length_scale_sq, zeta=zeta)
     else:

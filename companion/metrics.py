@@ -29,7 +29,7 @@ Examples
 --------
 >>> import numpy as np
 >>> gt = np.zeros((1, 8, 8), bool); gt[0, 2:6, 2:6] = True
->>> result = evaluate([gt], [gt.copy()], [np.array([0.9])])
+>>> result = instance_metrics([gt], [gt.copy()], [np.array([0.9])])
 >>> round(result["avAP"], 6), result["recall80"], result["avAP_dsb"]
 (1.0, 1.0, 1.0)
 """
@@ -54,7 +54,7 @@ __all__ = [
     "precision_recall_curve",
     "coco_ap",
     "dsb_score",
-    "evaluate",
+    "instance_metrics",
 ]
 
 #: IoU thresholds 0.50:0.05:0.95, built exactly like pycocotools' ``Params.iouThrs``.
@@ -367,7 +367,7 @@ def _recalled_at_dice(ov: Overlaps, min_dice: float) -> int:
     return len(matched_pairs(dice, min_dice)[0])
 
 
-def evaluate(
+def instance_metrics(
     gts: Sequence[np.ndarray],
     preds: Sequence[np.ndarray],
     scores: Sequence[np.ndarray],
@@ -398,7 +398,7 @@ def evaluate(
     --------
     >>> gt = np.zeros((3, 6, 6), bool); gt[0, :2] = True; gt[1, 2:4] = True; gt[2, 4:] = True
     >>> merged = gt.any(axis=0, keepdims=True)  # a false merge: IoU 1/3 with each instance
-    >>> r = evaluate([gt], [merged], [np.array([1.0])])
+    >>> r = instance_metrics([gt], [merged], [np.array([1.0])])
     >>> r["AP50"], r["recall80"]
     (0.0, 0.0)
     """

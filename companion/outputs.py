@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_savez, tensors_sha256
-from .model import concrete_layers
+from .dropout import concrete_layers
 from .sampling import mc_predict, predict
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -14,7 +14,7 @@ prediction matched to it is replaced by it even when that prediction lies outsid
 (say, the part of a worm predicted too short ends before the peak), and a worm that no
 prediction matches is added.
 Corrected and added instances get score 1 (a human vouches for them). The metrics of
-:func:`companion.metrics.evaluate` are then recomputed for n = 0, 5, 10, 15, 20 corrections.
+:func:`companion.metrics.instance_metrics` are then recomputed for n = 0, 5, 10, 15, 20 corrections.
 
 Examples
 --------
@@ -32,8 +32,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .metrics import evaluate
-from .uncertainty import bernoulli_entropy, match_instances
+from .agglomerate import instance_scores
+from .metrics import instance_metrics
+from .uncertainty import bernoulli_entropy, hungarian_partners
 
 __all__ = [
     "uncertainty_map",
@@ -247,7 +248,7 @@ def correct_at_peaks(
             out_preds.append(pred), out_scores.append(score), changed.append(np.zeros(0, int))
             continue
         region = _peak_region(gt.shape[1:], peaks.y[at], peaks.x[at], patch_size)
-        partner = match_instances(pred, gt)
+        partner = hungarian_partners(pred, gt)
         gt_touched = (gt & region).any(axis=(1, 2))
         # the proofreader fixes what they see: predictions in the region, and the predictions
         # of true worms in the region even where those predictions lie outside it
@@ -313,10 +314,8 @@ def simulate_proofreading(
     ProofreadingTable
         ``rows[j]`` has ``n_corrections``, ``avAP``, ``AP50``, ``AP75``, ``recall80``,
         ``avAP_dsb``, ``n_replaced``, ``n_removed``, ``n_added``. ``n = 0`` equals plain
-        :func:`companion.metrics.evaluate` of the binarised predictions.
+        :func:`companion.metrics.instance_metrics` of the binarised predictions.
     """
-    from .agglomerate import instance_scores
-
     if len(gts) != len(probs):
         raise ValueError(f"gts and probs differ in length: {len(gts)} vs {len(probs)}")
     if scores is not None and len(scores) != len(probs):
@@ -336,7 +335,7 @@ def simulate_proofreading(
     for n in n_corrections:
         first = Peaks(*(a[:n] for a in peaks))
         fix = correct_at_peaks(gts, preds, pred_scores, first, patch_size=patch_size)
-        result = evaluate(gts, fix.preds, fix.scores)
+        result = instance_metrics(gts, fix.preds, fix.scores)
         rows.append(
             dict(
                 n_corrections=int(n),

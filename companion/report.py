@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from . import __version__
 from ._io import atomic_write_bytes
 from .paper import TABLE1_KEYS
 
@@ -169,8 +170,6 @@ def write_report(
     list of Path
         The files written.
     """
-    import companion
-
     out = Path(out_dir)
     written: list[Path] = []
 
@@ -203,7 +202,7 @@ def write_report(
     worst = [p["well"] for p in ranked[:n_gallery]]
     document = dict(
         **dict(info or {}),
-        package_version=companion.__version__,
+        package_version=__version__,
         torch_version=str(torch.__version__),
         settings=result.settings,
         wells=result.wells,

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from companion.model import concrete_layers, mc_sampling
+from .dropout import concrete_layers, mc_sampling
+from .postprocess import segment
 
 __all__ = ["MCDraws", "predict", "mc_predict", "pad_to_multiple", "segment_draws"]
 
@@ -256,8 +257,6 @@ def segment_draws(draws: MCDraws, bandwidth: float, threshold: float, **segment_
     list of np.ndarray
         One bool ``(K_i, H, W)`` stack per draw, ready for :func:`companion.agglomerate.agglomerate`.
     """
-    from companion.postprocess import segment
-
     return [
         segment(embedding, logits, bandwidth, threshold, **segment_kwargs)
         for embedding, logits in zip(draws.embeddings, draws.logits)

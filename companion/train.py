@@ -1,4 +1,4 @@
-"""Training: the loop that trains the U-Net, one optimiser step, and the run's device set-up.
+"""Training: the loop that trains the U-Net, resumable, on one device or several.
 
 The loop trains the U-Net of :mod:`companion.model` with the objective of
 :mod:`companion.losses` on the augmented crops of :func:`companion.batches.make_loader`, configured
@@ -50,147 +50,19 @@ from .checkpoint import (
 )
 from .config import TrainConfig, channel_statistics
 from .distributed import DistInfo, init_distributed, unwrap
+from .dropout import dropout_rates
 from .run_folder import TERM_NAMES, lock_run_folder, prepare_run_folder, trim_log
+from .step import autocast_dtype, build_model, make_optimizer, train_step, training_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from companion.data import Sample
-    from companion.losses import ObjectiveTerms
 
-__all__ = ["train", "train_step", "build_model"]
-
-
-# --------------------------------------------------------------------------------------------
-# Device and precision
-# --------------------------------------------------------------------------------------------
-def _resolve_device(config: TrainConfig) -> torch.device:
-    if config.device is not None:
-        try:
-            device = torch.device(config.device)
-        except RuntimeError as err:
-            raise ValueError(
-                f"device {config.device!r} is not a torch device (cpu, cuda, cuda:1, ...)"
-            ) from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {config.device!r} requested but CUDA is not available")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["train"]
 
 
 def _rank_seed(seed: int, rank: int) -> int:
     """Seed of the dropout masks of one rank (rank 0 keeps ``seed``)."""
     return seed + 1_000_003 * rank
-
-
-def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if device.type == "cpu":
-        return torch.bfloat16 if config.cpu_bf16 else None
-    if device.type != "cuda" or not config.amp:
-        return None
-    try:
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch without the keyword
-        bf16 = torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if bf16 else torch.float16
-
-
-# --------------------------------------------------------------------------------------------
-# One step
-# --------------------------------------------------------------------------------------------
-def build_model(config: TrainConfig) -> nn.Module:
-    """The U-Net of a configuration (fresh weights from the global torch RNG)."""
-    from companion.model import UNet
-
-    return UNet(**config.model_kwargs())
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
-    """Adam over ``model``'s parameters; the dropout-rate logits in a group of their own (with
-    ``lr_scale``) when ``config.dropout_lr_scale != 1`` and the model has Concrete Dropout.
-
-    Examples
-    --------
-    >>> cfg = TrainConfig.preset("quick", dropout_lr_scale=10.0)
-    >>> [g["lr"] for g in make_optimizer(build_model(cfg), cfg).param_groups]
-    [0.001, 0.01]
-    """
-    rates = [p for name, p in model.named_parameters() if name.endswith("p_logit")]
-    if config.dropout_lr_scale == 1.0 or not rates:
-        return torch.optim.Adam(model.parameters(), lr=config.lr)
-    ids = {id(p) for p in rates}
-    others = [p for p in model.parameters() if id(p) not in ids]
-    scale = float(config.dropout_lr_scale)
-    return torch.optim.Adam(
-        [dict(params=others, lr_scale=1.0), dict(params=rates, lr=config.lr * scale, lr_scale=scale)],
-        lr=config.lr,
-    )
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: dict,
-    *,
-    n_train: int,
-    config: TrainConfig,
-    scaler: torch.amp.GradScaler | None = None,
-    amp_dtype: torch.dtype | None = None,
-    disc_weight: float = 1.0,
-) -> ObjectiveTerms:
-    """One optimiser step on one batch; returns the (detached) terms of the objective.
-
-    ``model`` may be wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, which then
-    averages the gradients over the ranks. The forward pass runs under autocast when
-    ``amp_dtype`` is given; the objective is always computed in float32.
-
-    Examples
-    --------
-    >>> from companion.synthetic import make_dataset
-    >>> from companion.augment import WormCropDataset, collate_crops
-    >>> cfg = TrainConfig.preset("quick")
-    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
-    >>> model = build_model(cfg)
-    >>> opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    >>> data = make_dataset(2, seed=0, shape=(128, 128))
-    >>> ds = WormCropDataset(data, crop_size=64, length=2, seed=0)
-    >>> terms = train_step(model, opt, collate_crops([ds[0], ds[1]]), n_train=2, config=cfg)
-    >>> bool(torch.isfinite(terms.total))
-    True
-    """
-    from companion.losses import ObjectiveTerms, training_objective
-    from companion.model import UNetOutput
-
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    device_type = batch["image"].device.type
-    with torch.autocast(
-        device_type=device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-    ):
-        output = model(batch["image"])
-    output = UNetOutput(output.embedding.float(), output.logits.float())
-    terms = training_objective(
-        unwrap(model),
-        output,
-        batch,
-        n_train=n_train,
-        weight_decay=config.weight_decay,
-        length_scale_sq=config.length_scale_sq,
-        zeta=config.zeta,
-        delta_d=config.delta_d,
-        disc_weight=disc_weight,
-    )
-    scaling = scaler is not None and scaler.is_enabled()
-    (scaler.scale(terms.total) if scaling else terms.total).backward()
-    if config.grad_clip > 0:
-        if scaling:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    if scaling:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return ObjectiveTerms(*(torch.as_tensor(t).detach() for t in terms))
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +141,7 @@ def train(
             if mean is None:
                 mean, std = channel_statistics(data)
         config = TrainConfig.from_dict({**config.to_dict(), "input_mean": mean, "input_std": std})
-    device = _resolve_device(config)
+    device = training_device(config)
     dist_info = init_distributed(device.type)
     try:
         with lock_run_folder(out_dir) if dist_info.is_main else contextlib.nullcontext():
@@ -312,7 +184,7 @@ def _train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     optimizer = make_optimizer(model, config)
-    amp_dtype = _amp_dtype(config, device)
+    amp_dtype = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     torch.manual_seed(_rank_seed(config.seed, dist_info.rank))
 
@@ -431,8 +303,6 @@ def _loop(run: _RunState, loader: Iterable[dict], bar: Any) -> None:
 
     ``bar`` is the tqdm progress bar (advanced, and shown the loss, on every iteration).
     """
-    from companion.model import dropout_rates
-
     config, model, optimizer, dist_info = run.config, run.model, run.optimizer, run.dist_info
     start, net, last_path = run.start, run.net, run.last_path
     window: list[torch.Tensor] = []

@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .metrics import evaluate
+from .data import TEST_FOLDS
+from .metrics import instance_metrics
 
 __all__ = ["FoldChoice", "GridSearchResult", "grid_search", "foreground_scores"]
 
@@ -43,7 +44,7 @@ class FoldChoice(NamedTuple):
 
 class GridSearchResult(NamedTuple):
     """``scores[f, i, j]``: the metric on fold ``f`` for ``bandwidths[i]``, ``thresholds[j]``;
-    ``choices``: one :class:`FoldChoice` per fold; ``pooled``: :func:`companion.metrics.evaluate`
+    ``choices``: one :class:`FoldChoice` per fold; ``pooled``: :func:`companion.metrics.instance_metrics`
     over all folds' wells, each segmented with the parameters chosen on the other fold;
     ``predictions``: ``{well: (masks, scores)}`` of those segmentations, fold by fold."""
 
@@ -109,7 +110,7 @@ def grid_search(
     folds : sequence of sequences of well ids, optional
         Default :data:`companion.data.TEST_FOLDS`.
     metric : str
-        A key of :func:`companion.metrics.evaluate`'s result used for the choice.
+        A key of :func:`companion.metrics.instance_metrics`'s result used for the choice.
     progress : bool
         tqdm bar over the grid points.
 
@@ -120,7 +121,7 @@ def grid_search(
     from tqdm.auto import tqdm
 
     if folds is None:
-        from .data import TEST_FOLDS as folds
+        folds = TEST_FOLDS
     if len(folds) < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {len(folds)}")
     missing = [w for fold in folds for w in fold if w not in gts]
@@ -135,7 +136,7 @@ def grid_search(
         point = []
         for f, fold in enumerate(folds):
             preds, s = _predict_all(predict, fold, bandwidths[i], thresholds[j])
-            scores[f, i, j] = evaluate([gts[w] for w in fold], preds, s)[metric]
+            scores[f, i, j] = instance_metrics([gts[w] for w in fold], preds, s)[metric]
             point.append((preds, s))
         for f in range(len(folds)):  # keep the first best point so far (argmax's tie rule)
             value = scores[others[f], i, j].mean()
@@ -154,7 +155,7 @@ def grid_search(
                 float(bandwidths[i]),
                 float(thresholds[j]),
                 float(tuning_score),
-                evaluate(fold_gts, preds, s),
+                instance_metrics(fold_gts, preds, s),
             )
         )
         predictions.update({w: (m, sc) for w, m, sc in zip(fold, preds, s)})
@@ -162,5 +163,11 @@ def grid_search(
         all_preds += preds
         all_scores += s
     return GridSearchResult(
-        bandwidths, thresholds, metric, scores, choices, evaluate(all_gts, all_preds, all_scores), predictions
+        bandwidths,
+        thresholds,
+        metric,
+        scores,
+        choices,
+        instance_metrics(all_gts, all_preds, all_scores),
+        predictions,
     )

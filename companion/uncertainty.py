@@ -47,7 +47,7 @@ __all__ = [
     "PatchTable",
     "patch_table",
     "PAvPU",
-    "match_instances",
+    "hungarian_partners",
     "pavpu",
     "pavpu_from_patches",
     "PAvPUReferences",
@@ -85,13 +85,13 @@ class PatchTable(NamedTuple):
     entropy: np.ndarray
 
 
-def match_instances(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def hungarian_partners(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """For each predicted mask, the index of its Hungarian partner in ``gt`` (IoU > 0), else -1.
 
     Examples
     --------
     >>> a = np.zeros((2, 4, 4), bool); a[0, 0] = True; a[1, 3] = True
-    >>> match_instances(a[::-1], a[:1]).tolist()
+    >>> hungarian_partners(a[::-1], a[:1]).tolist()
     [-1, 0]
     """
     partner = np.full(len(pred), -1)
@@ -183,7 +183,7 @@ def patch_table(
                 f"image {i}: expected (K, H, W) stacks of one size, got gts {gt.shape}, probs {prob.shape}"
             )
         binary = prob >= binarize_at
-        partner = match_instances(binary, gt)
+        partner = hungarian_partners(binary, gt)
         empty = np.zeros(gt.shape[1:], bool)
         for k in range(len(prob)):
             rows = _instance_patches(

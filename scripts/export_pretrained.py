@@ -7,7 +7,7 @@ Usage::
 
 Writes float16 weights and a provenance record (command, preset and overrides, git commit,
 iterations, training time, hardware, final loss terms, learned dropout rates, sha256) with
-:func:`companion.pretrained.export`; refuses weights over 15 MiB.
+:func:`companion.export.export`; refuses weights over 15 MiB.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from companion.pretrained import export, stage_summary
+    from companion.export import export, stage_summary
 
     args = build_parser().parse_args(argv)
     shift, calibration = 0.0, None

@@ -30,7 +30,7 @@ process; a phase that no longer fits is skipped and named in the summary):
    channels-last and GPU augmentation, the iterations sized from the measured throughput to
    the time each model gets; a run that still overruns stops at its next checkpoint (every
    10 %) and keeps it;
-4. **export** of each model (``companion.pretrained.export``, fp16 weights + provenance) with the
+4. **export** of each model (``companion.export.export``, fp16 weights + provenance) with the
    background-logit shift chosen on the 10 validation wells as ``scripts/export_pretrained.py
    --calibrate 10`` does (for the Concrete Dropout model on 8 Monte-Carlo draws, agreement
    0.75);
@@ -541,7 +541,7 @@ def bench_training(
     import torch
 
     from companion.batches import to_device
-    from companion.train import _amp_dtype, build_model, make_optimizer, train_step
+    from companion.step import autocast_dtype, build_model, make_optimizer, train_step
 
     device = torch.device(settings.device)
     config = train_config(
@@ -555,7 +555,7 @@ def bench_training(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
-    amp_dtype = _amp_dtype(config, device) if mixed else None
+    amp_dtype = autocast_dtype(config, device) if mixed else None
     generator = torch.Generator().manual_seed(0)
     counter = iter(range(10**9))
 
@@ -700,7 +700,7 @@ def train_one(
 ) -> Path | None:
     """Train ``name`` from scratch for about ``seconds``; the checkpoint to export, or None."""
     from companion.checkpoint import load_model, read_checkpoint
-    from companion.model import dropout_rates
+    from companion.dropout import dropout_rates
     from companion.run_folder import read_log
     from companion.train import train
 
@@ -761,7 +761,7 @@ def export_one(run: Run, data: Data, settings: Settings, name: str, checkpoint: 
 
     from companion.calibration import choose_background_shift
     from companion.checkpoint import load_model
-    from companion.pretrained import export
+    from companion.export import export
 
     started = time.monotonic()
     device = torch.device(settings.device)

@@ -27,11 +27,11 @@ def _metrics_line(label: str, metrics: dict) -> str:
 
 def _figure2_and_table2_lines(results_dir: Path) -> list[str]:
     """Figure 2 at entropy 0.05 beside the paper's, and Table 2's first and last rows (concrete)."""
-    from companion import pretrained
+    from companion import chapters
     from companion.paper import FIGURE2_AT_005
 
     try:
-        doc = pretrained.results("concrete", results_dir)
+        doc = chapters.results("concrete", results_dir)
     except FileNotFoundError:
         return []
     lines = []
@@ -56,7 +56,7 @@ def _figure2_and_table2_lines(results_dir: Path) -> list[str]:
 
 def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
     """The Markdown text of results/README.md."""
-    from companion import pretrained
+    from companion import chapters
     from companion.paper import TABLE1, TABLE1_KEYS
 
     lines = [
@@ -74,7 +74,7 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
     for name in ("concrete", "baseline"):
         for folder, clustering in ((name, ""), (f"{name}_components", ", per-component clustering")):
             try:
-                doc = pretrained.results(folder, results_dir)
+                doc = chapters.results(folder, results_dir)
             except FileNotFoundError:
                 continue
             for row in doc["rows"]:
@@ -86,7 +86,7 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
                 lines.append(_metrics_line(label + clustering, row))
             if not clustering:
                 budgets.append(
-                    f"* {pretrained.training_budget(name, pretrained_dir)}; evaluated on "
+                    f"* {chapters.training_budget(name, pretrained_dir)}; evaluated on "
                     f"{len(doc['wells'])} test wells (skipped as incomplete: "
                     f"{', '.join(doc.get('skipped_wells') or []) or 'none'})."
                 )

@@ -16,7 +16,7 @@ from companion.agglomerate import (
     binarize_with_scores,
     binarized_indices,
     instance_scores,
-    match_instances,
+    match_draw_to_base,
     soft_iou_matrix,
 )
 from companion.simulate import perturb_instances
@@ -136,12 +136,12 @@ def test_soft_iou_rejects_mismatched_shapes():
 # --- one matching step ---------------------------------------------------------------------
 
 
-def test_match_instances_is_the_best_assignment_above_min_iou():
+def test_match_draw_to_base_is_the_best_assignment_above_min_iou():
     for seed in range(10):
         rng = np.random.default_rng(seed)
         base = random_worms(rng, int(rng.integers(1, 5))).astype(np.float32) * rng.uniform(0.3, 1.0)
         new = random_worms(rng, int(rng.integers(1, 5)))
-        matching = match_instances(base, new, min_iou=0.1)
+        matching = match_draw_to_base(base, new, min_iou=0.1)
         iou = np.array([[naive_soft_iou(b, m) for m in new] for b in base])
         np.testing.assert_allclose(matching.iou, iou, rtol=1e-5)
         expected = sorted((r, c) for r, c in naive_best_assignment(iou) if iou[r, c] >= 0.1)
@@ -149,11 +149,11 @@ def test_match_instances_is_the_best_assignment_above_min_iou():
         assert sorted(matching.unmatched.tolist()) == sorted(set(range(len(new))) - {c for _, c in expected})
 
 
-def test_match_instances_with_nothing_to_match():
+def test_match_draw_to_base_with_nothing_to_match():
     masks = random_worms(np.random.default_rng(0), 3)
-    none_yet = match_instances(np.zeros((0, *SHAPE)), masks)
+    none_yet = match_draw_to_base(np.zeros((0, *SHAPE)), masks)
     assert none_yet.pairs.shape == (0, 2) and none_yet.unmatched.tolist() == [0, 1, 2]
-    empty_draw = match_instances(masks, np.zeros((0, *SHAPE), bool))
+    empty_draw = match_draw_to_base(masks, np.zeros((0, *SHAPE), bool))
     assert empty_draw.pairs.shape == (0, 2) and empty_draw.unmatched.size == 0
 
 

@@ -10,8 +10,9 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from companion.__main__ import build_parser, config_from_args, main
 from companion.checkpoint import read_checkpoint
+from companion.cli import build_parser, main
+from companion.cli.train import config_from_args
 from companion.config import TrainConfig
 from companion.run_folder import read_log
 
@@ -64,10 +65,20 @@ def test_options_override_the_preset():
             "0.01",
             "--no-amp",
             "--no-augment",
+            "--overlap-weight",
+            "5",
         ]
     )
     expected = TrainConfig.preset(
-        "cpu", model="baseline", iterations=7, seed=3, batch_size=4, lr=0.01, amp=False, augment=False
+        "cpu",
+        model="baseline",
+        iterations=7,
+        seed=3,
+        batch_size=4,
+        lr=0.01,
+        amp=False,
+        augment=False,
+        overlap_weight=5.0,
     )
     assert config_from_args(args) == expected
     untouched = config_from_args(build_parser().parse_args(["train", "--preset", "colab", "--out", "x"]))
@@ -210,13 +221,10 @@ def test_a_truncated_last_checkpoint_on_resume_is_one_line(tmp_path, capsys):
 
 
 def test_a_real_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    import companion.__main__ as cli
-
     def broken(*args, **kwargs):
         raise KeyError("a bug, not a user error")
 
-    monkeypatch.setattr(cli, "train", broken, raising=False)
-    monkeypatch.setattr("companion.train.train", broken)
+    monkeypatch.setattr("companion.train.train", broken)  # the train command imports it on use
     with pytest.raises(KeyError, match="a bug"):
         main(["train", *QUICK, "--synthetic", "2", "--iterations", "1", "--out", str(tmp_path / "run")])
 

@@ -13,8 +13,9 @@ from torch import nn
 
 from companion._io import file_sha256
 from companion.agglomerate import agglomerate, binarize
+from companion.dropout import ConcreteDropout2d
 from companion.evaluate import _ScaledCounts, _to_counts, evaluate_model
-from companion.model import ConcreteDropout2d, UNet, UNetOutput
+from companion.model import UNet, UNetOutput
 from companion.outputs import (
     CompactPass,
     _well_seed,
@@ -321,7 +322,7 @@ def test_write_report_files(oracle_run, samples, tmp_path):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from companion.__main__ import main
+    from companion.cli import main
 
     out = tmp_path_factory.mktemp("run")
     assert (
@@ -351,7 +352,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_cli_evaluates_a_checkpoint_on_synthetic_wells(tiny_checkpoint, tmp_path, capsys):
-    from companion.__main__ import main
+    from companion.cli import main
 
     out = tmp_path / "res"
     args = [
@@ -400,7 +401,7 @@ def test_cli_evaluates_a_checkpoint_on_synthetic_wells(tiny_checkpoint, tmp_path
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    from companion.__main__ import main
+    from companion.cli import main
 
     assert (
         main(
@@ -426,7 +427,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 
 def test_cli_rejects_wells_outside_the_test_set(tiny_checkpoint, tmp_path, capsys):
-    from companion.__main__ import main
+    from companion.cli import main
 
     assert (
         main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--wells", "A01", "--out", str(tmp_path)])
@@ -437,7 +438,8 @@ def test_cli_rejects_wells_outside_the_test_set(tiny_checkpoint, tmp_path, capsy
 
 @pytest.mark.realdata
 def test_cli_data_lists_skipped_incomplete_wells(bbbc010_root):
-    from companion.__main__ import _evaluation_data, build_parser
+    from companion.cli import build_parser
+    from companion.cli.evaluate import _evaluation_data
 
     args = build_parser().parse_args(
         [
@@ -489,7 +491,7 @@ def test_cli_refuses_test_wells_whose_masks_are_all_empty(tiny_checkpoint, tmp_p
     import tifffile
     from PIL import Image
 
-    from companion.__main__ import main
+    from companion.cli import main
 
     images, masks = tmp_path / "data" / "images", tmp_path / "data" / "masks_eachworm"
     images.mkdir(parents=True), masks.mkdir(parents=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from companion.dropout import concrete_regularizer
 from companion.losses import (
     DiscriminativeTerms,
     ObjectiveTerms,
@@ -18,7 +19,7 @@ from companion.losses import (
     instance_means,
     training_objective,
 )
-from companion.model import UNet, concrete_regularizer
+from companion.model import UNet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,3 +318,19 @@ def test_short_training_lowers_the_objective(dropout):
     assert all(np.isfinite(history))
     assert final.total.item() < 0.5 * history[0]
     assert np.mean(history[-5:]) < np.mean(history[:5])
+
+
+def test_overlap_weight_weights_the_overlap_pixels_terms():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 4, 4, generator=gen)
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 0, :2] = 2
+    target[0, 1] = 1
+    per_pixel = F.cross_entropy(logits, target, reduction="none")[0]
+    w = torch.ones(4, 4)
+    w[target[0] == 2] = 5.0
+    expected = (per_pixel * w).sum() / w.sum()  # the weighted mean, by hand
+    assert torch.isclose(class_loss(logits, target, overlap_weight=5.0), expected)
+    assert torch.isclose(class_loss(logits, target, overlap_weight=1.0), per_pixel.mean())
+    with pytest.raises(ValueError, match="overlap_weight"):
+        class_loss(logits, target, overlap_weight=0.0)

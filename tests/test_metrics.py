@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from companion import metrics
-from companion.metrics import evaluate, iou_matrix, matched_pairs, overlaps
+from companion.metrics import instance_metrics, iou_matrix, matched_pairs, overlaps
 
 
 def _box(shape, rows, cols):
@@ -98,7 +98,7 @@ def test_coco_ap_matches_pycocotools(seed):
         # scores rounded to one decimal: many ties, so the stable sort order matters
         score = np.round(rng.random(len(pred)), 1)
         gts.append(gt), preds.append(pred), scores.append(score)
-    ours = evaluate(gts, preds, scores)
+    ours = instance_metrics(gts, preds, scores)
     stats = _pycocotools_stats(gts, preds, scores)
     assert ours["avAP"] == pytest.approx(stats[0], abs=1e-6)
     assert ours["AP50"] == pytest.approx(stats[1], abs=1e-6)
@@ -112,7 +112,7 @@ def test_coco_ap_matches_pycocotools_beyond_100_detections():
     pred = np.concatenate([_jitter(rng, gt, shape, 0), _random_stack(rng, 100, shape)])
     score = rng.random(len(pred))
     assert len(pred) > metrics.MAX_DETECTIONS
-    ours = evaluate([gt], [pred], [score])
+    ours = instance_metrics([gt], [pred], [score])
     stats = _pycocotools_stats([gt], [pred], [score])
     assert ours["avAP"] == pytest.approx(stats[0], abs=1e-6)
     assert ours["AP50"] == pytest.approx(stats[1], abs=1e-6)
@@ -120,7 +120,7 @@ def test_coco_ap_matches_pycocotools_beyond_100_detections():
 
 def test_no_gt_at_all_gives_minus_one_like_cocoeval():
     pred = _box((8, 8), slice(0, 4), slice(0, 4))[None]
-    result = evaluate([np.zeros((0, 8, 8), bool)], [pred], [np.array([0.5])])
+    result = instance_metrics([np.zeros((0, 8, 8), bool)], [pred], [np.array([0.5])])
     assert result["avAP"] == -1 and result["AP50"] == -1
     assert result["avAP_dsb"] == 0.0  # one FP, no TP: 0 / (0 + 1 + 0)
 
@@ -145,7 +145,7 @@ def test_overlaps_and_iou_reject_bad_shapes():
     with pytest.raises(ValueError, match="image size"):
         iou_matrix(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 5), bool))
     with pytest.raises(ValueError, match="scores"):
-        evaluate([np.zeros((1, 4, 4), bool)], [np.zeros((2, 4, 4), bool)], [np.ones(1)])
+        instance_metrics([np.zeros((1, 4, 4), bool)], [np.zeros((2, 4, 4), bool)], [np.ones(1)])
 
 
 def test_matched_pairs_prefers_more_pairs_above_threshold():
@@ -160,7 +160,7 @@ def test_matched_pairs_prefers_more_pairs_above_threshold():
 def test_perfect_prediction_scores_one_everywhere():
     rng = np.random.default_rng(0)
     gts = [_random_stack(rng, 5, (20, 20)) for _ in range(3)]
-    result = evaluate(gts, [g.copy() for g in gts], [rng.random(len(g)) for g in gts])
+    result = instance_metrics(gts, [g.copy() for g in gts], [rng.random(len(g)) for g in gts])
     for key in ("avAP", "AP50", "AP75", "recall80", "avAP_dsb"):
         assert result[key] == pytest.approx(1.0, abs=1e-12), key
     assert all(p["n_gt"] == p["n_pred"] == 5 for p in result["per_image"])
@@ -172,7 +172,7 @@ def test_false_split_hand_worked():
     big = _box(shape, slice(0, 4), slice(0, 5))  # 20 px: IoU 20/32 = 0.625, Dice 40/52 = 0.77
     small = _box(shape, slice(0, 4), slice(5, 8))  # 12 px: IoU 0.375
     pred = np.stack([big, small])
-    r = evaluate([gt], [pred], [np.array([0.9, 0.8])])
+    r = instance_metrics([gt], [pred], [np.array([0.9, 0.8])])
     # t = 0.50, 0.55, 0.60: the big part (ranked first) is a TP, precision 1 at recall 1 -> AP 1
     # t >= 0.65: no TP -> AP 0. So avAP = 3/10, AP50 = 1, AP75 = 0.
     assert r["AP50"] == pytest.approx(1.0) and r["AP75"] == 0.0
@@ -181,7 +181,7 @@ def test_false_split_hand_worked():
     # DSB: TP 1, FP 1, FN 0 -> 1/2 at three thresholds, 0/(0+2+1) = 0 at seven -> 0.15
     assert r["avAP_dsb"] == pytest.approx(0.15)
     # ranked the other way, the first detection is an FP: precision [0, 1/2] -> monotone 1/2
-    r2 = evaluate([gt], [pred], [np.array([0.8, 0.9])])
+    r2 = instance_metrics([gt], [pred], [np.array([0.8, 0.9])])
     assert r2["AP50"] == pytest.approx(0.5)
 
 
@@ -190,7 +190,7 @@ def test_false_merge_hand_worked():
     a = _box(shape, slice(0, 4), slice(0, 4))  # 16 px
     b = _box(shape, slice(0, 4), slice(4, 9))  # 20 px
     merged = (a | b)[None]  # 36 px: IoU 16/36 = 0.44 with a, 20/36 = 0.56 with b
-    r = evaluate([np.stack([a, b])], [merged], [np.array([0.9])])
+    r = instance_metrics([np.stack([a, b])], [merged], [np.array([0.9])])
     # t = 0.50, 0.55: one TP (b), recall 1/2 at precision 1 -> recall points 0..0.50 = 51 of 101
     ap_low = 51 / 101
     assert r["AP50"] == pytest.approx(ap_low)
@@ -207,11 +207,11 @@ def test_overlapping_worms_hand_worked():
     vertical = _box(shape, slice(0, 12), slice(4, 6))  # 24 px, 4 px shared with horizontal
     gt = np.stack([horizontal, vertical])
     # exact overlapping prediction: perfect
-    exact = evaluate([gt], [gt.copy()], [np.array([0.9, 0.8])])
+    exact = instance_metrics([gt], [gt.copy()], [np.array([0.9, 0.8])])
     assert exact["avAP"] == pytest.approx(1.0) and exact["avAP_dsb"] == 1.0
     # the vertical worm predicted without the crossing: IoU 20/24 = 0.83, Dice 40/44 = 0.91
     pred = np.stack([horizontal, vertical & ~horizontal])
-    r = evaluate([gt], [pred], [np.array([0.9, 0.8])])
+    r = instance_metrics([gt], [pred], [np.array([0.9, 0.8])])
     # t <= 0.80 (7 thresholds): both TP -> AP 1; t >= 0.85: only the first -> 51/101
     assert r["avAP"] == pytest.approx((7 + 3 * 51 / 101) / 10)
     assert r["AP50"] == pytest.approx(1.0) and r["AP75"] == pytest.approx(1.0)
@@ -224,7 +224,7 @@ def test_overlapping_worms_hand_worked():
 def test_per_image_entries_and_empty_image():
     gt = _box((8, 8), slice(0, 4), slice(0, 4))[None]
     empty = np.zeros((0, 8, 8), bool)
-    r = evaluate([gt, empty], [gt, empty], [np.ones(1), np.ones(0)])
+    r = instance_metrics([gt, empty], [gt, empty], [np.ones(1), np.ones(0)])
     assert [p["n_gt"] for p in r["per_image"]] == [1, 0]
     assert r["per_image"][1]["avAP_dsb"] == 1.0  # nothing to find, nothing found
     assert r["per_image"][1]["AP50"] == -1.0
@@ -253,11 +253,11 @@ def test_real_wells_against_pycocotools(bbbc010_root):
     samples = load_bbbc010(bbbc010_root, wells=["C03", "C04"], progress=False)
     rng = np.random.default_rng(0)
     gts = [s.instances for s in samples]
-    perfect = evaluate(gts, gts, [np.ones(len(g)) for g in gts])
+    perfect = instance_metrics(gts, gts, [np.ones(len(g)) for g in gts])
     assert perfect["avAP_dsb"] == 1.0 and perfect["recall80"] == 1.0
     preds = [perturb_instances(g, rng, max_radius=1) for g in gts]
     scores = [rng.random(len(p)) for p in preds]
-    ours = evaluate(gts, preds, scores)
+    ours = instance_metrics(gts, preds, scores)
     stats = _pycocotools_stats(gts, preds, scores)
     assert ours["avAP"] == pytest.approx(stats[0], abs=1e-6)
     assert ours["AP50"] == pytest.approx(stats[1], abs=1e-6)

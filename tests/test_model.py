@@ -9,19 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from companion.model import (
+from companion.dropout import (
     ConcreteDropout,
     ConcreteDropout2d,
     DropoutLayer,
-    UNet,
-    UNetOutput,
     concrete_layers,
     concrete_regularizer,
     dropout_rates,
     mc_sampling,
     set_mc_sampling,
-    weight_decay_penalty,
 )
+from companion.model import UNet, UNetOutput, weight_decay_penalty
 
 
 def small_unet(**kwargs) -> UNet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
 
@@ -75,3 +76,55 @@ def test_readme_result_numbers_are_rows_of_the_committed_evaluations_or_the_pape
         assert (float(avap), float(ap50)) in pairs, (
             f"README quotes avAP {avap} / AP50 {ap50}, no evaluated row has it"
         )
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """companion module -> the companion modules it imports at module level (not in functions)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((REPO_ROOT / "companion").rglob("*.py")):
+        parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+        package = parts[:-1]  # the package a relative import starts from
+        name = ".".join(parts[:-1] if path.name == "__init__.py" else parts)
+        targets = set()
+        for node in ast.parse(path.read_text()).body:  # TYPE_CHECKING blocks are ast.If: skipped
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - node.level + 1]
+                if node.module:
+                    targets.add(".".join(base + node.module.split(".")))
+                else:  # from . import x, y
+                    targets.update(".".join(base + [a.name]) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("companion"):
+                targets.add(node.module)
+        graph[name] = targets
+    return {m: {t for t in ts if t in graph} for m, ts in graph.items()}
+
+
+def test_companion_modules_import_each_other_without_a_cycle():
+    graph = _module_imports()
+    assert "companion.cli" in graph and "companion.export" in graph["companion.chapters"]
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, "import cycle: " + " -> ".join(path + (module,))
+        if module in done:
+            return
+        for target in graph[module]:
+            visit(target, path + (module,))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())
+
+
+def test_every_module_stays_short_and_is_listed_in_the_readme():
+    readme = (REPO_ROOT / "README.md").read_text()
+    for path in sorted((REPO_ROOT / "companion").rglob("*.py")):
+        if path.name.startswith("_"):
+            continue  # __init__, __main__, private helpers
+        lines = len(path.read_text().splitlines())
+        assert lines <= 500, f"{path.relative_to(REPO_ROOT)}: {lines} lines, split it by concept"
+    for path in sorted((REPO_ROOT / "companion").glob("*.py")):
+        if not path.name.startswith("_"):
+            assert f"`companion.{path.stem}`" in readme, (
+                f"companion.{path.stem} is not in the README's module table"
+            )

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from companion.__main__ import main
-from companion.metrics import evaluate as instance_metrics
+from companion.cli import main
+from companion.metrics import instance_metrics
 from companion.model import UNet
 from companion.outputs import well_outputs
 from companion.predict import predict_deterministic, predict_instances

@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from companion import pretrained
+from companion import chapters, pretrained
+from companion import export as export_module
 from companion.checkpoint import load_model
 from companion.config import TrainConfig
-from companion.model import dropout_rates
+from companion.dropout import dropout_rates
 from companion.run_folder import TERM_NAMES, read_log
 from companion.synthetic import make_dataset
 from companion.train import train
@@ -88,7 +89,7 @@ def test_provenance_records_the_run(run_dir, shelf):
     record = pretrained.provenance("concrete", shelf)
     weights = shelf / "concrete.pt"
     assert record["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert record["size_bytes"] == weights.stat().st_size < pretrained.MAX_BYTES
+    assert record["size_bytes"] == weights.stat().st_size < export_module.MAX_BYTES
     assert record["iterations"] == 4 and record["dtype"] == "float16"
     assert record["command"] == "python -m companion train --preset quick"
     assert record["preset"] == "quick" and record["overrides"] == {
@@ -140,15 +141,15 @@ def test_missing_files_explain_how_to_get_a_model(shelf):
 
 
 def test_export_refuses_oversized_weights_and_leaves_nothing(run_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrained, "MAX_BYTES", 1000)
+    monkeypatch.setattr(export_module, "MAX_BYTES", 1000)
     with pytest.raises(ValueError, match="over the"):
-        pretrained.export(run_dir / "final.pt", "concrete", tmp_path)
+        export_module.export(run_dir / "final.pt", "concrete", tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_exporting_the_same_checkpoint_twice_gives_the_same_file(run_dir, tmp_path):
     (first, _), (second, _) = (
-        pretrained.export(run_dir / "final.pt", "concrete", tmp_path / d) for d in "ab"
+        export_module.export(run_dir / "final.pt", "concrete", tmp_path / d) for d in "ab"
     )
     assert first.read_bytes() == second.read_bytes()
     assert (
@@ -159,11 +160,11 @@ def test_exporting_the_same_checkpoint_twice_gives_the_same_file(run_dir, tmp_pa
 
 def test_export_rejects_a_bad_name(run_dir, tmp_path):
     with pytest.raises(ValueError, match="file stem"):
-        pretrained.export(run_dir / "final.pt", "../evil", tmp_path)
+        export_module.export(run_dir / "final.pt", "../evil", tmp_path)
 
 
 def test_the_evaluate_cli_loads_pretrained_weights(shelf, tmp_path):
-    from companion.__main__ import main
+    from companion.cli import main
 
     out = tmp_path / "res"
     assert (
@@ -203,13 +204,13 @@ def test_the_evaluate_cli_loads_pretrained_weights(shelf, tmp_path):
 def test_results_reads_the_committed_evaluation_and_explains_when_missing(tmp_path):
     (tmp_path / "concrete").mkdir()
     (tmp_path / "concrete" / "results.json").write_text(json.dumps({"rows": [{"name": "mc", "avAP": 0.5}]}))
-    assert pretrained.results("concrete", tmp_path)["rows"][0]["avAP"] == 0.5
+    assert chapters.results("concrete", tmp_path)["rows"][0]["avAP"] == 0.5
     with pytest.raises(FileNotFoundError, match="python -m companion evaluate --pretrained baseline"):
-        pretrained.results("baseline", tmp_path)
+        chapters.results("baseline", tmp_path)
 
 
 def test_training_budget_states_iterations_crops_and_time(shelf):
-    line = pretrained.training_budget("concrete", shelf)
+    line = chapters.training_budget("concrete", shelf)
     record = pretrained.provenance("concrete", shelf)
     assert line.startswith(f"concrete: {record['iterations']:,} iterations of 32 x 32 crops")
     assert "lr 0.001" in line and line.endswith(f"on a {record['hardware']['cpu_count']}-core CPU")
@@ -217,20 +218,20 @@ def test_training_budget_states_iterations_crops_and_time(shelf):
 
 
 def test_load_or_train_loads_the_shipped_model_or_trains_a_quick_one(shelf, monkeypatch):
-    model, text = pretrained.load_or_train("concrete", directory=shelf)
+    model, text = chapters.load_or_train("concrete", directory=shelf)
     assert not model.training and text.startswith("shipped model concrete:")
     samples = make_dataset(2, seed=1, shape=(96, 96))
-    monkeypatch.setattr("companion.data.load_bbbc010", lambda root, wells, progress: samples)
-    model, text = pretrained.load_or_train("baseline", retrain=True, quick=True, directory=shelf)
+    monkeypatch.setattr("companion.chapters.load_bbbc010", lambda root, wells, progress: samples)
+    model, text = chapters.load_or_train("baseline", retrain=True, quick=True, directory=shelf)
     assert not model.training and not dropout_rates(model)  # a baseline: no Concrete Dropout
     assert "baseline model trained here (quick configuration): 30 iterations" in text
     with pytest.raises(ValueError, match="retrain knows"):
-        pretrained.load_or_train("other", retrain=True, directory=shelf)
+        chapters.load_or_train("other", retrain=True, directory=shelf)
 
 
 def test_export_folds_a_background_shift_into_the_weights_and_records_it(run_dir, tmp_path):
     calibration = dict(method="test", wells=["A01"], shifts=[0.0, 1.0], f1=[0.5, 0.7])
-    pretrained.export(
+    export_module.export(
         run_dir / "final.pt", "concrete", tmp_path, background_shift=1.0, calibration=calibration
     )
     shifted = pretrained.load("concrete", directory=tmp_path)
@@ -267,7 +268,7 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
         in text
     )
     assert "| paper, concrete | 0.770 | 0.974 | 0.883 | 0.810 | 0.703 |" in text
-    assert pretrained.training_budget("concrete", shelf) in text and "skipped as incomplete: C13" in text
+    assert chapters.training_budget("concrete", shelf) in text and "skipped as incomplete: C13" in text
     assert "baseline:" not in text.split("Training budgets")[1]  # no results for it: no budget line
     assert "p(uncertain | inaccurate) = 0.500 (paper: 0.559), PAvPU = 0.250" in text
     assert "per-component clustering" not in text.split("## Table 1")[1].split("paper, concrete")[0]
@@ -277,14 +278,15 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
     assert module.main(["--results-dir", str(tmp_path), "--pretrained-dir", str(shelf)]) == 0
     text = (tmp_path / "README.md").read_text()
     assert "| ours, concrete: one deterministic pass, per-component clustering | 0.375 | 0.500 |" in text
-    assert text.count(pretrained.training_budget("concrete", shelf)) == 1  # one budget line per model
+    assert text.count(chapters.training_budget("concrete", shelf)) == 1  # one budget line per model
 
 
 def test_training_can_start_from_an_exported_model(shelf, tmp_path):
     from companion.checkpoint import init_weights
     from companion.config import TrainConfig
+    from companion.step import build_model
     from companion.synthetic import make_dataset
-    from companion.train import build_model, train
+    from companion.train import train
 
     exported = pretrained.load("concrete", directory=shelf)
     cfg = TrainConfig.preset("quick", iterations=3, checkpoint_every=3, log_every=1)
@@ -355,7 +357,7 @@ def test_a_gpu_location_without_cuda_says_so_and_does_not_blame_the_file(shelf, 
             pretrained.load("concrete", directory=shelf, map_location=location)
         assert "concrete.pt" not in str(err.value) and "corrupt" not in str(err.value)
     with pytest.raises(ValueError, match="CUDA is not available"):
-        pretrained.load_or_train("concrete", directory=shelf, device="cuda")
+        chapters.load_or_train("concrete", directory=shelf, device="cuda")
     with pytest.raises(ValueError, match="CUDA is not available"):  # a training checkpoint too
         read_checkpoint(run_dir / "final.pt", map_location="cuda")
     with pytest.raises(ValueError, match="'banana' is not a torch device"):
@@ -364,22 +366,22 @@ def test_a_gpu_location_without_cuda_says_so_and_does_not_blame_the_file(shelf, 
 
 def test_a_model_trained_in_stages_records_each_and_their_totals(run_dir, shelf, tmp_path):
     first = pretrained.provenance("concrete", shelf)
-    stages = pretrained.stage_summary(shelf / "concrete.json") + pretrained.stage_summary(
+    stages = export_module.stage_summary(shelf / "concrete.json") + export_module.stage_summary(
         run_dir / "final.pt"
     )
     assert [s["iterations"] for s in stages] == [first["iterations"]] * 2
     assert stages[0]["source"] == "concrete.json" and stages[1]["source"] == "final.pt"
-    pretrained.export(run_dir / "final.pt", "baseline", tmp_path, earlier_stages=stages)
+    export_module.export(run_dir / "final.pt", "baseline", tmp_path, earlier_stages=stages)
     record = pretrained.provenance("baseline", tmp_path)
     assert record["total_iterations"] == 3 * first["iterations"]
     assert record["total_training_time_s"] == pytest.approx(
         sum(s["training_time_s"] for s in stages) + record["training_time_s"]
     )
-    line = pretrained.training_budget("baseline", tmp_path)
+    line = chapters.training_budget("baseline", tmp_path)
     assert line.startswith(f"baseline: {3 * first['iterations']:,} iterations of 32 x 32 crops")
     assert "in 3 stages: " in line and line.count(", then ") == 2
     # a continuation of an exported model lists the stages of that model before its own
-    assert len(pretrained.stage_summary(tmp_path / "baseline.json")) == 3
+    assert len(export_module.stage_summary(tmp_path / "baseline.json")) == 3
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(ValueError, match="broken.json: not a provenance record"):
-        pretrained.stage_summary(tmp_path / "broken.json")
+        export_module.stage_summary(tmp_path / "broken.json")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from companion.agglomerate import instance_scores
-from companion.metrics import evaluate
+from companion.metrics import instance_metrics
 from companion.proofreading import (
     Peaks,
     correct_at_peaks,
@@ -90,7 +90,7 @@ def test_zero_corrections_equals_plain_evaluate():
     table = simulate_proofreading([gt, gt], [probs, probs2], (0,))
     preds = [p >= 0.75 for p in (probs, probs2)]
     keep = [b.any(axis=(1, 2)) for b in preds]
-    plain = evaluate(
+    plain = instance_metrics(
         [gt, gt],
         [b[k] for b, k in zip(preds, keep)],
         [instance_scores(p)[k] for p, k in zip((probs, probs2), keep)],

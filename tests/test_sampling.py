@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from companion.model import UNet, concrete_layers, set_mc_sampling
+from companion.dropout import concrete_layers, set_mc_sampling
+from companion.model import UNet
 from companion.sampling import MCDraws, mc_predict, pad_to_multiple, predict, segment_draws
 
 

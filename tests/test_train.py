@@ -21,10 +21,11 @@ from companion.augment import WormCropDataset, collate_crops
 from companion.batches import _IterationSampler
 from companion.checkpoint import load_model, read_checkpoint
 from companion.config import PRESETS, TrainConfig
-from companion.model import concrete_layers
+from companion.dropout import concrete_layers
 from companion.run_folder import TERM_NAMES, read_log
+from companion.step import build_model, make_optimizer, train_step
 from companion.synthetic import make_dataset
-from companion.train import build_model, train, train_step
+from companion.train import train
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
 
@@ -351,7 +352,8 @@ DDP_SCRIPT = textwrap.dedent("""
     from companion.augment import WormCropDataset, collate_crops
     from companion.config import TrainConfig
     from companion.synthetic import make_dataset
-    from companion.train import build_model, train, train_step
+    from companion.train import train
+    from companion.step import build_model, train_step
 
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
@@ -466,14 +468,14 @@ def test_two_gloo_processes_agree_with_each_other_and_with_one_process(tmp_path)
 
 
 def test_mixed_precision_is_off_on_the_cpu():
-    from companion.train import _amp_dtype
+    from companion.step import autocast_dtype
 
-    assert _amp_dtype(TrainConfig.preset("quick"), torch.device("cpu")) is None
+    assert autocast_dtype(TrainConfig.preset("quick"), torch.device("cpu")) is None
 
 
 def test_init_from_starts_a_concrete_model_from_baseline_weights(tmp_path):
     from companion.checkpoint import init_weights
-    from companion.train import build_model
+    from companion.step import build_model
 
     data = make_dataset(2, seed=0, shape=(96, 96))
     base_cfg = TrainConfig.preset("quick", model="baseline", iterations=2, checkpoint_every=2, log_every=1)
@@ -565,11 +567,11 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(t
 
 
 def test_cpu_bf16_turns_on_autocast_and_channels_last_on_the_cpu(tmp_path):
-    from companion.train import _amp_dtype
+    from companion.step import autocast_dtype
 
     cpu = torch.device("cpu")
-    assert _amp_dtype(TrainConfig.preset("quick"), cpu) is None
-    assert _amp_dtype(TrainConfig.preset("quick", cpu_bf16=True), cpu) is torch.bfloat16
+    assert autocast_dtype(TrainConfig.preset("quick"), cpu) is None
+    assert autocast_dtype(TrainConfig.preset("quick", cpu_bf16=True), cpu) is torch.bfloat16
     data = make_dataset(2, seed=0, shape=(64, 64))
     config = TrainConfig.preset("quick", iterations=4, cpu_bf16=True, checkpoint_every=2)
     final = train(config, data, tmp_path / "run", progress=False)
@@ -712,3 +714,19 @@ def test_dropout_lr_scale_moves_the_rates_faster_and_only_them(tmp_path):
     assert moved[20.0] > 5 * moved[1.0] > 0
     with pytest.raises(ValueError, match="dropout_lr_scale"):
         TrainConfig(dropout_lr_scale=0.0)
+
+
+def test_overlap_weight_reaches_the_objective(tmp_path):
+    config = TrainConfig.preset("quick", iterations=1, overlap_weight=4.0)
+    data = make_dataset(2, seed=0, shape=(64, 64))
+    batch = collate_crops([WormCropDataset(data, crop_size=64, length=1, seed=0)[0]])
+    batch["target"][0, :4, :4] = 2  # some overlap pixels, whatever the crop holds
+    losses = {}
+    for weight in (1.0, 4.0):
+        torch.manual_seed(0)
+        model = build_model(config)
+        cfg = TrainConfig.preset("quick", iterations=1, overlap_weight=weight)
+        losses[weight] = float(train_step(model, make_optimizer(model, cfg), batch, n_train=2, config=cfg).ce)
+    assert losses[4.0] != losses[1.0]
+    with pytest.raises(ValueError, match="overlap_weight"):
+        TrainConfig(overlap_weight=0.0)

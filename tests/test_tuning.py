@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from companion.metrics import evaluate
+from companion.metrics import instance_metrics
 from companion.tuning import foreground_scores, grid_search
 
 
@@ -35,16 +35,16 @@ def test_grid_scores_and_cross_fold_choices():
                 preds, scores = zip(*(_stand_in(w, bw, t) for w in fold))
                 assert (
                     result.scores[f, i, j]
-                    == evaluate([GTS[w] for w in fold], list(preds), list(scores))["avAP"]
+                    == instance_metrics([GTS[w] for w in fold], list(preds), list(scores))["avAP"]
                 )
     first, second = result.choices
     # chosen on fold b (bandwidth 2), applied to fold a, where it is wrong - and vice versa
     assert (first.tuned_on, first.applied_to, first.bandwidth, first.threshold) == (1, 0, 2.0, 0.5)
     assert (second.tuned_on, second.applied_to, second.bandwidth, second.threshold) == (0, 1, 1.0, 0.5)
     assert first.tuning_score == pytest.approx(1.0)
-    wrong = evaluate([GTS[w] for w in FOLDS[0]], [_square(2)] * 2, [np.array([0.5])] * 2)
+    wrong = instance_metrics([GTS[w] for w in FOLDS[0]], [_square(2)] * 2, [np.array([0.5])] * 2)
     assert first.test_metrics["avAP"] == wrong["avAP"]
-    pooled = evaluate(list(GTS.values()), [_square(2)] * 4, [np.array([0.5])] * 4)
+    pooled = instance_metrics(list(GTS.values()), [_square(2)] * 4, [np.array([0.5])] * 4)
     assert result.pooled["avAP"] == pooled["avAP"]
 
 

@@ -9,7 +9,7 @@ from scipy.stats import entropy as scipy_entropy
 from companion.uncertainty import (
     PatchTable,
     bernoulli_entropy,
-    match_instances,
+    hungarian_partners,
     patch_table,
     pavpu,
     pavpu_from_patches,
@@ -77,21 +77,21 @@ def test_unmatched_prediction_is_inaccurate_and_missing_gt_is_ignored():
     assert (r.n_ac[0], r.n_au[0], r.n_ic[0], r.n_iu[0]) == (0, 0, 1, 0)
 
 
-def test_match_instances_one_to_one_and_order():
+def test_hungarian_partners_one_to_one_and_order():
     a = np.zeros((3, 6, 6), bool)
     a[0, 0, :] = True
     a[1, :, 0] = True  # overlaps a[0] in one pixel
     a[2, 5, 5] = True
     pred = a[[1, 0]]
-    assert match_instances(pred, a).tolist() == [1, 0]
-    assert match_instances(a[2:], a[:2]).tolist() == [-1]  # disjoint: no partner
-    assert match_instances(a[:0], a).tolist() == []
+    assert hungarian_partners(pred, a).tolist() == [1, 0]
+    assert hungarian_partners(a[2:], a[:2]).tolist() == [-1]  # disjoint: no partner
+    assert hungarian_partners(a[:0], a).tolist() == []
 
 
 def _naive_patch_rows(gt, prob, patch=4, binarize_at=0.75):
     """Full-image reference: pad to whole patches, average over pixels inside the image."""
     binary = prob >= binarize_at
-    partner = match_instances(binary, gt)
+    partner = hungarian_partners(binary, gt)
     h, w = gt.shape[1:]
     hp, wp = -(-h // patch) * patch, -(-w // patch) * patch
     rows = []

@@ -1,0 +1,273 @@
+"""What the chapters print beside a shipped model, and the model a chapter works with.
+
+:func:`results` reads a shipped model's committed evaluation (``results/<name>/results.json``),
+:func:`segmentation_settings` the bandwidth, threshold and point budget that evaluation used for
+a well, :func:`training_budget` says in one line how a model was trained, and
+:func:`load_or_train` gives a chapter the shipped model or one trained on the spot
+(``BOOK_RETRAIN=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .checkpoint import load_model
+from .config import TrainConfig
+from .data import TEST_FOLDS, TRAIN_WELLS, load_bbbc010
+from .export import export
+from .pretrained import NAMES, PRETRAINED_DIR, available, load, provenance
+from .synthetic import make_dataset
+from .train import train
+
+__all__ = [
+    "RESULTS_DIR",
+    "SegmentationSettings",
+    "results",
+    "segmentation_settings",
+    "training_budget",
+    "load_or_train",
+]
+
+#: Where the evaluations of the shipped models are committed (``results/<name>/`` of the book's
+#: repository, written by ``python -m companion evaluate --pretrained <name> --out results/<name>``).
+#: Present in a clone of the repository (also the one the chapters' Colab cell makes); a
+#: ``pip install`` from PyPI or git has the weights but not the results.
+RESULTS_DIR: Path = PRETRAINED_DIR.parents[1] / "results"
+
+
+def results(name: str, directory: str | os.PathLike | None = None) -> dict:
+    """The committed evaluation of a shipped model: ``results/<name>/results.json``.
+
+    Parameters
+    ----------
+    name : str
+        ``"concrete"`` or ``"baseline"`` (the sub-folder of ``directory``).
+    directory : path-like, optional
+        Default :data:`RESULTS_DIR`, the repository's ``results/``.
+
+    Returns
+    -------
+    dict
+        As written by :func:`companion.report.write_report`: ``rows`` (Table 1), ``pavpu``
+        (the Figure 2 curves), ``proofreading`` (Table 2), ``per_image``, ``tuning``, ...
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file; says how to create it.
+    """
+    folder = RESULTS_DIR if directory is None else Path(directory)
+    path = folder / name / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found. The evaluation results live in the book's repository (clone it), or "
+            f"compute them: python -m companion evaluate --pretrained {name} --out {folder / name}"
+        )
+    with open(path) as handle:
+        return json.load(handle)
+
+
+class SegmentationSettings(NamedTuple):
+    """Post-processing settings for one well, and where they come from (to print)."""
+
+    bandwidth: float
+    threshold: float
+    max_points: int | None
+    #: one line on where the values come from, to print
+    source: str
+    #: the committed evaluation they come from (:func:`results`); None for the defaults
+    record: dict | None
+
+
+def segmentation_settings(
+    name: str,
+    well: str,
+    *,
+    committed: bool = True,
+    default: tuple[float, float] = (2.0, 2.0),
+    default_max_points: int | None = 20_000,
+    directory: str | os.PathLike | None = None,
+) -> SegmentationSettings:
+    """The bandwidth, threshold and point budget the committed evaluation used for ``well``.
+
+    The committed evaluation of a shipped model chose a bandwidth and threshold on one test
+    fold and applied them to the other (the paper's 2-fold protocol); this returns the pair
+    applied to the fold that holds ``well`` and the evaluation's ``max_points``. Without a
+    committed evaluation (no ``results/``, or ``committed=False`` because the chapter trained its
+    own model, to which the shipped model's choice does not belong) it returns ``default`` and
+    ``default_max_points``, and says so in ``source``.
+
+    Parameters
+    ----------
+    name : str
+        The shipped model (``"concrete"`` or ``"baseline"``).
+    well : str
+        A test well, e.g. ``"C03"``.
+    committed : bool
+        False: ignore the committed evaluation (a retrained model).
+    default, default_max_points
+        What to use without a committed choice.
+    directory : path-like, optional
+        Default :data:`RESULTS_DIR`.
+
+    >>> segmentation_settings("concrete", "C03", committed=False).source
+    'no committed choice for this model: bandwidth 2, threshold 2'
+    """
+    fold = next((f for f, wells in enumerate(TEST_FOLDS) if well in wells), None)
+    record = None
+    reason = "no committed choice for this model"
+    if committed and fold is not None:
+        try:
+            record = results(name, directory)
+        except FileNotFoundError as missing:
+            reason = str(missing)
+    choice = None
+    if record is not None:
+        choice = next((c for c in record["tuning"]["choices"] if c["applied_to"] == fold), None)
+    if choice is None:
+        bandwidth, threshold = default
+        return SegmentationSettings(
+            bandwidth,
+            threshold,
+            default_max_points,
+            f"{reason}: bandwidth {bandwidth:g}, threshold {threshold:g}",
+            None,
+        )
+    return SegmentationSettings(
+        choice["bandwidth"],
+        choice["threshold"],
+        record["settings"].get("max_points"),
+        f"bandwidth {choice['bandwidth']:g}, threshold {choice['threshold']:g}: chosen on test fold "
+        f"{choice['tuned_on']} (avAP {choice['tuning_score']:.3f} there), applied to fold {fold}, "
+        f"which holds {well}",
+        record,
+    )
+
+
+def _hours(seconds: float | None) -> str:
+    if seconds is None:
+        return "time not recorded"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
+def training_budget(name: str, directory: str | os.PathLike | None = None) -> str:
+    """One line on how a shipped model was trained, to print beside its numbers.
+
+    A model trained in stages (``earlier_stages`` in its provenance, see :func:`export`) gets
+    the iterations and time of every stage and their totals.
+
+    >>> training_budget("concrete", directory=_example_dir())  # doctest: +ELLIPSIS
+    'concrete: 3 iterations of 64 x 64 crops (batch 2, lr 0.001), ... s on a ...-core CPU'
+    """
+    info = provenance(name, directory)
+    cfg = info.get("config", {})
+    hardware = info.get("hardware", {})
+    device = hardware.get("cuda") or f"a {hardware.get('cpu_count', '?')}-core CPU"
+    factor = cfg.get("downsample", 1)
+    scale = f" (network at 1/{factor} resolution)" if factor > 1 else ""
+    crops = f"{cfg.get('crop_size')} x {cfg.get('crop_size')} crops{scale}"
+    stages = info.get("earlier_stages") or []
+    if stages:
+        parts = [
+            f"{s['iterations']:,} as {s['model']} at lr {s['lr']:g} ({_hours(s['training_time_s'])})"
+            for s in stages
+        ]
+        parts.append(
+            f"{info['iterations']:,} as {info.get('model')} at lr {cfg.get('lr'):g} "
+            f"({_hours(info.get('training_time_s'))})"
+        )
+        return (
+            f"{name}: {info['total_iterations']:,} iterations of {crops}, batch {cfg.get('batch_size')}, "
+            f"in {len(parts)} stages: "
+            + ", then ".join(parts)
+            + f"; {_hours(info.get('total_training_time_s'))} in all on {device}"
+        )
+    start = f", starting from the weights of {Path(cfg['init_from']).name}" if cfg.get("init_from") else ""
+    return (
+        f"{name}: {info['iterations']:,} iterations of {crops} "
+        f"(batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}){start}, "
+        f"{_hours(info.get('training_time_s'))} on {device}"
+    )
+
+
+def _example_dir() -> Path:  # a throw-away exported model for the doctests
+    run, shelf = tempfile.mkdtemp(), tempfile.mkdtemp()
+    cfg = TrainConfig.preset("quick", iterations=3, checkpoint_every=3, log_every=1)
+    export(train(cfg, make_dataset(2, seed=0, shape=(96, 96)), run, progress=False), "concrete", shelf)
+    return Path(shelf)
+
+
+def load_or_train(
+    name: str = "concrete",
+    *,
+    retrain: bool = False,
+    quick: bool = True,
+    device: str | torch.device = "cpu",
+    train_wells: Sequence[str] | None = None,
+    data_root: str | os.PathLike | None = None,
+    directory: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, str]:
+    """The model a chapter works with: the shipped one, or one trained right now.
+
+    Parameters
+    ----------
+    name : {"concrete", "baseline"}
+    retrain : bool
+        False (default): :func:`load` the shipped weights. True: train a new model on the BBBC010
+        training wells, with the ``quick`` preset (a tiny network, seconds; its outputs are
+        only a pipeline check) or, with ``quick=False``, the shipped model's recorded training
+        settings (preset ``colab`` on a GPU: about an hour on a T4; preset ``cpu`` otherwise).
+    quick : bool
+        See ``retrain``.
+    device : str or torch.device
+    train_wells : sequence of str, optional
+        Default :data:`companion.data.TRAIN_WELLS` (``quick``: the first 8).
+    data_root : path-like, optional
+        Passed to :func:`companion.data.load_bbbc010`.
+    directory : path-like, optional
+        Folder of the shipped weights (default the package's).
+    progress : bool
+
+    Returns
+    -------
+    model : nn.Module
+        In eval mode on ``device``.
+    description : str
+        Where the model came from, for printing beside results.
+    """
+    if not retrain:
+        model = load(name, directory=directory, map_location=device)
+        return model, "shipped model " + training_budget(name, directory)
+
+    if name not in NAMES:
+        raise ValueError(f"retrain knows the models {list(NAMES)}, got {name!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    if quick:
+        config = TrainConfig.preset("quick", model=name, device=str(device))
+        wells = list(train_wells or TRAIN_WELLS[:8])
+    else:
+        recorded = provenance(name, directory).get("overrides", {}) if name in available(directory) else {}
+        keep = {k: recorded[k] for k in ("lr", "disc_warmup", "grad_clip") if k in recorded}
+        config = TrainConfig.preset("colab" if on_gpu else "cpu", model=name, device=str(device), **keep)
+        wells = list(train_wells or TRAIN_WELLS)
+    samples = load_bbbc010(data_root, wells=wells, progress=progress)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checkpoint = train(config, samples, tempfile.mkdtemp(prefix=f"companion-{name}-"), progress=progress)
+    model = load_model(checkpoint, map_location=device).eval()
+    return model, (
+        f"{name} model trained here ({'quick' if quick else 'full'} configuration): "
+        f"{config.iterations:,} iterations, {time.perf_counter() - start:.0f} s on {device}"
+    )

@@ -1,0 +1,286 @@
+"""``python -m companion evaluate``: Table 1, PAvPU and proofreading of a trained model."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ._args import non_negative_int, positive_float, positive_int, probability
+
+# The heavy modules (torch, the training loop, the evaluation) are imported inside the command
+# functions: importing them all takes ~2-5 s, argparse alone 0.1 s, and `--help` or a usage error
+# should answer at once.
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register the ``evaluate`` subcommand (its options and its ``func``)."""
+    from companion.evaluate import DEFAULT_BANDWIDTHS, DEFAULT_THRESHOLDS
+    from companion.pretrained import NAMES
+
+    p = commands.add_parser(
+        "evaluate",
+        help="evaluate a model on the test wells (see `python -m companion evaluate --help`)",
+        description="Evaluate a trained U-Net as in the paper: network outputs on the BBBC010 test "
+        "wells (one deterministic pass, plus Monte-Carlo dropout draws for a Concrete "
+        "Dropout model), mean-shift bandwidth and threshold chosen by 2-fold "
+        "cross-validation over the test folds (on the deterministic pass), draws "
+        "agglomerated and binarised. Writes OUT/results.json, table1.csv, per_image.csv, "
+        "tuning.csv, pavpu.csv, proofreading.csv, pavpu.png and gallery.png; network "
+        "outputs are cached in OUT/cache so a re-run only clusters.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="training checkpoint to evaluate (e.g. runs/concrete/final.pt)",
+    )
+    model.add_argument(
+        "--pretrained",
+        choices=NAMES,
+        default=None,
+        help="evaluate a pretrained model shipped with the package",
+    )
+    p.add_argument(
+        "--pretrained-dir",
+        type=Path,
+        default=None,
+        help="folder holding the pretrained .pt/.json files (default: the package's)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder for the result files and the cache (e.g. results/concrete)",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder with the BBBC010 copy (default: $BBBC010_ROOT, else the "
+        "download cache, downloading the data there if needed)",
+    )
+    source.add_argument(
+        "--synthetic",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate on N synthetic images of worms (split into two folds) "
+        "instead of BBBC010, a pipeline check",
+    )
+    p.add_argument(
+        "--synthetic-size", type=positive_int, default=256, help="height and width of the synthetic images"
+    )
+    p.add_argument(
+        "--draws",
+        type=non_negative_int,
+        default=8,
+        help="Monte-Carlo dropout draws per well for a Concrete Dropout model "
+        "(0: only the deterministic pass; ignored for a baseline model)",
+    )
+    p.add_argument(
+        "--bandwidths",
+        type=positive_float,
+        nargs="+",
+        default=list(DEFAULT_BANDWIDTHS),
+        help="mean-shift bandwidths of the grid search",
+    )
+    p.add_argument(
+        "--thresholds",
+        type=positive_float,
+        nargs="+",
+        default=list(DEFAULT_THRESHOLDS),
+        help="embedding-distance thresholds of the grid search (pixel-to-centre)",
+    )
+    p.add_argument(
+        "--max-points",
+        type=positive_int,
+        default=None,
+        help="mean-shift clusters at most this many foreground pixels per pass, drawn at "
+        "random (all are assigned); default all (exact, slow on a CPU)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="evaluate on the test wells (the paper's 2 folds) or on the validation "
+        "wells (companion.data.VAL_WELLS, two halves as folds)",
+    )
+    p.add_argument(
+        "--clustering",
+        choices=("global", "components"),
+        default="global",
+        help="mean-shift over the whole image (the paper) or inside each connected foreground component",
+    )
+    p.add_argument(
+        "--min-size", type=positive_int, default=None, help="smallest instance kept, in pixels (default 50)"
+    )
+    p.add_argument(
+        "--wells",
+        nargs="+",
+        default=None,
+        metavar="WELL",
+        help="evaluate only these test wells (default: all 50 test wells; each "
+        "cross-validation fold must keep at least one)",
+    )
+    p.add_argument(
+        "--binarize",
+        type=probability,
+        default=0.75,
+        help="agglomerated probability at which a pixel belongs to an instance",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo dropout masks")
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=None,
+        help="Monte-Carlo draws per forward pass (lower it if memory is short; "
+        "default: 8 on a GPU, 1 on the CPU, where batching is slower)",
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:K for the network (default: CUDA when present)"
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="do not read or write the network outputs in OUT/cache"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _evaluation_model(args: argparse.Namespace, device):
+    """The model to evaluate (on ``device``) and a description of it for results.json."""
+    from companion._io import file_sha256
+    from companion.dropout import dropout_rates
+    from companion.outputs import has_concrete_dropout, model_fingerprint
+
+    if args.checkpoint is not None:
+        from companion.checkpoint import load_model, read_checkpoint
+
+        model = load_model(args.checkpoint)
+        ckpt = read_checkpoint(args.checkpoint)
+        info = dict(
+            source="checkpoint",
+            path=str(args.checkpoint),
+            sha256=file_sha256(args.checkpoint),
+            iteration=int(ckpt["iteration"]),
+            config=ckpt["config"],
+        )
+    else:
+        from companion import pretrained
+
+        model = pretrained.load(args.pretrained, directory=args.pretrained_dir)
+        record = pretrained.provenance(args.pretrained, args.pretrained_dir)
+        info = dict(
+            source="pretrained",
+            name=args.pretrained,
+            sha256=record.get("sha256"),
+            iteration=record.get("iterations"),
+            config=record.get("config"),
+        )
+    info.update(
+        kind="concrete" if has_concrete_dropout(model) else "baseline",
+        dropout_rates=dropout_rates(model),
+        weights_fingerprint=model_fingerprint(model),
+    )
+    return model.to(device), info
+
+
+def _evaluation_data(args: argparse.Namespace):
+    """Samples, folds, skipped wells and a description of the data."""
+    if args.synthetic is not None:
+        from companion.synthetic import make_dataset
+
+        if args.synthetic < 2:
+            raise ValueError("--synthetic needs N >= 2 images (two cross-validation folds)")
+        seed = 1_000_000 + args.seed  # far from the training images' seeds
+        samples = make_dataset(args.synthetic, seed=seed, shape=(args.synthetic_size,) * 2)
+        wells = [s.well for s in samples]
+        return (
+            samples,
+            [wells[0::2], wells[1::2]],
+            [],
+            dict(source="synthetic", n=args.synthetic, seed=seed, size=args.synthetic_size),
+        )
+    from companion.data import TEST_FOLDS, TEST_WELLS, load_bbbc010, resolve_root
+
+    if args.split == "val":  # the validation wells: every decision is made here, not on test wells
+        from companion.data import VAL_WELLS
+
+        pool, pool_folds = VAL_WELLS, (VAL_WELLS[0::2], VAL_WELLS[1::2])
+    else:
+        pool, pool_folds = TEST_WELLS, TEST_FOLDS
+    wells = list(pool) if args.wells is None else list(dict.fromkeys(args.wells))
+    unknown = [w for w in wells if w not in pool]
+    if unknown:
+        raise ValueError(f"--wells {unknown} are not {args.split} wells ({', '.join(pool[:3])}, ...)")
+    root = resolve_root(args.data_root)
+    samples = load_bbbc010(root, wells, skip_incomplete=True, progress=not args.no_progress)
+    loaded = {s.well for s in samples}
+    skipped = [w for w in wells if w not in loaded]
+    folds = [[w for w in fold if w in loaded] for fold in pool_folds]
+    if not all(folds):
+        raise ValueError(f"each cross-validation fold needs at least one well; folds: {folds}")
+    return samples, folds, skipped, dict(source="bbbc010", root=str(root))
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import datetime
+    import time
+
+    import torch
+
+    from companion.evaluate import evaluate_model
+    from companion.paper import TABLE1_KEYS
+    from companion.report import write_report
+
+    start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model, model_info = _evaluation_model(args, device)
+        samples, folds, skipped, data_info = _evaluation_data(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if skipped:
+        print(f"skipped {len(skipped)} incomplete well(s): {', '.join(skipped)}")
+    result = evaluate_model(
+        model,
+        samples,
+        folds=folds,
+        bandwidths=args.bandwidths,
+        thresholds=args.thresholds,
+        draws=args.draws,
+        binarize_at=args.binarize,
+        seed=args.seed,
+        batch=args.batch,
+        max_points=args.max_points,
+        clustering=args.clustering,
+        min_size=args.min_size,
+        cache_dir=None if args.no_cache else args.out / "cache",
+        device=device,
+        progress=not args.no_progress,
+    )
+    info = dict(
+        command=" ".join(["python -m companion", *map(shlex.quote, getattr(args, "argv", []))]),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        model=model_info,
+        data=data_info,
+        skipped_wells=skipped,
+        device=str(device),
+        wall_time_s=time.perf_counter() - start,
+    )
+    files = write_report(result, samples, args.out, info=info)
+    print(f"{'row':<14}" + "".join(f"{k:>10}" for k in TABLE1_KEYS))
+    for row in result.rows:
+        print(f"{row['name']:<14}" + "".join(f"{row[k]:>10.3f}" for k in TABLE1_KEYS))
+    for c in result.tuning.choices:
+        print(
+            f"fold {c.applied_to}: bandwidth {c.bandwidth:g}, threshold {c.threshold:g} "
+            f"(chosen on fold {c.tuned_on}, avAP {c.tuning_score:.3f} there)"
+        )
+    print(f"wrote {len(files)} files to {args.out} in {info['wall_time_s']:.0f} s")
+    return 0

@@ -1,0 +1,283 @@
+"""``python -m companion train``: train a U-Net on BBBC010 or synthetic worms."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ._args import checked, non_negative_int, positive_float, positive_int
+
+# The heavy modules (torch, the training loop, the evaluation) are imported inside the command
+# functions: importing them all takes ~2-5 s, argparse alone 0.1 s, and `--help` or a usage error
+# should answer at once.
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register the ``train`` subcommand (its options and its ``func``)."""
+    from companion.config import PRESETS
+
+    p = commands.add_parser(
+        "train",
+        help="train a U-Net (see `python -m companion train --help`)",
+        description="Train the U-Net with the discriminative loss and a 3-class head on "
+        "augmented crops of the BBBC010 training wells (A01-A24, B01-B24, C01, C02) "
+        "or of synthetic worms. Checkpoints go to OUT/last.pt (resumable) and "
+        "OUT/final.pt, the loss log to OUT/log.jsonl. Runs unchanged under "
+        "`torchrun --nproc_per_node N -m companion train ...` (one process per GPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="starting configuration: paper (800k iterations, 512 crops), colab "
+        "(~1 h on a Colab T4), cpu (~2 h on 2 CPU cores), quick (seconds, a "
+        "pipeline check); the options below override single fields",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder for checkpoints and log.jsonl")
+    p.add_argument(
+        "--model",
+        choices=("concrete", "baseline"),
+        default=None,
+        help="concrete: U-Net with learned Concrete Dropout rates; baseline: no "
+        "dropout, L2 weight decay (default: the preset's, i.e. concrete)",
+    )
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last.pt (bit-identical to an uninterrupted run on "
+        "the CPU); without it (or --overwrite) an OUT that holds a run's files "
+        "(last.pt, final.pt, log.jsonl, iter_N.pt) is refused",
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an OUT that holds an earlier run, removing its "
+        "last.pt, final.pt, log.jsonl and iter_N.pt first",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder with the BBBC010 copy (default: $BBBC010_ROOT, else the "
+        "download cache, downloading the data there if needed)",
+    )
+    source.add_argument(
+        "--synthetic",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="train on N synthetic images of worms instead of BBBC010",
+    )
+    p.add_argument(
+        "--iterations", type=positive_int, default=None, help="optimiser steps (total, also when resuming)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of weights, data order, augmentation and dropout masks"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=None, help="crops per iteration per process")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument(
+        "--disc-warmup",
+        type=non_negative_int,
+        default=None,
+        help="first iterations trained on cross-entropy only, before the "
+        "discriminative loss joins (not in the paper; default 0)",
+    )
+    p.add_argument(
+        "--grad-clip",
+        type=float,
+        default=None,
+        help="largest global gradient norm, 0 disables clipping (default: 1.0)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CHECKPOINT",
+        help="start from the network weights of this training checkpoint (e.g. a "
+        "baseline run's last.pt, to fine-tune a Concrete Dropout model; not in "
+        "the paper) or exported model (companion/pretrained/NAME.pt) instead of "
+        "a random initialisation",
+    )
+    p.add_argument(
+        "--crop-size",
+        type=positive_int,
+        default=None,
+        help="side of the square training crops (multiple of 16)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=None,
+        help="write OUT/last.pt every that many iterations",
+    )
+    p.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=None,
+        help="append a record to OUT/log.jsonl every that many iterations",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader processes preparing augmented crops (0: none)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: CUDA when present)")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default=None,
+        help="learning-rate schedule (cosine: warm-up, then decay to 0 at --iterations)",
+    )
+    p.add_argument(
+        "--lr-warmup", type=non_negative_int, default=None, help="warm-up iterations of the cosine schedule"
+    )
+    p.add_argument(
+        "--snapshot-every",
+        type=non_negative_int,
+        default=None,
+        help="keep iter_<N>.pt every that many iterations (0: none)",
+    )
+    p.add_argument(
+        "--init-rate",
+        type=checked(float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+        default=None,
+        help="initial Concrete Dropout rate",
+    )
+    p.add_argument(
+        "--downsample",
+        type=positive_int,
+        default=None,
+        help="internal resolution factor of the U-Net (2: the network runs on 2x2-"
+        "pooled input and its outputs are resized back; not in the paper)",
+    )
+    p.add_argument(
+        "--no-standardize", action="store_true", help="feed the [0, 1]-scaled images as they are (the paper)"
+    )
+    p.add_argument(
+        "--no-amp",
+        action="store_true",
+        help="train in float32 on CUDA too (default: bf16/fp16 mixed precision)",
+    )
+    p.add_argument(
+        "--dropout-lr-scale",
+        type=positive_float,
+        default=None,
+        help="multiplies the learning rate of the Concrete Dropout rates (not in the "
+        "paper; lets the rates settle within a short budget)",
+    )
+    p.add_argument(
+        "--overlap-weight",
+        type=positive_float,
+        default=None,
+        help="weight of the overlap class in the cross-entropy (default 1, the paper; "
+        "overlap pixels are rare and unweighted models predict none)",
+    )
+    p.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="bf16 autocast + channels-last on the CPU (2x faster where the CPU has "
+        "native bf16, e.g. AVX512-BF16; ~10x slower where it is emulated)",
+    )
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="plain random crops, no rotations/flips/elastic deformations",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~companion.config.TrainConfig` of parsed ``train`` arguments."""
+    from companion.config import TrainConfig
+
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "model",
+            "iterations",
+            "seed",
+            "batch_size",
+            "lr",
+            "disc_warmup",
+            "grad_clip",
+            "crop_size",
+            "init_from",
+            "checkpoint_every",
+            "log_every",
+            "num_workers",
+            "device",
+            "lr_schedule",
+            "lr_warmup",
+            "snapshot_every",
+            "downsample",
+            "dropout_lr_scale",
+            "overlap_weight",
+        )
+        if getattr(args, name) is not None
+    }
+    if args.init_rate is not None:
+        overrides["init_dropout_rate"] = args.init_rate
+    if args.no_standardize:
+        overrides["standardize"] = False
+    if args.no_amp:
+        overrides["amp"] = False
+    if args.no_augment:
+        overrides["augment"] = False
+    if args.cpu_bf16:
+        overrides["cpu_bf16"] = True
+    return TrainConfig.preset(args.preset, **overrides)
+
+
+def _training_data(args: argparse.Namespace, crop_size: int, seed: int) -> list:
+    if args.synthetic is not None:
+        from companion.synthetic import make_dataset
+
+        side = max(256, crop_size)
+        return make_dataset(args.synthetic, seed=seed, shape=(side, side))
+    from companion.data import FIT_WELLS, load_bbbc010
+
+    # the validation wells (companion.data.VAL_WELLS) are held out for every recipe decision
+    return load_bbbc010(args.data_root, FIT_WELLS, skip_incomplete=True)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from companion.run_folder import existing_run_files
+    from companion.train import train
+
+    config = config_from_args(args)
+    found = [p.name for p in existing_run_files(args.out)]
+    if found and not (args.resume or args.overwrite):  # before loading the data
+        hint = (
+            "add --resume to continue it, --overwrite to replace it"
+            if "last.pt" in found
+            else "add --overwrite to replace it (there is no last.pt to --resume from)"
+        )
+        print(
+            f"error: {args.out} already holds a training run ({', '.join(found)}); {hint}, or "
+            f"choose another --out",
+            file=sys.stderr,
+        )
+        return 2
+    data = _training_data(args, config.crop_size, config.seed)
+    try:
+        final = train(
+            config,
+            data,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one line, not one per process
+        print(f"final checkpoint: {final}")
+    return 0
