@@ -18,13 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
+from .agglomerate import Agglomeration
 from .checkpoint import load_model
 from .config import TrainConfig
-from .data import TEST_FOLDS, TRAIN_WELLS, load_bbbc010
+from .data import TEST_FOLDS, TRAIN_WELLS, Sample, load_bbbc010
 from .export import export
+from .outputs import WellOutputs, cached_well_outputs
+from .predict import predict_agglomerated
 from .pretrained import NAMES, PRETRAINED_DIR, available, load, provenance
 from .synthetic import make_dataset
 from .train import train
@@ -36,6 +40,8 @@ __all__ = [
     "segmentation_settings",
     "training_budget",
     "load_or_train",
+    "LiveEvaluation",
+    "live_evaluation",
 ]
 
 #: Where the evaluations of the shipped models are committed (``results/<name>/`` of the book's
@@ -270,4 +276,109 @@ def load_or_train(
     return model, (
         f"{name} model trained here ({'quick' if quick else 'full'} configuration): "
         f"{config.iterations:,} iterations, {time.perf_counter() - start:.0f} s on {device}"
+    )
+
+
+class LiveEvaluation(NamedTuple):
+    """The committed evaluation's pipeline, run live on a few test wells (:func:`live_evaluation`)."""
+
+    samples: list[Sample]
+    #: network outputs of each well (deterministic pass + draws), as the evaluation caches them
+    outputs: dict[str, WellOutputs]
+    #: (bandwidth, threshold) each well was segmented with
+    params: dict[str, tuple[float, float]]
+    #: binarised agglomerated masks and their scores, the agglomerations (one per well)
+    preds: list[np.ndarray]
+    scores: list[np.ndarray]
+    agglomerations: list[Agglomeration]
+    #: draws, seed, binarize_at, max_points of the run
+    settings: dict
+    #: where the model came from; what was run, one line per well
+    description: str
+    report: str
+    #: the folder of the cached network outputs (one sub-folder per model name)
+    cache_dir: Path
+
+    @property
+    def gts(self) -> list[np.ndarray]:
+        """The wells' ground-truth instance stacks."""
+        return [s.instances for s in self.samples]
+
+    @property
+    def probs(self) -> list[np.ndarray]:
+        """The per-instance probability maps ``(K, H, W)`` of each well."""
+        return [agg.probs for agg in self.agglomerations]
+
+
+def live_evaluation(
+    name: str = "concrete",
+    *,
+    n_per_fold: int = 1,
+    retrain: bool = False,
+    quick: bool = True,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+) -> LiveEvaluation:
+    """Run the committed evaluation's pipeline on the first ``n_per_fold`` wells of each test fold.
+
+    The model is :func:`load_or_train`'s; the network outputs are computed as the evaluation
+    computes them (same per-well seeds of the dropout masks) and kept in ``cache_dir`` (default a
+    folder in the system's temporary directory, shared by the chapters; a file is reused only for
+    the same weights and image); every well is segmented with :func:`segmentation_settings` and
+    agglomerated with the committed draws, seed and binarisation threshold (8, 0, 0.75 without a
+    committed evaluation).
+    """
+    try:
+        record = None if retrain else results(name)
+    except FileNotFoundError:
+        record = None
+    committed = record["settings"] if record else {}
+    settings = dict(
+        draws=committed.get("draws", 8),
+        seed=committed.get("seed", 0),
+        binarize_at=committed.get("binarize_at", 0.75),
+        max_points=committed.get("max_points", 8000),
+    )
+    folds = record["folds"] if record else TEST_FOLDS
+    wells = [w for fold in folds for w in fold[:n_per_fold]]
+    samples = load_bbbc010(wells=wells, progress=False)
+    model, description = load_or_train(name, retrain=retrain, quick=quick, device=device)
+    folder = (
+        Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "companion-book-outputs"
+    )
+    start = time.perf_counter()
+    outputs = cached_well_outputs(
+        model,
+        samples,
+        folder / name,
+        draws=settings["draws"],
+        seed=settings["seed"],
+        device=device,
+        progress=False,
+    )
+    params, preds, scores, aggs, lines = {}, [], [], [], []
+    for sample in samples:
+        chosen = segmentation_settings(name, sample.well, committed=record is not None)
+        params[sample.well] = (chosen.bandwidth, chosen.threshold)
+        masks, mask_scores, agg = predict_agglomerated(
+            outputs[sample.well],
+            chosen.bandwidth,
+            chosen.threshold,
+            binarize_at=settings["binarize_at"],
+            max_points=settings["max_points"],
+        )
+        preds.append(masks)
+        scores.append(mask_scores)
+        aggs.append(agg)
+        lines.append(
+            f"  {sample.well}: {len(sample.instances)} true worms, {len(agg.probs)} agglomerated instances, "
+            f"{len(masks)} after binarising (bandwidth {chosen.bandwidth:g}, threshold {chosen.threshold:g})"
+        )
+    head = (
+        f"{len(samples)} test wells {wells}, {settings['draws']} Monte-Carlo draws each, segmented and "
+        f"agglomerated in {time.perf_counter() - start:.0f} s"
+    )
+    report = "\n".join([head, *lines])
+    return LiveEvaluation(
+        samples, outputs, params, preds, scores, aggs, settings, description, report, folder
     )

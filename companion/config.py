@@ -42,15 +42,13 @@ class TrainConfig:
         Adam learning rate.
     disc_warmup : int
         Iterations at the start during which the discriminative term is switched off (cross-entropy
-        and model regulariser only). Not in the paper (0 there, the default). Short CPU probes on
-        256 x 256 crops: with the full objective from the start, the 3-class head still gave worm
-        pixels p(foreground) = 0.03 after 200 iterations (cross-entropy alone: 0.82); after 150
-        warm-up iterations and 250 with the full objective it gave 0.69.
+        and model regulariser only). Not in the paper (0 there, the default); it lets the class
+        head learn the foreground first in short runs (``results/TRAINING.md``, "Measurements
+        behind the TrainConfig options").
     grad_clip : float
         Largest global gradient norm (``0`` disables clipping). Not in the paper: it keeps a
-        single bad crop from blowing up the embedding early in training, where an unclipped run of
-        the ``cpu`` preset collapsed every embedding onto one point within 200 iterations (the
-        squared-distance hinge has no gradient there).
+        single bad crop from blowing up the embedding early in training, which can collapse every
+        embedding onto one point, where the squared-distance hinge has no gradient.
     crop_size : int
         Side of the square training crops (multiple of 16; the paper: 512).
     embedding_dim, base_filters, depth, init_dropout_rate, temperature
@@ -71,21 +69,18 @@ class TrainConfig:
         Channels-last memory format on CUDA (faster convolutions with tensor cores), and on the
         CPU together with ``cpu_bf16``.
     overlap_weight : float
-        Weight of the overlap class in the cross-entropy (1: the paper). Overlap pixels are
-        1.3 % of the worm pixels and 0.05 % of all pixels of the 40 fitting wells; with weight 1
-        the shipped models predict none (their largest overlap probability on test wells is
-        0.02-0.04), so the overlap heuristic never fires.
+        Weight of the overlap class in the cross-entropy (1: the paper). Overlap pixels are rare,
+        and a model trained with weight 1 on a short budget may predict none, so that the overlap
+        heuristic of the post-processing never fires.
     dropout_lr_scale : float
         Multiplies the learning rate of the Concrete Dropout rates' logits (not in the paper, whose
         800 000 iterations give the rates time to settle; 1: one rate for all parameters). With
-        Adam a logit moves at most about ``lr`` per step, so in a CPU budget of ~10 000 steps at
-        lr 3e-4 an initial rate of 0.05 can hardly move (measured: 0.050 -> 0.048 in 800 steps).
+        Adam a logit moves at most about ``lr`` per step, so within a short budget the rates
+        hardly move from their initial value without it.
     cpu_bf16 : bool
         bf16 autocast + channels-last on the CPU (the objective stays float32). Off by default:
-        it pays only on CPUs with native bf16 (AVX512-BF16 / AMX). One training step of the
-        ``cpu`` preset, one thread, on an AMD EPYC with AVX512-BF16: 0.61 s fp32, 0.31 s bf16 +
-        channels-last; on an AVX2-only CPU bf16 is emulated and ~10x slower
-        (``results/TRAINING.md``).
+        it pays only on CPUs with native bf16 (AVX512-BF16 / AMX), where it halves the time of a
+        step; elsewhere bf16 is emulated and much slower (``results/TRAINING.md``).
     gpu_augment : bool or None
         Make the augmented crops in batches on the training device
         (:class:`companion.augment_torch.DeviceCropSource`, the same transforms in torch) instead
@@ -102,8 +97,8 @@ class TrainConfig:
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when present.
     standardize : bool
         Standardise each input channel inside the network with the mean and standard deviation
-        of the training images (not in the paper, whose inputs are only scaled to [0, 1]: there
-        channel 0 has sd 0.022). The statistics are computed once by
+        of the training images (not in the paper, whose inputs are only scaled to [0, 1], where
+        the fluorescence channel varies little). The statistics are computed once by
         :func:`companion.train.train` and stored as ``input_mean`` / ``input_std`` (part of the
         model's architecture keywords).
     input_mean, input_std : list of float or None
@@ -312,26 +307,20 @@ def channel_statistics(data: Sequence[Sample]) -> tuple[list[float], list[float]
     return mean.tolist(), std.tolist()
 
 
-#: Named presets (overrides of the paper defaults). How they were sized:
+#: Named presets (overrides of the paper defaults):
 #:
 #: * ``paper``: the paper's set-up, 800 000 iterations of 512 x 512 crops.
-#: * ``colab``: what a free Colab T4 finishes in about an hour. Not measured (no GPU here), but
-#:   estimated: one iteration (2 crops of 512 x 512, forward + backward) costs 205 GFLOP
-#:   (``torch.utils.flop_counter``); assuming the T4 sustains ~1 TFLOP/s on this thin U-Net
-#:   under fp16 autocast (~1.5 % of its tensor-core peak, ~18x one core of the CPU measured
-#:   below, which runs ~55 GFLOP/s) gives ~5 it/s, i.e. ~18 000 iterations per hour; 15 000
-#:   leave a margin. The data pipeline is not the limit: one core augments 27-55 crops of
-#:   512 x 512 per second (``benchmarks/bench_training.py``), so Colab's 2 vCPUs feed > 25 it/s.
-#:   Checkpoints every 1000 iterations, so a disconnect costs minutes: rerun with ``--resume``.
-#: * ``cpu``: what one CPU core finishes in about 1.5 hours (two such runs side by side on two
-#:   cores): 512 x 512 crops with the network at half resolution (``downsample=2``), batch 1, the
-#:   full-size U-Net, lr 1e-3 with warm-up and cosine decay, standardised inputs. Measured on the
-#:   2-core development machine: 0.95 it/s with one torch thread alone, ~0.9 it/s beside a second
-#:   run, so 5 000 iterations take ~1.5 h. Chosen on the validation wells: after 1 000
-#:   iterations (17 CPU minutes) it scores val avAP 0.109 / AP50 0.252, where the same recipe on
-#:   256 x 256 crops at full resolution scored 0.042 / 0.102 (``results/TRAINING.md``).
+#: * ``colab``: what a free Colab T4 should finish in about an hour (an estimate from the FLOP
+#:   count, not a measurement); checkpoints every 1000 iterations, so a disconnect costs minutes:
+#:   rerun with ``--resume``.
+#: * ``cpu``: what one CPU core finishes in about 1.5 hours: 512 x 512 crops with the network at
+#:   half resolution (``downsample=2``), batch 1, the full-size U-Net, lr 1e-3 with warm-up and
+#:   cosine decay, standardised inputs; chosen on the validation wells.
 #: * ``quick``: seconds; a tiny network on 64 x 64 crops to check the pipeline (CI, the book),
 #:   with a 10x larger learning rate so that the loss visibly moves within 30 iterations.
+#:
+#: How ``colab`` and ``cpu`` were sized: ``results/TRAINING.md``, "Measurements behind the
+#: TrainConfig options".
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "colab": dict(iterations=15_000, batch_size=2, checkpoint_every=1_000, log_every=100, num_workers=2),

@@ -24,10 +24,8 @@ For a trained model and the test wells:
 :func:`evaluate_model` runs 1-4 on in-memory samples (tests pass synthetic worms);
 :func:`companion.report.write_report` writes ``results.json``, the CSV tables and the figures.
 
-Cost, measured on one CPU thread on a BBBC010 well (520 x 696) with the full U-Net: 1.3 s for the
-deterministic pass, 15 s for 8 draws; ``segment`` takes ~0.5 s per pass (idealised embeddings
-of 15 worms). The 47 complete test wells with 8 draws and a 3 x 3 grid thus need ~13 min of
-network (seconds on a GPU) and ~7 min of clustering; a cache file holds ~3.9 MB per well.
+The network outputs dominate the cost on a CPU and are cached per well, so a second evaluation
+with other post-processing settings only re-clusters (``results/TRAINING.md`` has the timings).
 
 Examples
 --------
@@ -83,8 +81,6 @@ DEFAULT_THRESHOLDS: tuple[float, ...] = (1.0, 1.5, 2.0)
 PAVPU_THRESHOLDS: np.ndarray = np.linspace(0.0, 0.7, 15)
 #: Numbers of simulated corrections of Table 2.
 N_CORRECTIONS: tuple[int, ...] = (0, 5, 10, 15, 20)
-#: Layout version of the per-well cache files; a change invalidates old caches.
-CACHE_VERSION = 1
 
 
 class _ScaledCounts(Sequence):

@@ -50,3 +50,24 @@ def test_defaults_when_not_committed_missing_or_not_a_test_well(tmp_path):
 def test_max_points_is_the_committed_one_even_when_none(tmp_path, max_points):
     results_dir = _committed(tmp_path, max_points=max_points)
     assert segmentation_settings("concrete", TEST_FOLDS[1][0], directory=results_dir).max_points == max_points
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_live_evaluation_runs_the_pipeline_on_the_first_well_of_each_fold(
+    bbbc010_root, monkeypatch, tmp_path
+):
+    from companion.chapters import live_evaluation
+
+    monkeypatch.setenv("BBBC010_ROOT", str(bbbc010_root))
+    live = live_evaluation("concrete", n_per_fold=1, retrain=True, quick=True, cache_dir=tmp_path)
+    wells = [s.well for s in live.samples]
+    assert wells == [TEST_FOLDS[0][0], TEST_FOLDS[1][0]]
+    # a model trained here: the shipped model's committed choice does not apply
+    assert live.params == {w: (2.0, 2.0) for w in wells} and live.settings["draws"] == 8
+    assert len(live.preds) == len(live.scores) == len(live.probs) == 2
+    for masks, scores, probs, gt in zip(live.preds, live.scores, live.probs, live.gts):
+        assert masks.dtype == bool and len(masks) == len(scores) and masks.shape[1:] == gt.shape[1:]
+        assert probs.shape[1:] == gt.shape[1:] and ((probs >= 0) & (probs <= 1)).all()
+    assert len(live.report.splitlines()) == 3 and "trained here" in live.description
+    assert sorted(p.name for p in (tmp_path / "concrete").glob("*.npz")) == sorted(f"{w}.npz" for w in wells)
