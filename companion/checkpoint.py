@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._device import resolve_device
 from ._io import atomic_write, tensors_sha256
 from .config import TrainConfig
 from .distributed import DistInfo, unwrap
@@ -125,17 +126,7 @@ def check_map_location(map_location: str | torch.device) -> None:
     """
     if not isinstance(map_location, (str, torch.device)):
         return  # a dict or a callable: torch's own remapping, passed through
-    try:
-        device = torch.device(map_location)
-    except RuntimeError as err:
-        raise ValueError(
-            f"map_location {map_location!r} is not a torch device (cpu, cuda, cuda:1, ...)"
-        ) from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"map_location {str(map_location)!r} asks for a GPU, but CUDA is not available "
-            f"on this machine: use 'cpu'"
-        )
+    resolve_device(map_location, what="map_location")
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:

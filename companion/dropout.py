@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._device import module_device
+
 __all__ = [
     "EPS",
     "ConcreteDropout",
@@ -334,6 +336,6 @@ def concrete_regularizer(
         term = term - zeta * pair.in_features * _bernoulli_entropy(drop.p_logit)
         total = term if total is None else total + term
     if total is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = module_device(model)
         return torch.zeros((), device=device)
     return total / n_train

@@ -24,6 +24,8 @@ __all__ = [
     "mean_shift_trajectories",
 ]
 
+from ._device import resolve_device
+
 
 class MeanShiftResult(NamedTuple):
     """Result of :func:`mean_shift`.
@@ -60,12 +62,10 @@ def _as_points(points: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _resolve_device(points: np.ndarray | torch.Tensor, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if isinstance(points, torch.Tensor):
+def _points_device(points: np.ndarray | torch.Tensor, device: str | torch.device | None) -> torch.device:
+    if device is None and isinstance(points, torch.Tensor):
         return points.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(device)
 
 
 def bin_seeds(
@@ -284,7 +284,7 @@ def mean_shift(
             f"need max_iter >= 0, chunk_size >= 1, min_bin_freq >= 1; got {max_iter}, "
             f"{chunk_size}, {min_bin_freq}"
         )
-    target = _resolve_device(points, device)
+    target = _points_device(points, device)
     tensor = _as_points(points)
     if seeds is None:
         seeds = bin_seeds(tensor, bandwidth, min_bin_freq) if bin_seeding else tensor.cpu().double().numpy()

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._device import module_device
 from .dropout import ConcreteDropout2d, DropoutLayer
 
 __all__ = ["UNetOutput", "UNet", "weight_decay_penalty"]
@@ -257,6 +258,6 @@ def weight_decay_penalty(model: nn.Module) -> torch.Tensor:
     kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
     squares = [m.weight.pow(2).sum() for m in model.modules() if isinstance(m, kinds)]
     if not squares:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = module_device(model)
         return torch.zeros((), device=device)
     return torch.stack(squares).sum()

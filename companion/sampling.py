@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._device import module_device, resolve_device
 from .dropout import concrete_layers, mc_sampling
 from .postprocess import segment
 
@@ -85,10 +86,6 @@ def _as_image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if tensor.ndim != 3:
         raise ValueError(f"image must be (C, H, W), got shape {tuple(tensor.shape)}")
     return tensor.float()
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @contextlib.contextmanager
@@ -157,7 +154,7 @@ def predict(
     >>> out.embeddings.shape, out.logits.shape
     ((1, 16, 30, 41), (1, 3, 30, 41))
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = resolve_device(device) if device is not None else module_device(model)
     x = _as_image_tensor(image).to(device)[None]
     with _inference_state(model, sampling=False), torch.inference_mode():
         embedding, logits = _forward_cropped(model, x)
@@ -218,7 +215,7 @@ def mc_predict(
     >>> bool(np.array_equal(draws.logits[0], draws.logits[1]))  # draws differ
     False
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = resolve_device(device) if device is not None else module_device(model)
     if batch is None:
         batch = 8 if device.type == "cuda" else 1
     if n_draws < 1 or batch < 1:

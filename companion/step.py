@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._device import resolve_device
 from .config import TrainConfig
 from .distributed import unwrap
 from .losses import ObjectiveTerms, training_objective
@@ -19,17 +20,7 @@ __all__ = ["training_device", "autocast_dtype", "build_model", "make_optimizer",
 
 def training_device(config: TrainConfig) -> torch.device:
     """``config.device`` checked (one-line ``ValueError``), else CUDA when available, else the CPU."""
-    if config.device is not None:
-        try:
-            device = torch.device(config.device)
-        except RuntimeError as err:
-            raise ValueError(
-                f"device {config.device!r} is not a torch device (cpu, cuda, cuda:1, ...)"
-            ) from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {config.device!r} requested but CUDA is not available")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(config.device)
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:

@@ -231,14 +231,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import datetime
     import time
 
-    import torch
-
+    from companion._device import resolve_device
     from companion.evaluate import evaluate_model
     from companion.paper import TABLE1_KEYS
     from companion.report import write_report
 
     start = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     try:
         model, model_info = _evaluation_model(args, device)
         samples, folds, skipped, data_info = _evaluation_data(args)

@@ -66,6 +66,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from companion import pretrained
+    from companion._device import resolve_device
     from companion._io import atomic_savez
     from companion.chapters import RESULTS_DIR
     from companion.outputs import _well_seed
@@ -90,7 +91,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     for stem, image, gt in images:
         bandwidth, threshold = per_fold[fold_of.get(stem, 0)]
         result = predict_instances(
-            model.to(args.device or "cpu"),
+            model.to(resolve_device(args.device)),
             image,
             bandwidth=bandwidth,
             threshold=threshold,

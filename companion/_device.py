@@ -1,0 +1,39 @@
+"""Where tensors go: one rule for the whole package.
+
+An explicit device is checked (a one-line ``ValueError`` for a name torch does not know, or for a
+GPU on a machine without CUDA); without one, CUDA when available, else the CPU. A model's device
+is the device of its first parameter (the CPU for a model without parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def resolve_device(device: str | torch.device | None = None, *, what: str = "device") -> torch.device:
+    """``device`` checked, or the default one (CUDA when available, else the CPU).
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device("banana")
+    Traceback (most recent call last):
+    ...
+    ValueError: device 'banana' is not a torch device (cpu, cuda, cuda:1, ...)
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{what} {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{what} {str(device)!r} asks for a GPU, but CUDA is not available on this machine: use 'cpu'"
+        )
+    return resolved
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU when it has none)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
