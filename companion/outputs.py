@@ -34,6 +34,7 @@ from torch import nn
 from ._io import atomic_savez, tensors_sha256
 from .dropout import concrete_layers
 from .sampling import mc_predict, predict
+from .targets import worm_probability
 
 if TYPE_CHECKING:  # pragma: no cover
     from companion.data import Sample
@@ -106,8 +107,7 @@ def compact_pass(embedding: np.ndarray, logits: np.ndarray) -> CompactPass:
             f"embedding {embedding.shape} and logits {logits.shape}"
         )
     classes = np.argmax(logits, axis=0).astype(np.uint8)
-    shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
-    foreground_prob = 1.0 - shifted[0] / shifted.sum(axis=0)
+    foreground_prob = worm_probability(logits)
     mask = classes != 0
     return CompactPass(
         classes, embedding[:, mask].T.astype(np.float16), foreground_prob[mask].astype(np.float16)

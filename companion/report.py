@@ -73,22 +73,30 @@ def _pavpu_rows(result: PAvPU) -> list[dict]:
     ]
 
 
-def plot_pavpu(result: PAvPU):
-    """Fig. 2's layout: p(accurate | certain), p(uncertain | inaccurate) and PAvPU over the threshold."""
+def plot_pavpu(curves: PAvPU | Mapping[str, PAvPU]):
+    """Fig. 2's layout: p(accurate | certain), p(uncertain | inaccurate) and PAvPU over the threshold.
+
+    ``curves`` is one :class:`~companion.uncertainty.PAvPU`, or a mapping from a label to one,
+    drawn as labelled lines (e.g. the committed curves beside live ones).
+    """
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3), sharex=True)
-    curves = (
-        ("p(accurate | certain)", result.p_accurate_given_certain),
-        ("p(uncertain | inaccurate)", result.p_uncertain_given_inaccurate),
-        ("PAvPU", result.pavpu),
+    labelled = list(curves.items()) if isinstance(curves, Mapping) else [(None, curves)]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True)
+    panels = (
+        ("p(accurate | certain)", "p_accurate_given_certain"),
+        ("p(uncertain | inaccurate)", "p_uncertain_given_inaccurate"),
+        ("PAvPU", "pavpu"),
     )
-    for ax, (title, values) in zip(axes, curves):
-        ax.plot(result.thresholds, values, marker="o", markersize=3)
+    for ax, (title, key) in zip(axes, panels):
+        for label, result in labelled:
+            ax.plot(result.thresholds, getattr(result, key), "o-", markersize=3, label=label)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("uncertainty threshold (nats)")
+        ax.set_xlabel("entropy threshold $t$ (nats)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
+    if labelled[0][0] is not None:
+        axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from .data import TEST_FOLDS
 from .metrics import instance_metrics
+from .targets import worm_probability
 
 __all__ = ["FoldChoice", "GridSearchResult", "grid_search", "foreground_scores"]
 
@@ -66,9 +67,7 @@ def foreground_scores(masks: np.ndarray, class_logits: np.ndarray) -> np.ndarray
     >>> foreground_scores(np.ones((1, 2, 2), bool), logits).round(3).tolist()
     [0.333]
     """
-    logits = np.asarray(class_logits, dtype=np.float64)
-    shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
-    foreground = 1.0 - shifted[0] / shifted.sum(axis=0)
+    foreground = worm_probability(np.asarray(class_logits, dtype=np.float64))
     masks = np.asarray(masks, bool)
     area = masks.sum(axis=(1, 2))
     return np.where(area > 0, (masks * foreground).sum(axis=(1, 2)) / np.maximum(area, 1), 0.0)

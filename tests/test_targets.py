@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from companion.synthetic import make_sample
-from companion.targets import BACKGROUND, FOREGROUND, OVERLAP, three_class_target
+from companion.targets import BACKGROUND, FOREGROUND, OVERLAP, three_class_target, worm_probability
 
 
 def _reference(instances: np.ndarray) -> np.ndarray:
@@ -68,3 +68,15 @@ def test_bad_inputs():
         three_class_target(np.zeros((4, 5), bool))
     with pytest.raises(TypeError, match="list"):
         three_class_target([[[True]]])
+
+
+def test_worm_probability_is_one_minus_the_background_softmax():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+    expected = 1.0 - np.exp(logits[:, 0]) / np.exp(logits).sum(axis=1)  # by hand, no shift
+    got = worm_probability(logits)
+    assert got.dtype == np.float32 and got.shape == (2, 4, 5)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert np.isclose(worm_probability(np.array([[[1000.0]], [[0.0]], [[0.0]]]))[0, 0], 0.0)  # no overflow
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, H, W\)"):
+        worm_probability(np.zeros((2, 4, 5)))
