@@ -6,17 +6,15 @@ Examples
 --------
 >>> TABLE1["concrete"]["avAP"], TABLE1["baseline"]["AP50"]
 (0.77, 0.963)
->>> format_row("ours", dict(avAP=0.5, AP50=0.9, AP75=0.4, recall80=0.3, avAP_dsb=0.45))
-'ours                        0.500    0.900    0.400    0.300    0.450'
->>> format_header()
-'                             avAP     AP50     AP75 recall80 avAP_dsb'
+>>> table1_html([("paper: concrete", TABLE1["concrete"])]).count("<td>")  # a rendered table
+5
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-__all__ = ["TABLE1_KEYS", "TABLE1", "FIGURE2_AT_005", "format_header", "format_row", "table1_html"]
+__all__ = ["TABLE1_KEYS", "TABLE1", "FIGURE2_AT_005", "table1_html"]
 
 
 #: The columns of Table 1, in the paper's order (the metrics of a Table 1 row).
@@ -32,19 +30,6 @@ TABLE1: dict[str, dict[str, float]] = {
 #: Figure 2 of the paper at the entropy threshold 0.05: the probability that an inaccurate 4 x 4
 #: patch is flagged uncertain.
 FIGURE2_AT_005: dict[str, float] = dict(threshold=0.05, p_uncertain_given_inaccurate=0.559)
-
-
-def format_header(width: int = 24) -> str:
-    """The column header matching :func:`format_row`."""
-    return f"{'':{width}s}" + "".join(f"{k:>9s}" for k in TABLE1_KEYS)
-
-
-def format_row(label: str, metrics: Mapping[str, float], width: int = 24) -> str:
-    """One fixed-width line of Table 1 (missing keys print as ``-``)."""
-    cells = "".join(
-        f"{metrics[k]:9.3f}" if k in metrics and metrics[k] is not None else f"{'-':>9s}" for k in TABLE1_KEYS
-    )
-    return f"{label:{width}s}" + cells
 
 
 def table1_html(rows: Sequence[tuple[str, Mapping[str, float]]]) -> str:
