@@ -95,7 +95,7 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
     lines += _figure2_and_table2_lines(results_dir)
     lines += [
         "",
-        "Training budgets (the paper: 800 000 iterations of 2 crops of 512 x 512 on a GPU):",
+        "Training budgets (the paper: 800 000 iterations of 512 x 512 crops on a GPU; its batch size is not stated):",
         "",
         *budgets,
         "",
