@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ._args import non_negative_int, positive_float, positive_int, probability
+from ._args import add_data_source, non_negative_int, positive_float, positive_int, probability
 
 # The heavy modules (torch, the training loop, the evaluation) are imported inside the command
 # functions: importing them all takes ~2-5 s, argparse alone 0.1 s, and `--help` or a usage error
@@ -56,21 +56,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         required=True,
         help="output folder for the result files and the cache (e.g. results/concrete)",
     )
-    source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--data-root",
-        type=Path,
-        default=None,
-        help="folder with the BBBC010 copy (default: $BBBC010_ROOT, else the "
-        "download cache, downloading the data there if needed)",
-    )
-    source.add_argument(
-        "--synthetic",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="evaluate on N synthetic images of worms (split into two folds) "
-        "instead of BBBC010, a pipeline check",
+    add_data_source(
+        p,
+        "evaluate on N synthetic images of worms (split into two folds) instead of BBBC010, a pipeline check",
     )
     p.add_argument(
         "--synthetic-size", type=positive_int, default=256, help="height and width of the synthetic images"

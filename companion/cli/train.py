@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._args import checked, non_negative_int, positive_float, positive_int
+from ._args import add_data_source, checked, non_negative_int, positive_float, positive_int
 
 # The heavy modules (torch, the training loop, the evaluation) are imported inside the command
 # functions: importing them all takes ~2-5 s, argparse alone 0.1 s, and `--help` or a usage error
@@ -58,20 +58,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="start afresh in an OUT that holds an earlier run, removing its "
         "last.pt, final.pt, log.jsonl and iter_N.pt first",
     )
-    source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--data-root",
-        type=Path,
-        default=None,
-        help="folder with the BBBC010 copy (default: $BBBC010_ROOT, else the "
-        "download cache, downloading the data there if needed)",
-    )
-    source.add_argument(
-        "--synthetic",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="train on N synthetic images of worms instead of BBBC010",
+    add_data_source(
+        p,
+        "train on N synthetic images of worms instead of BBBC010",
     )
     p.add_argument(
         "--iterations", type=positive_int, default=None, help="optimiser steps (total, also when resuming)"
