@@ -266,3 +266,19 @@ def test_widget_cells_are_live_only_and_define_nothing(path: Path):
         assert not re.search(r"^(def|class) ", cell["source"], re.M), (
             f"{path.name}: widget cell {cell.get('id')} defines what later cells may need"
         )
+
+
+def test_page_stylesheet_is_picked_up_and_sizes_code_to_the_column():
+    """_static/book.css shrinks code so that an 88-character line fits the article column at
+    1280 px and wraps long printed lines; Jupyter Book 1 links every .css under _static/."""
+    jb_config = pytest.importorskip("jupyter_book.config")
+    final, _ = jb_config.get_final_config(
+        user_yaml=REPO_ROOT / "_config.yml",
+        cli_config={"latex_individualpages": False},
+        sourcedir=REPO_ROOT,
+        validate=False,
+    )
+    assert "book.css" in final["html_css_files"]
+    css = (REPO_ROOT / "_static" / "book.css").read_text()
+    assert re.search(r"cell_input pre[^{]*\{[^}]*font-size:\s*0\.75rem", css, re.S)
+    assert re.search(r"cell_output pre\s*\{[^}]*white-space:\s*pre-wrap", css, re.S)
