@@ -1,11 +1,15 @@
-"""Pictures of instance masks for figures: :func:`mask_overlay`."""
+"""What the chapters show: pictures of instance masks (:func:`mask_overlay`) and rendered tables
+(:func:`html_table`)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["mask_overlay"]
+__all__ = ["mask_overlay", "html_table"]
 
 
 def mask_overlay(masks: np.ndarray, alpha: float = 1.0) -> np.ndarray:
@@ -30,3 +34,37 @@ def mask_overlay(masks: np.ndarray, alpha: float = 1.0) -> np.ndarray:
         rgba[mask, 3] = alpha
     rgba[masks.sum(0) >= 2] = (1, 1, 1, alpha)
     return rgba
+
+
+def _html_cell(value: object, digits: int) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if 1e-3 <= abs(value) < 1e5 or value == 0 else f"{value:.{digits}g}"
+    return escape(str(value))
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[object]], *, digits: int = 3) -> str:
+    """Rows as an HTML table (rendered in the book and in Jupyter, unlike fixed-width prints).
+
+    The first column is the row label (a header cell). Floats show ``digits`` decimals (general
+    format outside 0.001-100 000), ``None`` as ``-``; everything is escaped.
+
+    Examples
+    --------
+    >>> html = html_table(["", "lr", "crop"], [["cpu", 1e-3, 512], ["<x>", None, 64]])
+    >>> html.count("<tr>"), "<td>0.001</td>" in html, "<th>&lt;x&gt;</th>" in html, "<td>-</td>" in html
+    (3, True, True, True)
+    """
+    rows = [list(row) for row in rows]
+    if any(len(row) != len(header) for row in rows):
+        widths = sorted({len(row) for row in rows})
+        raise ValueError(f"every row needs {len(header)} cells (one per header), got rows of {widths}")
+    head = "<tr>" + "".join(f"<th>{escape(str(h))}</th>" for h in header) + "</tr>"
+    body = "".join(
+        f"<tr><th>{_html_cell(row[0], digits)}</th>"
+        + "".join(f"<td>{_html_cell(v, digits)}</td>" for v in row[1:])
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table>{head}{body}</table>"

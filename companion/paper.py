@@ -43,15 +43,8 @@ def table1_html(rows: Sequence[tuple[str, Mapping[str, float]]]) -> str:
     >>> html.count("<tr>"), "<td>0.761</td>" in html, "<td>-</td>" in html
     (3, True, True)
     """
-    from html import escape
+    from .figures import html_table
 
-    def cell(metrics: Mapping[str, float], key: str) -> str:
-        value = metrics.get(key)
-        return f"<td>{value:.3f}</td>" if value is not None else "<td>-</td>"
-
-    head = "<tr><th></th>" + "".join(f"<th>{escape(k)}</th>" for k in TABLE1_KEYS) + "</tr>"
-    body = [
-        "<tr><th>" + escape(label) + "</th>" + "".join(cell(m, k) for k in TABLE1_KEYS) + "</tr>"
-        for label, m in rows
-    ]
-    return "<table>" + head + "".join(body) + "</table>"
+    return html_table(
+        ["", *TABLE1_KEYS], [[label, *(metrics.get(k) for k in TABLE1_KEYS)] for label, metrics in rows]
+    )

@@ -1,12 +1,14 @@
-"""companion.figures.mask_overlay, checked pixel by pixel."""
+"""companion.figures: mask_overlay checked pixel by pixel, html_table cell by cell."""
 
 from __future__ import annotations
+
+import re
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from companion.figures import mask_overlay
+from companion.figures import html_table, mask_overlay
 
 
 def test_each_instance_has_its_colour_overlaps_are_white_background_transparent():
@@ -23,3 +25,17 @@ def test_each_instance_has_its_colour_overlaps_are_white_background_transparent(
     assert mask_overlay(np.zeros((0, 2, 4), bool)).shape == (2, 4, 4)
     with pytest.raises(ValueError, match=r"\(K, H, W\)"):
         mask_overlay(np.zeros((2, 4), bool))
+
+
+def test_html_table_formats_escapes_and_labels_rows():
+    html = html_table(["preset", "lr", "crop", "note"], [["cpu", 0.001, 512, None], ["a<b", 1e-6, 64, "x&y"]])
+    rows = re.findall(r"<tr>(.*?)</tr>", html)
+    assert len(rows) == 3
+    assert rows[0] == "<th>preset</th><th>lr</th><th>crop</th><th>note</th>"
+    assert rows[1] == "<th>cpu</th><td>0.001</td><td>512</td><td>-</td>"
+    assert rows[2] == "<th>a&lt;b</th><td>1e-06</td><td>64</td><td>x&amp;y</td>"
+
+
+def test_html_table_rejects_a_row_of_the_wrong_length():
+    with pytest.raises(ValueError, match="every row needs 3 cells"):
+        html_table(["a", "b", "c"], [["x", 1, 2], ["y", 1]])
