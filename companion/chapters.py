@@ -338,6 +338,7 @@ def live_evaluation(
         seed=committed.get("seed", 0),
         binarize_at=committed.get("binarize_at", 0.75),
         max_points=committed.get("max_points", 8000),
+        flips=committed.get("flips", False),
     )
     folds = record["folds"] if record else TEST_FOLDS
     wells = [w for fold in folds for w in fold[:n_per_fold]]
@@ -354,6 +355,7 @@ def live_evaluation(
         draws=settings["draws"],
         seed=settings["seed"],
         device=device,
+        flips=settings["flips"],
         progress=False,
     )
     params, preds, scores, aggs, lines = {}, [], [], [], []

@@ -180,6 +180,9 @@ def _per_image_rows(name: str, wells: Sequence[str], fold_of: Mapping[str, int],
     ]
 
 
+_FLIPS_NOTE = ", test-time augmentation with 4 flips"
+
+
 def evaluate_model(
     model: nn.Module,
     samples: Sequence[Sample],
@@ -198,6 +201,7 @@ def evaluate_model(
     max_points: int | None = None,
     clustering: str = "global",
     min_size: int | None = None,
+    flips: bool = False,
     progress: bool = True,
 ) -> EvaluationResult:
     """Evaluate a model on samples as the paper does (see the module docstring).
@@ -238,6 +242,10 @@ def evaluate_model(
         component (see :func:`companion.postprocess.segment`).
     min_size : int, optional
         Smallest instance kept (default :data:`companion.postprocess.DEFAULT_MIN_SIZE`).
+    flips : bool
+        Test-time augmentation with the four flips of each image (not in the paper; see
+        :mod:`companion.sampling`): the deterministic pass averages the class probabilities of
+        the flips, the Monte-Carlo draws cycle through them.
     progress : bool
         tqdm bars.
 
@@ -265,7 +273,15 @@ def evaluate_model(
     gts = {s.well: np.asarray(s.instances, bool) for s in samples}
     fold_of = {w: f for f, fold in enumerate(used_folds) for w in fold}
     outputs = cached_well_outputs(
-        model, samples, cache_dir, draws=draws, seed=seed, batch=batch, device=device, progress=progress
+        model,
+        samples,
+        cache_dir,
+        draws=draws,
+        seed=seed,
+        batch=batch,
+        device=device,
+        flips=flips,
+        progress=progress,
     )
 
     def deterministic(well: str, bandwidth: float, threshold: float):
@@ -281,7 +297,7 @@ def evaluate_model(
     rows = [
         dict(
             name="deterministic",
-            inference="one deterministic pass (dropout off)",
+            inference="one deterministic pass (dropout off)" + (_FLIPS_NOTE if flips else ""),
             **{k: det_metrics[k] for k in TABLE1_KEYS},
         )
     ]
@@ -303,7 +319,8 @@ def evaluate_model(
             0,
             dict(
                 name="mc",
-                inference=f"{n_draws} Monte-Carlo draws, agglomerated, p >= {binarize_at}",
+                inference=f"{n_draws} Monte-Carlo draws, agglomerated, p >= {binarize_at}"
+                + (_FLIPS_NOTE if flips else ""),
                 **{k: mc_metrics[k] for k in TABLE1_KEYS},
             ),
         )
@@ -323,6 +340,7 @@ def evaluate_model(
         max_points=None if max_points is None else int(max_points),
         clustering=clustering,
         min_size=min_size,
+        flips=bool(flips),
         draws=n_draws,
         binarize_at=float(binarize_at),
         seed=int(seed),

@@ -194,16 +194,18 @@ def well_outputs(
     seed: int = 0,
     batch: int | None = None,
     device: str | torch.device | None = None,
+    flips: bool = False,
 ) -> WellOutputs:
     """Deterministic pass plus ``draws`` Monte-Carlo passes of one image, compacted.
 
-    ``draws`` is ignored (no draws) for a model without Concrete Dropout.
+    ``draws`` is ignored (no draws) for a model without Concrete Dropout. ``flips``: test-time
+    augmentation with the four flips (see :mod:`companion.sampling`; not in the paper).
     """
-    det = predict(model, image, device=device)
+    det = predict(model, image, device=device, flips=flips)
     deterministic = compact_pass(det.embeddings[0], det.logits[0])
     if draws < 1 or not has_concrete_dropout(model):
         return WellOutputs(deterministic, ())
-    mc = mc_predict(model, image, n_draws=draws, batch=batch, device=device, seed=seed)
+    mc = mc_predict(model, image, n_draws=draws, batch=batch, device=device, seed=seed, flips=flips)
     return WellOutputs(deterministic, tuple(compact_pass(e, lg) for e, lg in zip(mc.embeddings, mc.logits)))
 
 
@@ -253,13 +255,14 @@ def cached_well_outputs(
     seed: int = 0,
     batch: int | None = None,
     device: str | torch.device | None = None,
+    flips: bool = False,
     progress: bool = True,
 ) -> dict[str, WellOutputs]:
     """:func:`well_outputs` of every sample, kept in ``cache_dir/<well>.npz``.
 
     A cache file is reused only if it was written for the same model weights
-    (:func:`model_fingerprint`), the same image (its sha256), ``draws``, ``seed`` and cache
-    layout; otherwise it is recomputed and rewritten atomically. ``cache_dir=None``: no cache.
+    (:func:`model_fingerprint`), the same image (its sha256), ``draws``, ``seed``, ``flips`` and
+    cache layout; otherwise it is recomputed and rewritten atomically. ``cache_dir=None``: no cache.
 
     Returns
     -------
@@ -281,11 +284,14 @@ def cached_well_outputs(
             shape=list(image.shape),
             draws=int(draws) if concrete else 0,
             seed=well_seed,
+            flips=bool(flips),
         )
         path = Path(cache_dir) / f"{sample.well}.npz" if cache_dir is not None else None
         outputs = _read_cache(path, meta) if path is not None else None
         if outputs is None:
-            outputs = well_outputs(model, image, draws=draws, seed=well_seed, batch=batch, device=device)
+            outputs = well_outputs(
+                model, image, draws=draws, seed=well_seed, batch=batch, device=device, flips=flips
+            )
             if path is not None:
                 atomic_savez(path, _pack(outputs, meta))
         out[sample.well] = outputs

@@ -119,6 +119,7 @@ def predict_instances(
     max_points: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    flips: bool = False,
 ) -> Instances:
     """Instance masks of one ``(2, H, W)`` image.
 
@@ -139,6 +140,9 @@ def predict_instances(
         Seed of the dropout masks (and of the ``max_points`` subset).
     device : str or torch.device, optional
         Where the network runs (default: the model's device).
+    flips : bool
+        Test-time augmentation with the four flips (not in the paper; see
+        :mod:`companion.sampling`), as an evaluation with ``flips`` did.
 
     Raises
     ------
@@ -162,7 +166,7 @@ def predict_instances(
             f"draws={draws} needs a model with Concrete Dropout; this one has none (use draws=0)"
         )
     options = dict(clustering=clustering, min_size=min_size, max_points=max_points)
-    outputs = well_outputs(model, image, draws=draws, seed=seed, device=device)
+    outputs = well_outputs(model, image, draws=draws, seed=seed, device=device, flips=flips)
     if not draws:
         masks, scores = predict_deterministic(outputs, bandwidth, threshold, **options)
         return Instances(np.asarray(masks, bool), np.asarray(scores, np.float64), None)

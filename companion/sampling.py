@@ -15,6 +15,11 @@ Two details make this practical:
 * **Any image size.** The U-Net needs ``H`` and ``W`` divisible by 16 (depth 5); images are
   reflect-padded to the next multiple (BBBC010's 520 x 696 becomes 528 x 704) and the
   outputs cropped back.
+
+Beyond the paper, ``flips=True`` adds test-time augmentation with the four flips of the image
+(:data:`FLIPS`; the network was trained with flips): the deterministic pass keeps the
+unflipped embedding but averages the class probabilities of the four flipped passes, and the
+Monte-Carlo draws cycle through the flips, each draw's outputs flipped back.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ from ._device import module_device, resolve_device
 from .dropout import concrete_layers, mc_sampling
 from .postprocess import segment
 
-__all__ = ["MCDraws", "predict", "mc_predict", "pad_to_multiple", "segment_draws"]
+__all__ = ["MCDraws", "FLIPS", "predict", "mc_predict", "pad_to_multiple", "segment_draws"]
+
+#: The four flips of test-time augmentation, as the spatial axes that ``np.flip`` reverses:
+#: none, left-right, up-down, both (= rotation by 180 degrees). Each is its own inverse.
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 
 
 class MCDraws(NamedTuple):
@@ -127,8 +136,27 @@ def _forward_cropped(model: nn.Module, batch: torch.Tensor) -> tuple[np.ndarray,
     return embedding, logits
 
 
+def _flipped(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    return torch.flip(x, axes) if axes else x
+
+
+def _flip_back(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    return np.ascontiguousarray(np.flip(array, axes)) if axes else array
+
+
+def _mean_class_log_probabilities(logits: list[np.ndarray]) -> np.ndarray:
+    """log of the mean softmax of several ``(..., 3, H, W)`` logits: logits whose softmax is the
+    average class probability (float32)."""
+    log_p = torch.log_softmax(torch.from_numpy(np.stack(logits)), dim=-3)
+    return (torch.logsumexp(log_p, dim=0) - np.log(len(logits))).numpy().astype(np.float32)
+
+
 def predict(
-    model: nn.Module, image: np.ndarray | torch.Tensor, *, device: str | torch.device | None = None
+    model: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+    flips: bool = False,
 ) -> MCDraws:
     """Deterministic prediction (evaluation mode, dropout sampling off) for one image.
 
@@ -140,6 +168,10 @@ def predict(
         ``(2, H, W)``, any ``H`` and ``W``.
     device : str or torch.device, optional
         Where to run; default the model's device (the model is not moved).
+    flips : bool
+        Test-time augmentation (not in the paper): the class logits become the log of the
+        class probabilities averaged over the four :data:`FLIPS` (four passes); the embedding
+        stays that of the unflipped image, whose values the clustering compares.
 
     Returns
     -------
@@ -158,6 +190,9 @@ def predict(
     x = _as_image_tensor(image).to(device)[None]
     with _inference_state(model, sampling=False), torch.inference_mode():
         embedding, logits = _forward_cropped(model, x)
+        if flips:
+            flipped = [_flip_back(_forward_cropped(model, _flipped(x, a))[1], a) for a in FLIPS[1:]]
+            logits = _mean_class_log_probabilities([logits, *flipped])
     return MCDraws(embedding, logits)
 
 
@@ -169,6 +204,7 @@ def mc_predict(
     *,
     device: str | torch.device | None = None,
     seed: int | None = None,
+    flips: bool = False,
 ) -> MCDraws:
     """Monte-Carlo dropout predictions: ``n_draws`` stochastic forward passes of one image.
 
@@ -196,6 +232,10 @@ def mc_predict(
     seed : int, optional
         Seeds the dropout masks (the global RNG state is left untouched); ``None`` uses the
         current global state.
+    flips : bool
+        Test-time augmentation (not in the paper): draw ``d`` runs on the image flipped by
+        ``FLIPS[d % 4]`` and its outputs are flipped back, so the draws vary both the dropout
+        masks and the view. No extra passes.
 
     Returns
     -------
@@ -229,12 +269,16 @@ def mc_predict(
             torch.manual_seed(seed)
         stack.enter_context(_inference_state(model, sampling=True))
         stack.enter_context(torch.inference_mode())
+        views = FLIPS if flips else ((),)
         for start in range(0, n_draws, batch):
             size = min(batch, n_draws - start)
-            embedding, logit = _forward_cropped(model, x.expand(size, *x.shape[1:]))
-            embeddings.append(embedding)
-            logits.append(logit)
-    return MCDraws(np.concatenate(embeddings), np.concatenate(logits))
+            draw_views = [views[d % len(views)] for d in range(start, start + size)]
+            for axes in dict.fromkeys(draw_views):  # the batch's draws grouped by view
+                n = draw_views.count(axes)
+                embedding, logit = _forward_cropped(model, _flipped(x, axes).expand(n, *x.shape[1:]))
+                embeddings += [_flip_back(e, axes) for e in embedding]
+                logits += [_flip_back(lg, axes) for lg in logit]
+    return MCDraws(np.stack(embeddings), np.stack(logits))
 
 
 def segment_draws(draws: MCDraws, bandwidth: float, threshold: float, **segment_kwargs) -> list[np.ndarray]:

@@ -524,3 +524,22 @@ def test_cli_refuses_test_wells_whose_masks_are_all_empty(tiny_checkpoint, tmp_p
     )
     assert "C03" not in err and err.count("\n") == 1
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+def test_flip_augmented_evaluation_records_it_in_settings_rows_and_cache(samples, folds, tmp_path):
+    torch.manual_seed(0)
+    model = UNet(base_filters=2, depth=3, embedding_dim=4)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    cached_well_outputs(model, samples[:1], tmp_path, draws=0, progress=False)
+    assert len(calls) == 1
+    cached_well_outputs(model, samples[:1], tmp_path, draws=0, flips=True, progress=False)
+    assert len(calls) == 1 + 4  # not the plain pass's cache: four flipped passes
+    cached_well_outputs(model, samples[:1], tmp_path, draws=0, flips=True, progress=False)
+    assert len(calls) == 5  # now cached
+    options = dict(folds=folds, bandwidths=[1.0], thresholds=[1.0], draws=0, progress=False)
+    plain = evaluate_model(model, samples, **options)
+    flipped = evaluate_model(model, samples, flips=True, **options)
+    assert plain.settings["flips"] is False and flipped.settings["flips"] is True
+    assert flipped.rows[0]["inference"].endswith("test-time augmentation with 4 flips")
+    assert "flips" not in plain.rows[0]["inference"]

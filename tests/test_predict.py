@@ -32,6 +32,17 @@ def test_deterministic_prediction_is_the_evaluation_path(tiny_concrete):
     assert result.probabilities is None
 
 
+def test_flip_augmented_prediction_is_the_flip_augmented_evaluation_path(tiny_concrete):
+    image = np.random.default_rng(1).random((2, 32, 48), dtype=np.float32)
+    result = predict_instances(tiny_concrete, image, bandwidth=1.0, threshold=1.0, flips=True)
+    outputs = well_outputs(tiny_concrete, image, draws=0, flips=True)
+    masks, scores = predict_deterministic(outputs, 1.0, 1.0)
+    assert np.array_equal(result.masks, masks) and np.allclose(result.scores, scores)
+    plain = well_outputs(tiny_concrete, image, draws=0).deterministic
+    same_classes = np.array_equal(outputs.deterministic.classes, plain.classes)
+    assert not (same_classes and np.array_equal(outputs.deterministic.foreground, plain.foreground))
+
+
 def test_mc_prediction_returns_probabilities_that_binarise_to_the_masks(tiny_concrete):
     image = np.random.default_rng(1).random((2, 32, 48), dtype=np.float32)
     result = predict_instances(tiny_concrete, image, bandwidth=1.0, threshold=1.0, draws=3, binarize_at=0.6)

@@ -8,7 +8,7 @@ import torch
 
 from companion.dropout import concrete_layers, set_mc_sampling
 from companion.model import UNet
-from companion.sampling import MCDraws, mc_predict, pad_to_multiple, predict, segment_draws
+from companion.sampling import FLIPS, MCDraws, mc_predict, pad_to_multiple, predict, segment_draws
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,45 @@ def test_a_network_with_nan_weights_is_an_error_not_an_empty_segmentation(image)
         predict(broken, image)
     with pytest.raises(ValueError, match="not finite"):
         mc_predict(broken, image, n_draws=2, seed=0)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-3, keepdims=True))
+    return e / e.sum(axis=-3, keepdims=True)
+
+
+def test_flip_augmented_predict_averages_the_class_probabilities_of_the_four_flips(net, image):
+    plain = predict(net, image)
+    augmented = predict(net, image, flips=True)
+    assert np.array_equal(augmented.embeddings, plain.embeddings)  # the unflipped embedding
+    by_hand = np.zeros_like(plain.logits[0])
+    for axes in [(), (-1,), (-2,), (-2, -1)]:
+        view = np.flip(image, axes) if axes else image
+        logits = predict(net, np.ascontiguousarray(view)).logits[0]
+        by_hand += _softmax(np.flip(logits, axes) if axes else logits) / 4
+    np.testing.assert_allclose(_softmax(augmented.logits[0]), by_hand, atol=1e-5)
+    assert not np.allclose(_softmax(plain.logits[0]), by_hand, atol=1e-3)  # the flips matter
+
+
+def test_flip_augmented_draws_cycle_through_the_flipped_views(image):
+    torch.manual_seed(1)
+    deterministic_net = UNet(base_filters=4, dropout=None)  # draws differ only by their view
+    draws = mc_predict(deterministic_net, image, n_draws=6, flips=True)
+    assert FLIPS == ((), (-1,), (-2,), (-2, -1))
+    for d in range(6):
+        axes = FLIPS[d % 4]
+        view = np.ascontiguousarray(np.flip(image, axes)) if axes else image
+        out = predict(deterministic_net, view)
+        back = [np.flip(a[0], axes) if axes else a[0] for a in (out.embeddings, out.logits)]
+        np.testing.assert_allclose(draws.embeddings[d], back[0], atol=1e-5)
+        np.testing.assert_allclose(draws.logits[d], back[1], atol=1e-5)
+    assert not np.allclose(draws.logits[0], draws.logits[1], atol=1e-3)
+
+
+def test_flip_augmented_draws_are_seeded(net, image):
+    first = mc_predict(net, image, n_draws=4, seed=3, flips=True)
+    again = mc_predict(net, image, n_draws=4, seed=3, flips=True)
+    assert np.array_equal(first.logits, again.logits)
+    plain = mc_predict(net, image, n_draws=4, seed=3)
+    assert np.array_equal(first.logits[0], plain.logits[0])  # draw 0 is the unflipped view
+    assert not np.allclose(first.logits[1], plain.logits[1])

@@ -108,6 +108,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--min-size", type=positive_int, default=None, help="smallest instance kept, in pixels (default 50)"
     )
     p.add_argument(
+        "--flips",
+        action="store_true",
+        help="test-time augmentation with the four flips of each image (not in the paper): the "
+        "deterministic pass averages the class probabilities of the flips, the Monte-Carlo draws "
+        "cycle through them",
+    )
+    p.add_argument(
         "--wells",
         nargs="+",
         default=None,
@@ -247,6 +254,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         max_points=args.max_points,
         clustering=args.clustering,
         min_size=args.min_size,
+        flips=args.flips,
         cache_dir=None if args.no_cache else args.out / "cache",
         device=device,
         progress=not args.no_progress,

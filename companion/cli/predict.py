@@ -102,6 +102,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             max_points=settings.get("max_points"),
             seed=_well_seed(int(settings.get("seed", 0)), stem),
             device=args.device,
+            flips=bool(settings.get("flips", False)),
         )
         arrays = dict(masks=result.masks, scores=result.scores)
         if result.probabilities is not None:
