@@ -72,7 +72,11 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
     ]
     budgets = []
     for name in ("concrete", "baseline"):
-        for folder, clustering in ((name, ""), (f"{name}_components", ", per-component clustering")):
+        for folder, clustering in (
+            (name, ""),
+            (f"{name}_components", ", per-component clustering"),
+            (f"{name}_components_flips", ", per-component clustering, 4 flips"),
+        ):
             try:
                 doc = chapters.results(folder, results_dir)
             except FileNotFoundError:
@@ -102,7 +106,10 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
         "Rows without a clustering note use the paper's global mean-shift, its bandwidth and",
         "threshold chosen by 2-fold cross-validation on the test folds. Per-component rows",
         "(`*_components/`, not in the paper) use the bandwidth and threshold chosen on the validation wells",
-        "(`companion.data.VAL_WELLS`), so no test well took part in their choice.",
+        "(`companion.data.VAL_WELLS`), so no test well took part in their choice. Rows with",
+        '"4 flips" (`*_components_flips/`, not in the paper) add test-time augmentation: the',
+        "deterministic pass averages the class probabilities of the image's four flips, and the",
+        "Monte-Carlo draws cycle through the flips (`evaluate --flips`).",
         "",
         "Per-image numbers: `*/per_image.csv`; the choice of bandwidth and",
         "threshold: `*/tuning.csv`; the Figure 2 curves: `concrete/pavpu.csv` and `concrete/pavpu.png`;",

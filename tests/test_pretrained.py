@@ -279,6 +279,13 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
     text = (tmp_path / "README.md").read_text()
     assert "| ours, concrete: one deterministic pass, per-component clustering | 0.375 | 0.500 |" in text
     assert text.count(chapters.training_budget("concrete", shelf)) == 1  # one budget line per model
+    (tmp_path / "concrete_components_flips").mkdir()
+    doc["rows"][1]["avAP"] = 0.4375
+    (tmp_path / "concrete_components_flips" / "results.json").write_text(json.dumps(doc))
+    assert module.main(["--results-dir", str(tmp_path), "--pretrained-dir", str(shelf)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    flips_row = "| ours, concrete: one deterministic pass, per-component clustering, 4 flips | 0.438 |"
+    assert flips_row in text and text.index(flips_row) < text.index("| paper, concrete")
 
 
 def test_training_can_start_from_an_exported_model(shelf, tmp_path):
