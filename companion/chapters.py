@@ -163,7 +163,9 @@ def segmentation_settings(
 def _hours(seconds: float | None) -> str:
     if seconds is None:
         return "time not recorded"
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def training_budget(name: str, directory: str | os.PathLike | None = None) -> str:

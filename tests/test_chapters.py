@@ -71,3 +71,9 @@ def test_live_evaluation_runs_the_pipeline_on_the_first_well_of_each_fold(
         assert probs.shape[1:] == gt.shape[1:] and ((probs >= 0) & (probs <= 1)).all()
     assert len(live.report.splitlines()) == 3 and "trained here" in live.description
     assert sorted(p.name for p in (tmp_path / "concrete").glob("*.npz")) == sorted(f"{w}.npz" for w in wells)
+
+
+def test_training_times_read_in_hours_minutes_or_seconds():
+    from companion.chapters import _hours
+
+    assert [_hours(s) for s in (7200, 2999, 59, None)] == ["2.0 h", "50 min", "59 s", "time not recorded"]
