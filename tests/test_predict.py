@@ -78,10 +78,12 @@ def test_draws_need_concrete_dropout():
         )
 
 
-def test_predict_command_reproduces_the_committed_per_image_line(bbbc010_root, tmp_path):
-    results = json.loads((REPO_ROOT / "results" / "baseline" / "results.json").read_text())
+@pytest.mark.parametrize("folder", ["baseline", "baseline_components_flips"])
+def test_predict_command_reproduces_the_committed_per_image_line(bbbc010_root, tmp_path, folder):
+    results = json.loads((REPO_ROOT / "results" / folder / "results.json").read_text())
+    assert results["settings"].get("flips", False) is folder.endswith("_flips")  # both paths covered
     row = max(results["rows"], key=lambda r: r["avAP"])["name"]
-    with open(REPO_ROOT / "results" / "baseline" / "per_image.csv") as f:
+    with open(REPO_ROOT / "results" / folder / "per_image.csv") as f:
         line = next(r for r in csv.DictReader(f) if r["row"] == row and r["well"] == "C03")
     assert (
         main(
@@ -89,6 +91,8 @@ def test_predict_command_reproduces_the_committed_per_image_line(bbbc010_root, t
                 "predict",
                 "--pretrained",
                 "baseline",
+                "--results",
+                str(REPO_ROOT / "results" / folder / "results.json"),
                 "--wells",
                 "C03",
                 "--data-root",
