@@ -262,7 +262,8 @@ def mc_predict(
         raise ValueError(f"n_draws and batch must be >= 1, got n_draws={n_draws}, batch={batch}")
     x = _as_image_tensor(image).to(device)[None]
     rng_devices = [device] if device.type == "cuda" else []
-    embeddings, logits = [], []
+    embeddings: list = [None] * n_draws
+    logits: list = [None] * n_draws
     with contextlib.ExitStack() as stack:
         if seed is not None:
             stack.enter_context(torch.random.fork_rng(devices=rng_devices))
@@ -271,13 +272,12 @@ def mc_predict(
         stack.enter_context(torch.inference_mode())
         views = FLIPS if flips else ((),)
         for start in range(0, n_draws, batch):
-            size = min(batch, n_draws - start)
-            draw_views = [views[d % len(views)] for d in range(start, start + size)]
-            for axes in dict.fromkeys(draw_views):  # the batch's draws grouped by view
-                n = draw_views.count(axes)
-                embedding, logit = _forward_cropped(model, _flipped(x, axes).expand(n, *x.shape[1:]))
-                embeddings += [_flip_back(e, axes) for e in embedding]
-                logits += [_flip_back(lg, axes) for lg in logit]
+            draws = range(start, min(start + batch, n_draws))
+            for axes in dict.fromkeys(views[d % len(views)] for d in draws):  # one pass per view
+                mine = [d for d in draws if views[d % len(views)] == axes]
+                embedding, logit = _forward_cropped(model, _flipped(x, axes).expand(len(mine), *x.shape[1:]))
+                for d, e, lg in zip(mine, embedding, logit):  # draw d keeps view FLIPS[d % 4]
+                    embeddings[d], logits[d] = _flip_back(e, axes), _flip_back(lg, axes)
     return MCDraws(np.stack(embeddings), np.stack(logits))
 
 

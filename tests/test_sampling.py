@@ -186,6 +186,8 @@ def test_flip_augmented_draws_cycle_through_the_flipped_views(image):
         np.testing.assert_allclose(draws.embeddings[d], back[0], atol=1e-5)
         np.testing.assert_allclose(draws.logits[d], back[1], atol=1e-5)
     assert not np.allclose(draws.logits[0], draws.logits[1], atol=1e-3)
+    batched = mc_predict(deterministic_net, image, n_draws=6, flips=True, batch=6)  # one pass per view
+    np.testing.assert_allclose(batched.logits, draws.logits, atol=1e-4)  # same view for each draw
 
 
 def test_flip_augmented_draws_are_seeded(net, image):
