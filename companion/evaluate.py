@@ -16,7 +16,8 @@ For a trained model and the test wells:
    mean foreground probability);
    for a Concrete Dropout model every draw is segmented, the draws agglomerated
    (:func:`companion.agglomerate.agglomerate`) and binarised at ``binarize_at`` (scores from
-   the agglomeration).
+   the agglomeration). A model without dropout evaluated with ``flips`` gets the same
+   treatment of its four flipped passes (row ``"flips_agglomerated"``; not in the paper).
 4. **Metrics**: Table 1 rows (:func:`companion.metrics.instance_metrics`), PAvPU curves
    (:func:`companion.uncertainty.pavpu`) and simulated proofreading
    (:func:`companion.proofreading.simulate_proofreading`) of the agglomerated predictions.
@@ -53,7 +54,7 @@ from torch import nn
 
 from .data import TEST_FOLDS
 from .metrics import instance_metrics
-from .outputs import cached_well_outputs
+from .outputs import cached_well_outputs, has_concrete_dropout
 from .paper import TABLE1_KEYS
 from .postprocess import DEFAULT_MIN_SIZE
 from .predict import predict_agglomerated, predict_deterministic
@@ -69,6 +70,8 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "PAVPU_THRESHOLDS",
     "N_CORRECTIONS",
+    "AGGLOMERATED_ROWS",
+    "FLIPS_AGGLOMERATED",
     "EvaluationResult",
     "evaluate_model",
 ]
@@ -115,7 +118,8 @@ class EvaluationResult(NamedTuple):
     Attributes
     ----------
     rows : list of dict
-        Table 1 rows: ``name`` (``"mc"`` agglomerated draws, ``"deterministic"`` one pass),
+        Table 1 rows: ``name`` (``"mc"`` agglomerated draws, ``"flips_agglomerated"`` the
+        agglomerated flipped passes of a model without dropout, ``"deterministic"`` one pass),
         ``inference`` (a description) and the metrics of :data:`TABLE1_KEYS`.
     tuning : companion.tuning.GridSearchResult
         The grid search on the deterministic pass.
@@ -123,7 +127,7 @@ class EvaluationResult(NamedTuple):
         The folds actually used (wells absent from ``samples`` removed).
     per_image : list of dict
         One dict per well and row: ``row``, ``well``, ``fold``, ``n_gt``, ``n_pred``,
-        ``n_recalled80``, ``AP50``, ``avAP``, ``avAP_dsb``; rows ``"mc"`` also ``uncertainty``
+        ``n_recalled80``, ``AP50``, ``avAP``, ``avAP_dsb``; agglomerated rows also ``uncertainty``
         (:func:`companion.proofreading.image_uncertainty` of the agglomerated probabilities).
     pavpu : companion.uncertainty.PAvPU or None
         Of the agglomerated predictions (None without draws).
@@ -181,6 +185,22 @@ def _per_image_rows(name: str, wells: Sequence[str], fold_of: Mapping[str, int],
 
 
 _FLIPS_NOTE = ", test-time augmentation with 4 flips"
+#: Name of the agglomerated row of a model without dropout, whose draws are its flipped passes.
+FLIPS_AGGLOMERATED = "flips_agglomerated"
+#: Names of the rows made by agglomerating draws (``"mc"``: Monte-Carlo dropout draws).
+AGGLOMERATED_ROWS: tuple[str, ...] = ("mc", FLIPS_AGGLOMERATED)
+
+
+def _agglomerated_row(model: nn.Module, n_draws: int, binarize_at: float, flips: bool) -> tuple[str, str]:
+    """Name and inference text of the row that agglomerates ``n_draws`` draws."""
+    if has_concrete_dropout(model):
+        text = f"{n_draws} Monte-Carlo draws, agglomerated, p >= {binarize_at}"
+        return "mc", text + (_FLIPS_NOTE if flips else "")
+    text = (
+        f"{n_draws} flipped passes (test-time augmentation, no dropout), each segmented, "
+        f"agglomerated, p >= {binarize_at}"
+    )
+    return FLIPS_AGGLOMERATED, text
 
 
 def evaluate_model(
@@ -315,20 +335,20 @@ def evaluate_model(
             mc_masks.append(masks), mc_scores.append(scores)
             counts.append(_to_counts(agg.probs, n_draws)), agg_scores.append(agg.scores)
         mc_metrics = instance_metrics(gt_list, mc_masks, mc_scores)
+        agg_name, inference = _agglomerated_row(model, n_draws, binarize_at, flips)
         rows.insert(
             0,
             dict(
-                name="mc",
-                inference=f"{n_draws} Monte-Carlo draws, agglomerated, p >= {binarize_at}"
-                + (_FLIPS_NOTE if flips else ""),
+                name=agg_name,
+                inference=inference,
                 **{k: mc_metrics[k] for k in TABLE1_KEYS},
             ),
         )
-        mc_rows = _per_image_rows("mc", wells, fold_of, mc_metrics)
+        mc_rows = _per_image_rows(agg_name, wells, fold_of, mc_metrics)
         for row, count in zip(mc_rows, counts):
             row["uncertainty"] = image_uncertainty(count / np.float64(n_draws))
         per_image = mc_rows + per_image
-        predictions = {"mc": mc_masks, **predictions}
+        predictions = {agg_name: mc_masks, **predictions}
         probs = _ScaledCounts(counts, n_draws)
         pavpu_result = pavpu(gt_list, probs, pavpu_thresholds, binarize_at=binarize_at)
         proofreading = simulate_proofreading(

@@ -2,7 +2,9 @@
 
 For one image, :func:`well_outputs` runs one deterministic pass
 (:func:`companion.sampling.predict`) and, for a model with Concrete Dropout, ``draws``
-Monte-Carlo passes (:func:`companion.sampling.mc_predict`). Each pass is kept compactly
+Monte-Carlo passes (:func:`companion.sampling.mc_predict`); for a model without dropout and
+test-time flips, the draws are the (at most four) flipped passes, each kept whole
+(:func:`n_draws`; not in the paper). Each pass is kept compactly
 (:class:`CompactPass`: the uint8 class map plus float16 embeddings and foreground probabilities
 of the non-background pixels, ~4 % of a BBBC010 image). :func:`cached_well_outputs` stores them
 in one ``.npz`` per well, reused when model (:func:`model_fingerprint`), image and settings are
@@ -33,7 +35,7 @@ from torch import nn
 
 from ._io import atomic_savez, tensors_sha256
 from .dropout import concrete_layers
-from .sampling import mc_predict, predict
+from .sampling import FLIPS, mc_predict, predict
 from .targets import worm_probability
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,6 +49,7 @@ __all__ = [
     "compact_scores",
     "model_fingerprint",
     "has_concrete_dropout",
+    "n_draws",
     "well_outputs",
     "cached_well_outputs",
 ]
@@ -186,6 +189,29 @@ def has_concrete_dropout(model: nn.Module) -> bool:
     return bool(concrete_layers(model))
 
 
+def n_draws(model: nn.Module, draws: int, flips: bool) -> int:
+    """How many draws :func:`well_outputs` gives for ``draws`` requested.
+
+    A Concrete Dropout model: ``draws``. A model without dropout has no Monte-Carlo draws, but
+    with ``flips`` its four flipped passes (:data:`companion.sampling.FLIPS`) are distinct
+    samples of the prediction: its draws are the first ``min(draws, 4)`` of them, to be
+    segmented one by one and agglomerated like Monte-Carlo draws (test-time augmentation; not in
+    the paper). Without ``flips``: none.
+
+    Examples
+    --------
+    >>> from companion.model import UNet
+    >>> net = UNet(base_filters=2, depth=3)  # no dropout
+    >>> n_draws(net, 8, flips=True), n_draws(net, 8, flips=False)
+    (4, 0)
+    """
+    if draws < 0:
+        raise ValueError(f"draws must be >= 0, got {draws}")
+    if has_concrete_dropout(model):
+        return int(draws)
+    return min(int(draws), len(FLIPS)) if flips else 0
+
+
 def well_outputs(
     model: nn.Module,
     image: np.ndarray,
@@ -198,14 +224,17 @@ def well_outputs(
 ) -> WellOutputs:
     """Deterministic pass plus ``draws`` Monte-Carlo passes of one image, compacted.
 
-    ``draws`` is ignored (no draws) for a model without Concrete Dropout. ``flips``: test-time
-    augmentation with the four flips (see :mod:`companion.sampling`; not in the paper).
+    ``flips``: test-time augmentation with the four flips (see :mod:`companion.sampling`; not in
+    the paper). For a model without Concrete Dropout the draws are its flipped passes with
+    ``flips`` and none without (:func:`n_draws`).
     """
     det = predict(model, image, device=device, flips=flips)
     deterministic = compact_pass(det.embeddings[0], det.logits[0])
-    if draws < 1 or not has_concrete_dropout(model):
+    count = n_draws(model, draws, flips)
+    if count < 1:
         return WellOutputs(deterministic, ())
-    mc = mc_predict(model, image, n_draws=draws, batch=batch, device=device, seed=seed, flips=flips)
+    # without dropout, draw d is the deterministic pass on view FLIPS[d % 4]
+    mc = mc_predict(model, image, n_draws=count, batch=batch, device=device, seed=seed, flips=flips)
     return WellOutputs(deterministic, tuple(compact_pass(e, lg) for e, lg in zip(mc.embeddings, mc.logits)))
 
 
@@ -272,7 +301,7 @@ def cached_well_outputs(
     from tqdm.auto import tqdm
 
     fingerprint = model_fingerprint(model)
-    concrete = has_concrete_dropout(model)
+    count = n_draws(model, draws, flips)
     out: dict[str, WellOutputs] = {}
     for sample in tqdm(samples, desc="network outputs", unit="well", disable=not progress):
         image = np.ascontiguousarray(sample.image, dtype=np.float32)
@@ -282,7 +311,7 @@ def cached_well_outputs(
             model=fingerprint,
             image=hashlib.sha256(image.tobytes()).hexdigest(),
             shape=list(image.shape),
-            draws=int(draws) if concrete else 0,
+            draws=count,
             seed=well_seed,
             flips=bool(flips),
         )

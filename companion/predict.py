@@ -132,8 +132,10 @@ def predict_instances(
     bandwidth, threshold : float
         Mean-shift bandwidth and assignment threshold.
     draws : int
-        0: one deterministic pass. ``n > 0`` (Concrete Dropout models only): ``n`` Monte-Carlo
-        draws, each segmented, agglomerated and binarised at ``binarize_at``.
+        0: one deterministic pass. ``n > 0``: ``n`` Monte-Carlo draws of a Concrete Dropout
+        model, each segmented, agglomerated and binarised at ``binarize_at``; for a model
+        without dropout (``flips=True`` only) the first ``min(n, 4)`` flipped passes take the
+        draws' place (:func:`companion.outputs.n_draws`; not in the paper).
     clustering, min_size, max_points
         See :func:`companion.postprocess.segment`.
     seed : int
@@ -161,9 +163,10 @@ def predict_instances(
         raise ValueError("image holds NaN or infinite values")
     if draws < 0:
         raise ValueError(f"draws must be >= 0, got {draws}")
-    if draws and not has_concrete_dropout(model):
+    if draws and not flips and not has_concrete_dropout(model):
         raise ValueError(
-            f"draws={draws} needs a model with Concrete Dropout; this one has none (use draws=0)"
+            f"draws={draws} needs a model with Concrete Dropout, or flips=True (the flipped "
+            f"passes as draws); this one has no dropout (use draws=0 or flips=True)"
         )
     options = dict(clustering=clustering, min_size=min_size, max_points=max_points)
     outputs = well_outputs(model, image, draws=draws, seed=seed, device=device, flips=flips)

@@ -85,6 +85,8 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
                 label = {
                     "mc": f"ours, {name}: {doc['settings']['draws']} MC draws agglomerated, p >= "
                     f"{doc['settings']['binarize_at']}",
+                    "flips_agglomerated": f"ours, {name}: {doc['settings']['draws']} flipped passes "
+                    f"agglomerated, p >= {doc['settings']['binarize_at']}",
                     "deterministic": f"ours, {name}: one deterministic pass",
                 }[row["name"]]
                 lines.append(_metrics_line(label + clustering, row))
@@ -109,7 +111,9 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
         "(`companion.data.VAL_WELLS`), so no test well took part in their choice. Rows with",
         '"4 flips" (`*_components_flips/`, not in the paper) add test-time augmentation: the',
         "deterministic pass averages the class probabilities of the image's four flips, and the",
-        "Monte-Carlo draws cycle through the flips (`evaluate --flips`).",
+        "Monte-Carlo draws cycle through the flips (`evaluate --flips`); the baseline, which has",
+        "no draws, also gets its four flipped passes segmented one by one and agglomerated like",
+        "Monte-Carlo draws (\"flipped passes agglomerated\").",
         "",
         "Per-image numbers: `*/per_image.csv`; the choice of bandwidth and",
         "threshold: `*/tuning.csv`; the Figure 2 curves: `concrete/pavpu.csv` and `concrete/pavpu.png`;",

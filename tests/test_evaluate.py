@@ -543,3 +543,19 @@ def test_flip_augmented_evaluation_records_it_in_settings_rows_and_cache(samples
     assert plain.settings["flips"] is False and flipped.settings["flips"] is True
     assert flipped.rows[0]["inference"].endswith("test-time augmentation with 4 flips")
     assert "flips" not in plain.rows[0]["inference"]
+
+
+def test_flip_augmented_evaluation_of_a_model_without_dropout_agglomerates_its_flipped_passes(
+    samples, folds
+):
+    torch.manual_seed(0)
+    model = UNet(base_filters=2, depth=3, embedding_dim=4)  # no dropout
+    options = dict(folds=folds, bandwidths=[1.0], thresholds=[1.0], progress=False)
+    flipped = evaluate_model(model, samples, flips=True, draws=8, **options)
+    assert [row["name"] for row in flipped.rows] == ["flips_agglomerated", "deterministic"]
+    assert flipped.settings["draws"] == 4  # the four views, however many draws were asked for
+    assert flipped.rows[0]["inference"].startswith("4 flipped passes")
+    assert set(flipped.predictions) == {"flips_agglomerated", "deterministic"}
+    assert {r["row"] for r in flipped.per_image} == {"flips_agglomerated", "deterministic"}
+    plain = evaluate_model(model, samples, flips=False, draws=8, **options)
+    assert [row["name"] for row in plain.rows] == ["deterministic"]  # no views, no draws

@@ -15,7 +15,7 @@ from companion.cli import main
 from companion.metrics import instance_metrics
 from companion.model import UNet
 from companion.outputs import well_outputs
-from companion.predict import predict_deterministic, predict_instances
+from companion.predict import predict_agglomerated, predict_deterministic, predict_instances
 
 
 @pytest.fixture
@@ -150,3 +150,21 @@ def test_predict_command_refuses_an_unusable_image_file_in_one_line(tmp_path, ca
     assert err.startswith("error: ") and path.name in err and err.count("\n") == 1, err
     assert re.search(expected, err), err
     assert not list((tmp_path / "out").glob("*.npz"))
+
+
+def test_flipped_passes_of_a_model_without_dropout_take_the_place_of_draws():
+    torch.manual_seed(0)
+    net = UNet(base_filters=2, depth=3, embedding_dim=4).eval()  # no dropout
+    image = np.random.default_rng(2).random((2, 32, 48), dtype=np.float32)
+    outputs = well_outputs(net, image, draws=8, flips=True)
+    assert len(outputs.draws) == 4  # the four distinct views, not eight copies
+    assert well_outputs(net, image, draws=8, flips=False).draws == ()
+    plain = well_outputs(net, image, draws=0).deterministic  # view 0: the image itself
+    assert np.array_equal(outputs.draws[0].classes, plain.classes)
+    assert np.array_equal(outputs.draws[0].embedding, plain.embedding)
+    mirrored = well_outputs(net, np.ascontiguousarray(image[:, :, ::-1]), draws=0).deterministic
+    assert np.array_equal(outputs.draws[1].classes, mirrored.classes[:, ::-1])  # view 1, flipped back
+    result = predict_instances(net, image, bandwidth=1.0, threshold=1.0, draws=4, flips=True)
+    masks, scores, _ = predict_agglomerated(outputs, 1.0, 1.0)
+    assert np.array_equal(result.masks, masks) and np.allclose(result.scores, scores)
+    assert result.probabilities is not None and result.probabilities.shape == result.masks.shape

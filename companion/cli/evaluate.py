@@ -68,7 +68,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=non_negative_int,
         default=8,
         help="Monte-Carlo dropout draws per well for a Concrete Dropout model "
-        "(0: only the deterministic pass; ignored for a baseline model)",
+        "(0: only the deterministic pass); for a model without dropout, with --flips, the "
+        "first min(N, 4) flipped passes are agglomerated like draws, and without it N is ignored",
     )
     p.add_argument(
         "--bandwidths",
@@ -112,7 +113,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="test-time augmentation with the four flips of each image (not in the paper): the "
         "deterministic pass averages the class probabilities of the flips, the Monte-Carlo draws "
-        "cycle through them",
+        "cycle through them; a model without dropout also gets its flipped passes segmented "
+        "one by one and agglomerated (row flips_agglomerated)",
     )
     p.add_argument(
         "--wells",
@@ -269,9 +271,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         wall_time_s=time.perf_counter() - start,
     )
     files = write_report(result, samples, args.out, info=info)
-    print(f"{'row':<14}" + "".join(f"{k:>10}" for k in TABLE1_KEYS))
+    print(f"{'row':<19}" + "".join(f"{k:>10}" for k in TABLE1_KEYS))
     for row in result.rows:
-        print(f"{row['name']:<14}" + "".join(f"{row[k]:>10.3f}" for k in TABLE1_KEYS))
+        print(f"{row['name']:<19}" + "".join(f"{row[k]:>10.3f}" for k in TABLE1_KEYS))
     for c in result.tuning.choices:
         print(
             f"fold {c.applied_to}: bandwidth {c.bandwidth:g}, threshold {c.threshold:g} "

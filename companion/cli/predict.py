@@ -69,6 +69,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from companion._device import resolve_device
     from companion._io import atomic_savez
     from companion.chapters import RESULTS_DIR
+    from companion.evaluate import AGGLOMERATED_ROWS
     from companion.outputs import _well_seed
     from companion.postprocess import DEFAULT_MIN_SIZE
     from companion.predict import predict_instances
@@ -87,7 +88,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    draws = int(settings.get("draws", 0)) if row == "mc" else 0
+    draws = int(settings.get("draws", 0)) if row in AGGLOMERATED_ROWS else 0
     for stem, image, gt in images:
         bandwidth, threshold = per_fold[fold_of.get(stem, 0)]
         result = predict_instances(
