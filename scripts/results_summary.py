@@ -113,7 +113,7 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
         "deterministic pass averages the class probabilities of the image's four flips, and the",
         "Monte-Carlo draws cycle through the flips (`evaluate --flips`); the baseline, which has",
         "no draws, also gets its four flipped passes segmented one by one and agglomerated like",
-        "Monte-Carlo draws (\"flipped passes agglomerated\").",
+        'Monte-Carlo draws ("flipped passes agglomerated").',
         "",
         "Per-image numbers: `*/per_image.csv`; the choice of bandwidth and",
         "threshold: `*/tuning.csv`; the Figure 2 curves: `concrete/pavpu.csv` and `concrete/pavpu.png`;",

@@ -545,9 +545,7 @@ def test_flip_augmented_evaluation_records_it_in_settings_rows_and_cache(samples
     assert "flips" not in plain.rows[0]["inference"]
 
 
-def test_flip_augmented_evaluation_of_a_model_without_dropout_agglomerates_its_flipped_passes(
-    samples, folds
-):
+def test_flip_augmented_evaluation_of_a_model_without_dropout_agglomerates_its_flipped_passes(samples, folds):
     torch.manual_seed(0)
     model = UNet(base_filters=2, depth=3, embedding_dim=4)  # no dropout
     options = dict(folds=folds, bandwidths=[1.0], thresholds=[1.0], progress=False)
