@@ -35,7 +35,7 @@ from torch import nn
 
 from ._io import atomic_savez, tensors_sha256
 from .dropout import concrete_layers
-from .sampling import FLIPS, mc_predict, predict
+from .sampling import FLIPS, MCDraws, flip_averaged, flip_passes, mc_predict, predict
 from .targets import worm_probability
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -228,13 +228,16 @@ def well_outputs(
     the paper). For a model without Concrete Dropout the draws are its flipped passes with
     ``flips`` and none without (:func:`n_draws`).
     """
-    det = predict(model, image, device=device, flips=flips)
-    deterministic = compact_pass(det.embeddings[0], det.logits[0])
     count = n_draws(model, draws, flips)
-    if count < 1:
-        return WellOutputs(deterministic, ())
-    # without dropout, draw d is the deterministic pass on view FLIPS[d % 4]
-    mc = mc_predict(model, image, n_draws=count, batch=batch, device=device, seed=seed, flips=flips)
+    if count and not has_concrete_dropout(model):  # the draws are the views the flips average
+        views = flip_passes(model, image, device=device)
+        det, mc = flip_averaged(views), MCDraws(views.embeddings[:count], views.logits[:count])
+    else:
+        det = predict(model, image, device=device, flips=flips)
+        mc = MCDraws(det.embeddings[:0], det.logits[:0])  # none
+        if count:
+            mc = mc_predict(model, image, n_draws=count, batch=batch, device=device, seed=seed, flips=flips)
+    deterministic = compact_pass(det.embeddings[0], det.logits[0])
     return WellOutputs(deterministic, tuple(compact_pass(e, lg) for e, lg in zip(mc.embeddings, mc.logits)))
 
 

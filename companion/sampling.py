@@ -37,7 +37,16 @@ from ._device import module_device, resolve_device
 from .dropout import concrete_layers, mc_sampling
 from .postprocess import segment
 
-__all__ = ["MCDraws", "FLIPS", "predict", "mc_predict", "pad_to_multiple", "segment_draws"]
+__all__ = [
+    "MCDraws",
+    "FLIPS",
+    "predict",
+    "flip_passes",
+    "flip_averaged",
+    "mc_predict",
+    "pad_to_multiple",
+    "segment_draws",
+]
 
 #: The four flips of test-time augmentation, as the spatial axes that ``np.flip`` reverses:
 #: none, left-right, up-down, both (= rotation by 180 degrees). Each is its own inverse.
@@ -186,14 +195,57 @@ def predict(
     >>> out.embeddings.shape, out.logits.shape
     ((1, 16, 30, 41), (1, 3, 30, 41))
     """
+    if flips:
+        return flip_averaged(flip_passes(model, image, device=device))
     device = resolve_device(device) if device is not None else module_device(model)
     x = _as_image_tensor(image).to(device)[None]
     with _inference_state(model, sampling=False), torch.inference_mode():
         embedding, logits = _forward_cropped(model, x)
-        if flips:
-            flipped = [_flip_back(_forward_cropped(model, _flipped(x, a))[1], a) for a in FLIPS[1:]]
-            logits = _mean_class_log_probabilities([logits, *flipped])
     return MCDraws(embedding, logits)
+
+
+def flip_passes(
+    model: nn.Module, image: np.ndarray | torch.Tensor, *, device: str | torch.device | None = None
+) -> MCDraws:
+    """The deterministic pass on each of the four :data:`FLIPS` views, outputs flipped back.
+
+    Returns
+    -------
+    MCDraws
+        With ``n = 4``, in the order of :data:`FLIPS` (view 0 is the image itself).
+        :func:`flip_averaged` makes the flip-augmented prediction of :func:`predict` from them;
+        for a model without dropout they are also the draws that
+        :func:`companion.outputs.well_outputs` agglomerates.
+
+    Examples
+    --------
+    >>> from companion.model import UNet
+    >>> net = UNet(base_filters=2, depth=3)
+    >>> image = np.random.default_rng(0).random((2, 20, 24), dtype=np.float32)
+    >>> views = flip_passes(net, image)
+    >>> views.logits.shape
+    (4, 3, 20, 24)
+    >>> bool(np.array_equal(views.logits[0], predict(net, image).logits[0]))
+    True
+    """
+    device = resolve_device(device) if device is not None else module_device(model)
+    x = _as_image_tensor(image).to(device)[None]
+    embeddings, logits = [], []
+    with _inference_state(model, sampling=False), torch.inference_mode():
+        for axes in FLIPS:
+            embedding, logit = _forward_cropped(model, _flipped(x, axes))
+            embeddings.append(_flip_back(embedding[0], axes)), logits.append(_flip_back(logit[0], axes))
+    return MCDraws(np.stack(embeddings), np.stack(logits))
+
+
+def flip_averaged(views: MCDraws) -> MCDraws:
+    """The flip-augmented deterministic prediction (``n = 1``) from :func:`flip_passes`' views.
+
+    The embedding of the unflipped view (embedding values are only comparable within one pass)
+    and, as logits, the log of the class probabilities averaged over the views.
+    """
+    logits = _mean_class_log_probabilities([logit[None] for logit in views.logits])
+    return MCDraws(views.embeddings[:1], logits)
 
 
 def mc_predict(

@@ -156,8 +156,15 @@ def test_flipped_passes_of_a_model_without_dropout_take_the_place_of_draws():
     torch.manual_seed(0)
     net = UNet(base_filters=2, depth=3, embedding_dim=4).eval()  # no dropout
     image = np.random.default_rng(2).random((2, 32, 48), dtype=np.float32)
+    calls = []
+    hook = net.register_forward_hook(lambda *_: calls.append(1))
     outputs = well_outputs(net, image, draws=8, flips=True)
+    hook.remove()
     assert len(outputs.draws) == 4  # the four distinct views, not eight copies
+    assert len(calls) == 4  # the same four passes also make the flip-averaged deterministic pass
+    averaged = well_outputs(net, image, draws=0, flips=True).deterministic
+    for field in ("classes", "embedding", "foreground"):
+        assert np.array_equal(getattr(outputs.deterministic, field), getattr(averaged, field))
     assert well_outputs(net, image, draws=8, flips=False).draws == ()
     plain = well_outputs(net, image, draws=0).deterministic  # view 0: the image itself
     assert np.array_equal(outputs.draws[0].classes, plain.classes)
