@@ -37,3 +37,39 @@ def resolve_device(device: str | torch.device | None = None, *, what: str = "dev
 def module_device(module: nn.Module) -> torch.device:
     """The device of ``module``'s first parameter (the CPU when it has none)."""
     return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def device_constant(
+    values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A vector kept on ``device``, built once (copying a new one to a GPU in every training
+    step would make the host wait for the device); under :func:`torch.compile` a constant of
+    the compiled graph.
+
+    >>> device_constant((1.0, 2.0), torch.device("cpu"))
+    tensor([1., 2.])
+    """
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (tuple(values), torch.device(device), dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype).to(device)
+    return _CONSTANTS[key]
+
+
+def off_diagonal(n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(n, n)`` with 0 on the diagonal and 1 elsewhere, on ``device``, built once.
+
+    >>> off_diagonal(2, torch.device("cpu"))
+    tensor([[0., 1.],
+            [1., 0.]])
+    """
+    if torch.compiler.is_compiling():
+        return 1.0 - torch.eye(n, dtype=dtype, device=device)
+    key = (n, torch.device(device), dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = (1.0 - torch.eye(n, dtype=dtype)).to(device)
+    return _CONSTANTS[key]

@@ -23,7 +23,7 @@ import torch
 from scipy.interpolate import make_interp_spline
 
 from .data import Sample
-from .targets import three_class_target
+from .targets import pad_instances, three_class_target
 
 __all__ = [
     "MIN_PIXELS",
@@ -381,26 +381,33 @@ class WormCropDataset(torch.utils.data.Dataset):
 
 
 def collate_crops(batch: Sequence[dict[str, torch.Tensor]]) -> dict:
-    """Stack the images and targets of :class:`WormCropDataset` items; keep instances as a list.
+    """Stack the images, targets and (padded) instance masks of :class:`WormCropDataset` items.
+
+    The crops hold different numbers of worms; their masks are padded with empty masks to the
+    largest count (:func:`companion.targets.pad_instances`), the form in which the training
+    objective takes a whole batch at once.
 
     Returns
     -------
     dict
-        ``image`` ``(B, C, h, w)`` float, ``target`` ``(B, h, w)`` int64, ``instances`` list of
-        ``B`` bool tensors ``(K_b, h, w)`` (the number of worms differs between crops).
+        ``image`` ``(B, C, h, w)`` float, ``target`` ``(B, h, w)`` int64, ``instances``
+        ``(B, K, h, w)`` bool (crop ``b``'s ``K_b`` masks first, then empty ones) and ``valid``
+        ``(B, K)`` bool (``valid[b, k]``: mask ``k`` of crop ``b`` is a worm).
 
     Examples
     --------
     >>> from companion.synthetic import make_dataset
     >>> ds = WormCropDataset(make_dataset(2, shape=(64, 64)), crop_size=32)
     >>> batch = collate_crops([ds[0], ds[1]])
-    >>> batch["image"].shape, len(batch["instances"])
-    (torch.Size([2, 2, 32, 32]), 2)
+    >>> batch["image"].shape, batch["instances"].shape[0], batch["valid"].shape[0]
+    (torch.Size([2, 2, 32, 32]), 2, 2)
     """
     if len(batch) == 0:
         raise ValueError("cannot collate an empty batch")
+    instances, valid = pad_instances([item["instances"] for item in batch])
     return {
         "image": torch.stack([item["image"] for item in batch]),
         "target": torch.stack([item["target"] for item in batch]),
-        "instances": [item["instances"] for item in batch],
+        "instances": instances,
+        "valid": valid,
     }

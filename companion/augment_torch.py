@@ -15,8 +15,10 @@ coordinate map over the output crop:
 * the masks travel bit-packed, 24 per float32 channel (integers below ``2**24`` are exact in
   float32 and nearest-neighbour sampling copies values), so they stay exactly binary;
 * instances with fewer than :data:`~companion.augment.MIN_PIXELS` pixels left in the crop are
-  dropped and the 3-class target is recomputed from the kept instances (the classes of
-  :func:`companion.targets.three_class_target`, counted in batches), as in the scipy path.
+  dropped (their masks emptied, marked not ``valid``) and the 3-class target is recomputed from
+  the kept instances (the classes of :func:`companion.targets.three_class_target`, counted in
+  batches), as in the scipy path. The masks leave as one padded ``(B, K_max, h, w)`` stack,
+  the form the training objective takes, with no host synchronisation.
 
 The images are zero-padded to power-of-two sizes on the device: the normalisation of pixel
 positions to grid_sample's ``[-1, 1]`` and back is then exact, so integer source positions
@@ -34,8 +36,8 @@ Examples
 >>> from companion.synthetic import make_dataset
 >>> source = DeviceCropSource(make_dataset(2, shape=(64, 64)), crop_size=32)
 >>> batch = source.crops([0, 1, 0], torch.Generator().manual_seed(0))
->>> batch["image"].shape, batch["target"].shape, len(batch["instances"])
-(torch.Size([3, 2, 32, 32]), torch.Size([3, 32, 32]), 3)
+>>> batch["image"].shape, batch["target"].shape, batch["instances"].shape[:1]
+(torch.Size([3, 2, 32, 32]), torch.Size([3, 32, 32]), torch.Size([3]))
 """
 
 from __future__ import annotations
@@ -90,9 +92,15 @@ def _power_of_two(n: int) -> int:
 
 
 @lru_cache(maxsize=16)
-def _basis(n_out: int, n_ctrl: int) -> torch.Tensor:
-    """The scipy path's spline basis (``(n_out, n_ctrl)``, float32, CPU)."""
-    return torch.from_numpy(np.ascontiguousarray(_spline_basis(n_out, n_ctrl), dtype=np.float32))
+def _basis(n_out: int, n_ctrl: int, device: torch.device) -> torch.Tensor:
+    """The scipy path's spline basis (``(n_out, n_ctrl)``, float32), kept on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(_spline_basis(n_out, n_ctrl), dtype=np.float32)).to(device)
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device`` without waiting for the device's queue (a blocking copy
+    to CUDA synchronises the stream; the source is not reused, so an asynchronous one is safe)."""
+    return values.to(device, non_blocking=True)
 
 
 def _n_control(n: int, spacing: float) -> int:
@@ -116,18 +124,22 @@ def _pack_words(masks: torch.Tensor, n_words: int) -> torch.Tensor:
     return words.to(torch.float32)
 
 
-def _class_targets(masks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """:func:`companion.targets.three_class_target` of the kept masks of every crop, batched.
+def _class_targets(masks: torch.Tensor) -> torch.Tensor:
+    """:func:`companion.targets.three_class_target` of every crop's masks, batched.
 
-    ``masks (B, K, h, w)`` bool, ``keep (B, K)`` bool -> ``(B, h, w)`` int64. Counts in uint8,
-    one mask at a time (the per-crop int64 sum of ``three_class_target`` costs 8 bytes per mask
-    pixel; equal results are checked in the tests).
+    ``masks (B, K, h, w)`` bool -> ``(B, h, w)`` int64. Counts in uint8 (one byte per mask
+    pixel, where a sum of bools would make an int64 copy of the stack), clamped at ``OVERLAP``.
     """
-    count = torch.zeros((masks.shape[0],) + tuple(masks.shape[2:]), dtype=torch.uint8, device=masks.device)
-    for k in range(masks.shape[1]):
-        count += masks[:, k] & keep[:, k, None, None]
-        count.clamp_(max=OVERLAP)
-    return count.to(torch.int64)
+    count = masks.to(torch.uint8).sum(dim=1, dtype=torch.uint8)
+    return count.clamp_(max=OVERLAP).to(torch.int64)
+
+
+def _unpack_words(words: torch.Tensor, k_max: int) -> torch.Tensor:
+    """``(B, n_words, h, w)`` int32 mask words -> ``(B, k_max, h, w)`` bool, all bits at once."""
+    bits = torch.arange(k_max, device=words.device)
+    planes = words.index_select(1, bits // BITS_PER_WORD)  # (B, k_max, h, w): mask k's word
+    shifts = (bits % BITS_PER_WORD).to(torch.int32).view(1, -1, 1, 1)
+    return (planes >> shifts) & 1 != 0
 
 
 class DeviceCropSource:
@@ -250,7 +262,7 @@ class DeviceCropSource:
         dev, f32 = self.device, torch.float32
 
         def col(values: torch.Tensor) -> torch.Tensor:  # (B,) float64 -> (B, 1, 1) float32 on the device
-            return values.to(dtype=f32).to(dev).view(-1, 1, 1)
+            return _to_device(values.to(dtype=f32), dev).view(-1, 1, 1)
 
         u = (torch.arange(h, dtype=f32, device=dev) - (h - 1) / 2).view(1, h, 1) * col(params.flip_y)
         v = (torch.arange(w, dtype=f32, device=dev) - (w - 1) / 2).view(1, 1, w) * col(params.flip_x)
@@ -259,9 +271,9 @@ class DeviceCropSource:
             ny, nx = params.control.shape[2:]
             displacement = torch.einsum(
                 "hi,bcij,wj->bchw",
-                _basis(h, ny).to(dev),
-                params.control.to(dtype=f32).to(dev),
-                _basis(w, nx).to(dev),
+                _basis(h, ny, dev),
+                _to_device(params.control.to(dtype=f32), dev),
+                _basis(w, nx, dev),
             )
             u, v = u + displacement[:, 0], v + displacement[:, 1]
         cos, sin = col(torch.cos(params.angle)), col(torch.sin(params.angle))
@@ -273,7 +285,7 @@ class DeviceCropSource:
         height, width = self.padded
         # exact for power-of-two sizes: grid_sample maps g back to ((g + 1) * size - 1) / 2
         grid = torch.stack([(2 * x + 1) / width - 1, (2 * y + 1) / height - 1], dim=-1)
-        index = params.sample.to(self.device)
+        index = _to_device(params.sample, self.device)
         image = F.grid_sample(
             self.images.index_select(0, index),
             grid,
@@ -284,10 +296,7 @@ class DeviceCropSource:
         words = F.grid_sample(
             self.words.index_select(0, index), grid, mode="nearest", padding_mode="zeros", align_corners=False
         ).to(torch.int32)
-        masks = torch.empty((len(grid), self.k_max) + self.crop, dtype=torch.bool, device=self.device)
-        for k in range(self.k_max):
-            masks[:, k] = (words[:, k // BITS_PER_WORD] >> (k % BITS_PER_WORD)) & 1 != 0
-        return image, masks
+        return image, _unpack_words(words, self.k_max)
 
     def crops(
         self,
@@ -301,22 +310,22 @@ class DeviceCropSource:
         Returns
         -------
         dict
-            As :func:`companion.augment.collate_crops`, on the device: ``image (B, C, h, w)``
-            float32, ``target (B, h, w)`` int64 and ``instances``, a list of ``B`` bool
-            tensors ``(K_b, h, w)`` (the instances with at least ``min_pixels`` pixels).
+            As :func:`companion.augment.collate_crops`, on the device, with ``K = k_max`` (the
+            largest mask count of the source): ``image (B, C, h, w)`` float32, ``target
+            (B, h, w)`` int64, ``instances (B, K, h, w)`` bool and ``valid (B, K)`` bool. The
+            masks of instances with fewer than ``min_pixels`` pixels in their crop, and of
+            padding, are empty and not valid. Nothing waits for the device.
         """
         params = self.draw(samples, generator) if params is None else params
         image, masks = self.warp(params)
-        counts = torch.count_nonzero(masks.flatten(2), dim=2)  # (B, K_max)
+        counts = masks.flatten(2).sum(dim=2, dtype=torch.int32)  # (B, K_max)
         own = (
             torch.arange(self.k_max, device=self.device)[None]
-            < self._counts[params.sample.to(self.device)][:, None]
+            < self._counts[_to_device(params.sample, self.device)][:, None]
         )
-        kept = (counts >= self.min_pixels) & own
-        target = _class_targets(masks, kept)
-        keep = kept.cpu()  # one host sync per batch
-        instances = [m[k.to(self.device)] for m, k in zip(masks, keep)]
-        return {"image": image, "target": target, "instances": instances}
+        valid = (counts >= self.min_pixels) & own
+        masks &= valid[:, :, None, None]
+        return {"image": image, "target": _class_targets(masks), "instances": masks, "valid": valid}
 
 
 def augment_batch(
@@ -350,7 +359,9 @@ def augment_batch(
     Returns
     -------
     dict
-        ``image (B, C, h, w)``, ``target (B, h, w)``, ``instances`` list of ``(K'_b, h, w)``.
+        As :meth:`DeviceCropSource.crops`: ``image (B, C, h, w)``, ``target (B, h, w)``,
+        ``instances (B, K, h, w)`` (``K = max(K_b)``, dropped and padding masks empty) and
+        ``valid (B, K)``.
 
     Examples
     --------

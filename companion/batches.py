@@ -144,5 +144,6 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
     return dict(
         image=image,
         target=batch["target"].to(device, non_blocking=True),
-        instances=[m.to(device, non_blocking=True) for m in batch["instances"]],
+        instances=batch["instances"].to(device, non_blocking=True),
+        valid=batch["valid"].to(device, non_blocking=True),
     )

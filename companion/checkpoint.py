@@ -268,13 +268,32 @@ def read_exported(path: str | os.PathLike, *, map_location: str | torch.device =
     return state, kwargs
 
 
+#: Where the package's shipped models live (:mod:`companion.pretrained`).
+SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def shipped_model_file(name: str | os.PathLike) -> Path | None:
+    """The shipped model file of a name such as ``"baseline"`` when no file of that name
+    exists, else ``None``.
+
+    >>> shipped_model_file("baseline").name, shipped_model_file("no-such-model")
+    ('baseline.pt', None)
+    """
+    if isinstance(name, str) and not Path(name).exists() and "/" not in name and not name.endswith(".pt"):
+        candidate = SHIPPED_DIR / f"{name}.pt"
+        return candidate if candidate.is_file() else None
+    return None
+
+
 def init_source(path: str | os.PathLike) -> tuple[dict, dict]:
     """``(state_dict, model_kwargs)`` of a training checkpoint or of an exported model file.
 
     An exported ``.pt`` (e.g. ``companion/pretrained/baseline.pt``, float16) lets a fresh
     machine continue from the committed weights with ``--init-from``; its weights come back
-    as float32.
+    as float32. The name of a shipped model (``"baseline"``, ``"concrete"``) stands for its
+    file.
     """
+    path = shipped_model_file(path) or path
     try:
         ckpt = read_checkpoint(path, map_location="cpu")
         return ckpt["model"], ckpt["model_kwargs"]
@@ -386,6 +405,8 @@ def check_resumable(ckpt: dict, config: TrainConfig, path: Path) -> None:
             "amp",
             "channels_last",
             "cpu_bf16",
+            "compile",
+            "time_budget",
         )
         and getattr(saved, f.name) != getattr(config, f.name)
     ]

@@ -66,8 +66,9 @@ class TrainConfig:
     amp : bool
         Mixed precision on CUDA (ignored on the CPU).
     channels_last : bool
-        Channels-last memory format on CUDA (faster convolutions with tensor cores), and on the
-        CPU together with ``cpu_bf16``.
+        Channels-last memory format for the network and its input batches: faster convolutions
+        on CUDA (tensor cores) and on the CPU (oneDNN's NHWC kernels; the ``cpu`` preset's step
+        1.2x faster in float32 on one thread, ``benchmarks/bench_training.py``).
     overlap_weight : float
         Weight of the overlap class in the cross-entropy (1: the paper). Overlap pixels are rare,
         and a model trained with weight 1 on a short budget may predict none, so that the overlap
@@ -78,7 +79,7 @@ class TrainConfig:
         Adam a logit moves at most about ``lr`` per step, so within a short budget the rates
         hardly move from their initial value without it.
     cpu_bf16 : bool
-        bf16 autocast + channels-last on the CPU (the objective stays float32). Off by default:
+        bf16 autocast on the CPU (the objective stays float32). Off by default:
         it pays only on CPUs with native bf16 (AVX512-BF16 / AMX), where it halves the time of a
         step; elsewhere bf16 is emulated and much slower (``results/TRAINING.md``).
     gpu_augment : bool or None
@@ -86,6 +87,16 @@ class TrainConfig:
         (:class:`companion.augment_torch.DeviceCropSource`, the same transforms in torch) instead
         of in DataLoader workers with scipy. ``None``: on when the device is CUDA, where the
         workers cannot keep up with the GPU; the scipy path stays the default on the CPU.
+    compile : bool
+        Wrap the forward pass and the objective of each step in :func:`torch.compile`
+        (:func:`companion.step.compiled_objective`). Off by default: the first steps pay for the
+        compilation, and on a 2-core CPU the compiled step was not faster
+        (``benchmarks/bench_training.py``).
+    time_budget : float or None
+        Minutes of wall-clock time for the run (:mod:`companion.budget`): the first iterations
+        are timed, ``iterations`` is lowered to what fits (it is an upper bound then), so that
+        the warm-up and cosine schedule end at the budget, and the run stops in time to write
+        its last checkpoint whatever happens. ``None``: run ``iterations``.
     init_from : str or None
         Start from the network weights of another run's checkpoint, or of an exported model
         file (``companion/pretrained/<name>.pt``), instead of a random initialisation (not in
@@ -154,6 +165,8 @@ class TrainConfig:
     dropout_lr_scale: float = 1.0
     overlap_weight: float = 1.0
     gpu_augment: bool | None = None
+    compile: bool = False
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -209,6 +222,16 @@ class TrainConfig:
             raise ValueError(f"init_dropout_rate must lie in (0, 1), got {self.init_dropout_rate}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.time_budget is not None and not (
+            isinstance(self.time_budget, (int, float))
+            and not isinstance(self.time_budget, bool)
+            and self.time_budget > 0
+        ):
+            raise ValueError(
+                f"time_budget must be a positive number of minutes or None, got {self.time_budget!r}"
+            )
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if self.gpu_augment not in (None, True, False):
             raise ValueError(
                 f"gpu_augment must be True, False or None (on with CUDA), got {self.gpu_augment!r}"

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._device import module_device
-from .dropout import ConcreteDropout2d, DropoutLayer
+from .dropout import ConcreteDropout2d, DropoutLayer, squared_norms
 
 __all__ = ["UNetOutput", "UNet", "weight_decay_penalty"]
 
@@ -256,8 +256,8 @@ def weight_decay_penalty(model: nn.Module) -> torch.Tensor:
     16.0
     """
     kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-    squares = [m.weight.pow(2).sum() for m in model.modules() if isinstance(m, kinds)]
-    if not squares:
+    weights = [m.weight for m in model.modules() if isinstance(m, kinds)]
+    if not weights:
         device = module_device(model)
         return torch.zeros((), device=device)
-    return torch.stack(squares).sum()
+    return squared_norms(weights).sum()  # all layers at once

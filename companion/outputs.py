@@ -86,15 +86,17 @@ class WellOutputs(NamedTuple):
     draws: tuple
 
 
-def compact_pass(embedding: np.ndarray, logits: np.ndarray) -> CompactPass:
+def compact_pass(embedding: np.ndarray | torch.Tensor, logits: np.ndarray | torch.Tensor) -> CompactPass:
     """Keep what post-processing needs of one pass: the class map and the foreground pixels.
 
     Parameters
     ----------
-    embedding : np.ndarray
+    embedding : np.ndarray or torch.Tensor
         ``(E, H, W)`` pixel embeddings.
-    logits : np.ndarray
-        ``(3, H, W)`` class logits.
+    logits : np.ndarray or torch.Tensor
+        ``(3, H, W)`` class logits. Tensors (e.g. on a GPU, from ``as_tensors=True`` of
+        :mod:`companion.sampling`) are reduced where they are: only the class map and the
+        non-background pixels are copied to the host. The result is the same either way.
 
     Examples
     --------
@@ -103,12 +105,23 @@ def compact_pass(embedding: np.ndarray, logits: np.ndarray) -> CompactPass:
     >>> c.classes.tolist(), c.embedding.shape, c.embedding.dtype
     ([[1, 0], [0, 0]], (1, 4), dtype('float16'))
     """
-    embedding, logits = np.asarray(embedding), np.asarray(logits, dtype=np.float32)
-    if embedding.ndim != 3 or logits.shape != (3,) + embedding.shape[1:]:
+    if embedding.ndim != 3 or tuple(logits.shape) != (3,) + tuple(embedding.shape[1:]):
         raise ValueError(
             f"expected embedding (E, H, W) and logits (3, H, W) of one size, got "
-            f"embedding {embedding.shape} and logits {logits.shape}"
+            f"embedding {tuple(embedding.shape)} and logits {tuple(logits.shape)}"
         )
+    if isinstance(logits, torch.Tensor):
+        classes = logits.argmax(dim=0)
+        mask = classes != 0
+        kept_logits = logits[:, mask].float().cpu().numpy()[:, :, None]  # (3, N, 1)
+        kept_embedding = torch.as_tensor(embedding)[:, mask].cpu().numpy()  # (E, N)
+        foreground_prob = worm_probability(kept_logits)[:, 0]
+        return CompactPass(
+            classes.to(torch.uint8).cpu().numpy(),
+            kept_embedding.T.astype(np.float16),
+            foreground_prob.astype(np.float16),
+        )
+    embedding, logits = np.asarray(embedding), np.asarray(logits, dtype=np.float32)
     classes = np.argmax(logits, axis=0).astype(np.uint8)
     foreground_prob = worm_probability(logits)
     mask = classes != 0
@@ -222,21 +235,24 @@ def well_outputs(
     device: str | torch.device | None = None,
     flips: bool = False,
 ) -> WellOutputs:
-    """Deterministic pass plus ``draws`` Monte-Carlo passes of one image, compacted.
+    """Deterministic pass plus ``draws`` Monte-Carlo passes of one image, compacted on the
+    model's device (:func:`compact_pass`), so that a GPU sends only class maps and foreground
+    pixels to the host.
 
     ``flips``: test-time augmentation with the four flips (see :mod:`companion.sampling`; not in
     the paper). For a model without Concrete Dropout the draws are its flipped passes with
     ``flips`` and none without (:func:`n_draws`).
     """
     count = n_draws(model, draws, flips)
+    on_device = dict(device=device, as_tensors=True)  # compacted there: only foreground is copied
     if count and not has_concrete_dropout(model):  # the draws are the views the flips average
-        views = flip_passes(model, image, device=device)
+        views = flip_passes(model, image, **on_device)
         det, mc = flip_averaged(views), MCDraws(views.embeddings[:count], views.logits[:count])
     else:
-        det = predict(model, image, device=device, flips=flips)
+        det = predict(model, image, flips=flips, **on_device)
         mc = MCDraws(det.embeddings[:0], det.logits[:0])  # none
         if count:
-            mc = mc_predict(model, image, n_draws=count, batch=batch, device=device, seed=seed, flips=flips)
+            mc = mc_predict(model, image, n_draws=count, batch=batch, seed=seed, flips=flips, **on_device)
     deterministic = compact_pass(det.embeddings[0], det.logits[0])
     return WellOutputs(deterministic, tuple(compact_pass(e, lg) for e, lg in zip(mc.embeddings, mc.logits)))
 

@@ -40,6 +40,7 @@ from .postprocess import segment
 __all__ = [
     "MCDraws",
     "FLIPS",
+    "inference_dtype",
     "predict",
     "flip_passes",
     "flip_averaged",
@@ -54,13 +55,14 @@ FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 
 
 class MCDraws(NamedTuple):
-    """Network outputs of ``n`` forward passes on one image (numpy, float32, on the CPU).
+    """Network outputs of ``n`` forward passes on one image: float32 numpy arrays on the CPU, or
+    float32 tensors on the model's device (``as_tensors=True``).
 
     Attributes
     ----------
-    embeddings : np.ndarray
+    embeddings : np.ndarray or torch.Tensor
         ``(n, E, H, W)`` pixel embeddings.
-    logits : np.ndarray
+    logits : np.ndarray or torch.Tensor
         ``(n, 3, H, W)`` background / foreground / overlap logits.
     """
 
@@ -127,15 +129,40 @@ def _inference_state(model: nn.Module, sampling: bool) -> Iterator[None]:
         model.train(was_training)
 
 
-def _forward_cropped(model: nn.Module, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """One padded forward pass of a ``(B, C, H, W)`` batch, outputs cropped back, as numpy."""
+def inference_dtype(device: torch.device, amp: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype of inference on ``device`` (None: float32).
+
+    ``amp=None``: bf16 on a CUDA GPU that has it natively, float16 on an older one, float32 on
+    the CPU (where the committed results were computed); ``True``: the same on CUDA and bf16 on
+    the CPU; ``False``: float32 everywhere.
+
+    >>> inference_dtype(torch.device("cpu")), inference_dtype(torch.device("cpu"), amp=True)
+    (None, torch.bfloat16)
+    """
+    if amp is False or (amp is None and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        return torch.bfloat16
+    try:
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the keyword
+        bf16 = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float16
+
+
+def _forward_cropped(
+    model: nn.Module, batch: torch.Tensor, amp_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One padded forward pass of a ``(B, C, H, W)`` batch, outputs cropped back, float32 on the
+    device, checked to be finite there (one host synchronisation)."""
     padded, (rows, cols) = pad_to_multiple(batch, getattr(model, "divisor", 16))
     # channels-last input makes the convolutions pick the NHWC kernels: 1.9x faster on a
     # 2-core CPU for the paper's U-Net at 528 x 704 (same outputs to float32 rounding).
-    output = model(padded.contiguous(memory_format=torch.channels_last))
-    embedding = output.embedding[..., rows, cols].float().cpu().numpy()
-    logits = output.logits[..., rows, cols].float().cpu().numpy()
-    if not (np.isfinite(embedding).all() and np.isfinite(logits).all()):
+    with torch.autocast(padded.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        output = model(padded.contiguous(memory_format=torch.channels_last))
+    embedding = output.embedding[..., rows, cols].float()
+    logits = output.logits[..., rows, cols].float()
+    if not bool(torch.isfinite(embedding).all() & torch.isfinite(logits).all()):
         # caught here: downstream, the argmax of NaN logits reads as background and the run
         # would end with empty segmentations and a table of zeros instead of an error
         raise ValueError(
@@ -149,15 +176,18 @@ def _flipped(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
     return torch.flip(x, axes) if axes else x
 
 
-def _flip_back(array: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    return np.ascontiguousarray(np.flip(array, axes)) if axes else array
+def _mean_class_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """log of the mean softmax of ``(n, 3, H, W)`` logits: ``(1, 3, H, W)`` logits whose softmax
+    is the average class probability (float32)."""
+    log_p = torch.log_softmax(logits, dim=1)
+    return torch.logsumexp(log_p, dim=0, keepdim=True) - float(np.log(len(logits)))
 
 
-def _mean_class_log_probabilities(logits: list[np.ndarray]) -> np.ndarray:
-    """log of the mean softmax of several ``(..., 3, H, W)`` logits: logits whose softmax is the
-    average class probability (float32)."""
-    log_p = torch.log_softmax(torch.from_numpy(np.stack(logits)), dim=-3)
-    return (torch.logsumexp(log_p, dim=0) - np.log(len(logits))).numpy().astype(np.float32)
+def _finish(draws: MCDraws, as_tensors: bool) -> MCDraws:
+    """The outputs as device tensors, or moved to the host as numpy."""
+    if as_tensors:
+        return draws
+    return MCDraws(*(np.ascontiguousarray(t.cpu().numpy()) for t in draws))
 
 
 def predict(
@@ -166,6 +196,8 @@ def predict(
     *,
     device: str | torch.device | None = None,
     flips: bool = False,
+    amp: bool | None = None,
+    as_tensors: bool = False,
 ) -> MCDraws:
     """Deterministic prediction (evaluation mode, dropout sampling off) for one image.
 
@@ -181,6 +213,11 @@ def predict(
         Test-time augmentation (not in the paper): the class logits become the log of the
         class probabilities averaged over the four :data:`FLIPS` (four passes); the embedding
         stays that of the unflipped image, whose values the clustering compares.
+    amp : bool, optional
+        Mixed precision, see :func:`inference_dtype` (default: on a GPU, not on the CPU).
+    as_tensors : bool
+        Return float32 tensors on the device instead of numpy arrays (nothing is copied to
+        the host).
 
     Returns
     -------
@@ -196,18 +233,26 @@ def predict(
     ((1, 16, 30, 41), (1, 3, 30, 41))
     """
     if flips:
-        return flip_averaged(flip_passes(model, image, device=device))
+        views = flip_passes(model, image, device=device, amp=amp, as_tensors=True)
+        return _finish(flip_averaged(views), as_tensors)
     device = resolve_device(device) if device is not None else module_device(model)
     x = _as_image_tensor(image).to(device)[None]
     with _inference_state(model, sampling=False), torch.inference_mode():
-        embedding, logits = _forward_cropped(model, x)
-    return MCDraws(embedding, logits)
+        embedding, logits = _forward_cropped(model, x, inference_dtype(device, amp))
+    return _finish(MCDraws(embedding, logits), as_tensors)
 
 
 def flip_passes(
-    model: nn.Module, image: np.ndarray | torch.Tensor, *, device: str | torch.device | None = None
+    model: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    as_tensors: bool = False,
 ) -> MCDraws:
     """The deterministic pass on each of the four :data:`FLIPS` views, outputs flipped back.
+
+    ``device``, ``amp`` and ``as_tensors`` as in :func:`predict`.
 
     Returns
     -------
@@ -230,21 +275,26 @@ def flip_passes(
     """
     device = resolve_device(device) if device is not None else module_device(model)
     x = _as_image_tensor(image).to(device)[None]
+    amp_dtype = inference_dtype(device, amp)
     embeddings, logits = [], []
     with _inference_state(model, sampling=False), torch.inference_mode():
         for axes in FLIPS:
-            embedding, logit = _forward_cropped(model, _flipped(x, axes))
-            embeddings.append(_flip_back(embedding[0], axes)), logits.append(_flip_back(logit[0], axes))
-    return MCDraws(np.stack(embeddings), np.stack(logits))
+            embedding, logit = _forward_cropped(model, _flipped(x, axes), amp_dtype)
+            embeddings.append(_flipped(embedding[0], axes)), logits.append(_flipped(logit[0], axes))
+        views = MCDraws(torch.stack(embeddings), torch.stack(logits))
+    return _finish(views, as_tensors)
 
 
 def flip_averaged(views: MCDraws) -> MCDraws:
     """The flip-augmented deterministic prediction (``n = 1``) from :func:`flip_passes`' views.
 
     The embedding of the unflipped view (embedding values are only comparable within one pass)
-    and, as logits, the log of the class probabilities averaged over the views.
+    and, as logits, the log of the class probabilities averaged over the views. Numpy views
+    give numpy arrays, tensors give tensors on their device.
     """
-    logits = _mean_class_log_probabilities([logit[None] for logit in views.logits])
+    if isinstance(views.logits, torch.Tensor):
+        return MCDraws(views.embeddings[:1], _mean_class_log_probabilities(views.logits))
+    logits = _mean_class_log_probabilities(torch.from_numpy(np.asarray(views.logits))).numpy()
     return MCDraws(views.embeddings[:1], logits)
 
 
@@ -257,6 +307,8 @@ def mc_predict(
     device: str | torch.device | None = None,
     seed: int | None = None,
     flips: bool = False,
+    amp: bool | None = None,
+    as_tensors: bool = False,
 ) -> MCDraws:
     """Monte-Carlo dropout predictions: ``n_draws`` stochastic forward passes of one image.
 
@@ -288,6 +340,9 @@ def mc_predict(
         Test-time augmentation (not in the paper): draw ``d`` runs on the image flipped by
         ``FLIPS[d % 4]`` and its outputs are flipped back, so the draws vary both the dropout
         masks and the view. No extra passes.
+    amp, as_tensors
+        As in :func:`predict`: mixed precision (default on a GPU) and device tensors instead
+        of numpy arrays.
 
     Returns
     -------
@@ -313,6 +368,7 @@ def mc_predict(
     if n_draws < 1 or batch < 1:
         raise ValueError(f"n_draws and batch must be >= 1, got n_draws={n_draws}, batch={batch}")
     x = _as_image_tensor(image).to(device)[None]
+    amp_dtype = inference_dtype(device, amp)
     rng_devices = [device] if device.type == "cuda" else []
     embeddings: list = [None] * n_draws
     logits: list = [None] * n_draws
@@ -327,10 +383,14 @@ def mc_predict(
             draws = range(start, min(start + batch, n_draws))
             for axes in dict.fromkeys(views[d % len(views)] for d in draws):  # one pass per view
                 mine = [d for d in draws if views[d % len(views)] == axes]
-                embedding, logit = _forward_cropped(model, _flipped(x, axes).expand(len(mine), *x.shape[1:]))
+                embedding, logit = _forward_cropped(
+                    model, _flipped(x, axes).expand(len(mine), *x.shape[1:]), amp_dtype
+                )
+                embedding, logit = _flipped(embedding, axes), _flipped(logit, axes)
                 for d, e, lg in zip(mine, embedding, logit):  # draw d keeps view FLIPS[d % 4]
-                    embeddings[d], logits[d] = _flip_back(e, axes), _flip_back(lg, axes)
-    return MCDraws(np.stack(embeddings), np.stack(logits))
+                    embeddings[d], logits[d] = e, lg
+        out = MCDraws(torch.stack(embeddings), torch.stack(logits))
+    return _finish(out, as_tensors)
 
 
 def segment_draws(draws: MCDraws, bandwidth: float, threshold: float, **segment_kwargs) -> list[np.ndarray]:

@@ -6,6 +6,8 @@ benchmarks call it directly to time or inspect a single step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -15,7 +17,15 @@ from .distributed import unwrap
 from .losses import ObjectiveTerms, training_objective
 from .model import UNet, UNetOutput
 
-__all__ = ["training_device", "autocast_dtype", "build_model", "make_optimizer", "train_step"]
+__all__ = [
+    "training_device",
+    "autocast_dtype",
+    "build_model",
+    "make_optimizer",
+    "step_objective",
+    "compiled_objective",
+    "train_step",
+]
 
 
 def training_device(config: TrainConfig) -> torch.device:
@@ -64,6 +74,50 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
     )
 
 
+def step_objective(
+    model: nn.Module,
+    batch: dict,
+    *,
+    n_train: int,
+    config: TrainConfig,
+    amp_dtype: torch.dtype | None = None,
+    disc_weight: float = 1.0,
+) -> ObjectiveTerms:
+    """The forward pass (under autocast when ``amp_dtype`` is given) and the objective, in float32.
+
+    The part of :func:`train_step` that :func:`compiled_objective` hands to
+    :func:`torch.compile`: no host synchronisation, no data-dependent shapes.
+    """
+    device_type = batch["image"].device.type
+    with torch.autocast(
+        device_type=device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    ):
+        output = model(batch["image"])
+    output = UNetOutput(output.embedding.float(), output.logits.float())
+    return training_objective(
+        unwrap(model),
+        output,
+        batch,
+        n_train=n_train,
+        weight_decay=config.weight_decay,
+        length_scale_sq=config.length_scale_sq,
+        zeta=config.zeta,
+        delta_d=config.delta_d,
+        overlap_weight=config.overlap_weight,
+        disc_weight=disc_weight,
+    )
+
+
+def compiled_objective(config: TrainConfig) -> Callable[..., ObjectiveTerms]:
+    """:func:`step_objective`, wrapped in :func:`torch.compile` when ``config.compile`` is on.
+
+    The first steps of a compiled run are slow (the compilation); a batch whose mask count
+    ``K`` changes (the scipy path pads each batch to its own largest count) is compiled once
+    more with a dynamic ``K``.
+    """
+    return torch.compile(step_objective) if config.compile else step_objective
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -74,12 +128,19 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     amp_dtype: torch.dtype | None = None,
     disc_weight: float = 1.0,
+    objective: Callable[..., ObjectiveTerms] = step_objective,
 ) -> ObjectiveTerms:
     """One optimiser step on one batch; returns the (detached) terms of the objective.
 
     ``model`` may be wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, which then
     averages the gradients over the ranks. The forward pass runs under autocast when
-    ``amp_dtype`` is given; the objective is always computed in float32.
+    ``amp_dtype`` is given; the objective is always computed in float32. Nothing here waits for
+    the device (the terms stay device tensors), except the float16 path's gradient scaler.
+
+    Parameters
+    ----------
+    objective : callable
+        :func:`step_objective`, or its compiled form from :func:`compiled_objective`.
 
     Examples
     --------
@@ -98,23 +159,8 @@ def train_step(
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    device_type = batch["image"].device.type
-    with torch.autocast(
-        device_type=device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-    ):
-        output = model(batch["image"])
-    output = UNetOutput(output.embedding.float(), output.logits.float())
-    terms = training_objective(
-        unwrap(model),
-        output,
-        batch,
-        n_train=n_train,
-        weight_decay=config.weight_decay,
-        length_scale_sq=config.length_scale_sq,
-        zeta=config.zeta,
-        delta_d=config.delta_d,
-        overlap_weight=config.overlap_weight,
-        disc_weight=disc_weight,
+    terms = objective(
+        model, batch, n_train=n_train, config=config, amp_dtype=amp_dtype, disc_weight=disc_weight
     )
     scaling = scaler is not None and scaler.is_enabled()
     (scaler.scale(terms.total) if scaling else terms.total).backward()

@@ -7,12 +7,22 @@ worms). The overlap class lets post-processing assign a pixel to several instanc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["BACKGROUND", "FOREGROUND", "OVERLAP", "CLASS_NAMES", "three_class_target", "worm_probability"]
+__all__ = [
+    "BACKGROUND",
+    "FOREGROUND",
+    "OVERLAP",
+    "CLASS_NAMES",
+    "three_class_target",
+    "worm_probability",
+    "pad_instances",
+]
+
 
 BACKGROUND, FOREGROUND, OVERLAP = 0, 1, 2
 CLASS_NAMES: tuple[str, str, str] = ("background", "foreground", "overlap")
@@ -74,3 +84,48 @@ def worm_probability(logits: np.ndarray) -> np.ndarray:
         logits = logits.astype(np.float64)
     shifted = np.exp(logits - logits.max(axis=-3, keepdims=True))
     return 1.0 - np.take(shifted, BACKGROUND, axis=-3) / shifted.sum(axis=-3)
+
+
+def pad_instances(
+    stacks: Sequence[torch.Tensor | np.ndarray], k_max: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(B, K, H, W)`` bool tensor from ``B`` mask stacks ``(K_b, H, W)``, and which are real.
+
+    Parameters
+    ----------
+    stacks : sequence of B tensors or arrays (K_b, H, W)
+        The instance masks of each crop (``K_b`` may be 0).
+    k_max : int, optional
+        ``K`` of the result (at least ``max(K_b)``); default ``max(K_b)``.
+
+    Returns
+    -------
+    instances : Tensor (B, K, H, W), bool
+        Stack ``b`` in ``instances[b, :K_b]``, the rest all False.
+    valid : Tensor (B, K), bool
+        ``valid[b, k]`` is ``k < K_b``.
+
+    Examples
+    --------
+    >>> masks, valid = pad_instances([torch.ones(2, 3, 3, dtype=torch.bool), torch.ones(0, 3, 3)])
+    >>> tuple(masks.shape), valid.tolist()
+    ((2, 2, 3, 3), [[True, True], [False, False]])
+    """
+    if len(stacks) == 0:
+        raise ValueError("cannot pad an empty sequence of instance stacks")
+    stacks = [torch.as_tensor(s) for s in stacks]
+    shape = tuple(stacks[0].shape[1:])
+    if any(s.ndim != 3 or tuple(s.shape[1:]) != shape for s in stacks):
+        raise ValueError(
+            f"instance stacks must be (K_b, H, W) with one H, W, got shapes {[tuple(s.shape) for s in stacks][:4]}"
+        )
+    counts = [len(s) for s in stacks]
+    k = max(counts) if k_max is None else int(k_max)
+    if k < max(counts):
+        raise ValueError(f"k_max={k_max} is smaller than the largest stack ({max(counts)} masks)")
+    device = stacks[0].device
+    instances = torch.zeros((len(stacks), k) + shape, dtype=torch.bool, device=device)
+    for b, stack in enumerate(stacks):
+        instances[b, : len(stack)] = stack.to(device) != 0
+    valid = torch.arange(k, device=device)[None] < torch.tensor(counts, device=device)[:, None]
+    return instances, valid

@@ -40,6 +40,7 @@ from torch import nn
 
 from ._io import atomic_write
 from .batches import make_loader, single_threaded_numpy_blas, to_device
+from .budget import TimeBudget
 from .checkpoint import (
     check_resumable,
     init_source,
@@ -52,7 +53,7 @@ from .config import TrainConfig, channel_statistics
 from .distributed import DistInfo, init_distributed, unwrap
 from .dropout import dropout_rates
 from .run_folder import TERM_NAMES, lock_run_folder, prepare_run_folder, trim_log
-from .step import autocast_dtype, build_model, make_optimizer, train_step, training_device
+from .step import autocast_dtype, build_model, compiled_objective, make_optimizer, train_step, training_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from companion.data import Sample
@@ -77,6 +78,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     on_checkpoint: Callable[[int, Path], None] | None = None,
+    started: float | None = None,
 ) -> Path:
     """Train a U-Net; returns the path of the final checkpoint ``out_dir/final.pt``.
 
@@ -103,6 +105,9 @@ def train(
     on_checkpoint : callable, optional
         Called as ``on_checkpoint(iteration, path)`` on rank 0 after each checkpoint (an
         exception it raises stops the run, which ``resume=True`` then continues).
+    started : float, optional
+        :func:`time.perf_counter` value from which ``config.time_budget`` counts (e.g. when a
+        command started, before it loaded the data); default: this call.
 
     Notes
     -----
@@ -125,6 +130,7 @@ def train(
     >>> final.name, [r["iteration"] for r in read_log(out)]
     ('final.pt', [2, 4])
     """
+    started = time.perf_counter() if started is None else started
     if len(data) == 0:
         raise ValueError("train() needs at least one training sample, got an empty sequence")
     if resume and overwrite:
@@ -147,7 +153,7 @@ def train(
         with lock_run_folder(out_dir) if dist_info.is_main else contextlib.nullcontext():
             if dist_info.is_main:
                 prepare_run_folder(out_dir, resume, overwrite)
-            return _train(config, data, out_dir, device, dist_info, resume, progress, on_checkpoint)
+            return _train(config, data, out_dir, device, dist_info, resume, progress, on_checkpoint, started)
     finally:
         if dist_info.initialized_here:
             import torch.distributed as dist
@@ -164,6 +170,7 @@ def _train(
     resume: bool,
     progress: bool,
     on_checkpoint: Callable[[int, Path], None] | None,
+    started: float,
 ) -> Path:
     from tqdm.auto import tqdm
 
@@ -178,7 +185,7 @@ def _train(
     model = build_model(config).to(device)
     if config.init_from is not None and not (resume and last_path.exists()):
         init_weights(model, config.init_from)
-    channels_last = config.channels_last and (device.type == "cuda" or config.cpu_bf16)
+    channels_last = config.channels_last  # NHWC convolutions: faster on GPUs and CPUs alike
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -188,7 +195,7 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     torch.manual_seed(_rank_seed(config.seed, dist_info.rank))
 
-    start = 0
+    start, sized = 0, False
     if resume and last_path.exists():
         # on the CPU: the random states must stay CPU tensors; load_state_dict moves the rest
         ckpt = read_checkpoint(last_path, map_location="cpu")
@@ -197,6 +204,9 @@ def _train(
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start = int(ckpt["iteration"])
+        if config.time_budget and ckpt["config"].get("time_budget"):  # sized when it started
+            config = TrainConfig.from_dict({**config.to_dict(), "iterations": ckpt["config"]["iterations"]})
+            sized = True
         per_rank = ckpt.get("rng_per_rank", [ckpt["rng"]])
         if len(per_rank) == dist_info.world_size:
             restore_rng(per_rank[dist_info.rank])
@@ -239,6 +249,10 @@ def _train(
         amp_dtype=amp_dtype,
         channels_last=channels_last,
         n_train=len(data),
+        objective=compiled_objective(config),
+        budget=TimeBudget(config.time_budget * 60, started=started, sizes=not sized)
+        if config.time_budget
+        else None,
         start=start,
         last_path=last_path,
         log_path=log_path,
@@ -287,6 +301,8 @@ class _RunState:
     amp_dtype: torch.dtype | None  # autocast dtype of the forward pass (None: float32)
     channels_last: bool  # batches moved to the device in channels-last memory format
     n_train: int  # training images (scales the Concrete Dropout regulariser)
+    objective: Callable  # step_objective, compiled when config.compile is on
+    budget: TimeBudget | None  # config.time_budget's clock (None: run config.iterations)
     start: int  # iterations already done (by the checkpoint resumed from)
     last_path: Path
     log_path: Path
@@ -307,6 +323,7 @@ def _loop(run: _RunState, loader: Iterable[dict], bar: Any) -> None:
     start, net, last_path = run.start, run.net, run.last_path
     window: list[torch.Tensor] = []
     window_start, window_time = start, time.perf_counter()
+    unchecked: list[torch.Tensor] = []  # losses of the iterations since the last finiteness check
     iteration = start
     for batch in loader:
         batch = to_device(batch, run.device, run.channels_last)
@@ -322,14 +339,22 @@ def _loop(run: _RunState, loader: Iterable[dict], bar: Any) -> None:
             scaler=run.scaler,
             amp_dtype=run.amp_dtype,
             disc_weight=0.0 if iteration < config.disc_warmup else 1.0,
+            objective=run.objective,
         )
         window.append(torch.stack([t.float() for t in terms]))
-        total = float(terms.total)
-        if not math.isfinite(total):  # stop before a poisoned step reaches a checkpoint
-            _stop_non_finite(f"the loss of iteration {iteration + 1} is {total}", optimizer, last_path)
+        unchecked.append(terms.total)  # read on the host only when logging or checkpointing
         iteration += 1
         bar.update(1)
-        if iteration % config.log_every == 0 or iteration == config.iterations:
+        stop = False
+        if run.budget is not None:
+            config, stop = _follow_budget(run, iteration, terms.total, bar)
+        last = iteration >= config.iterations or stop
+        logs = iteration % config.log_every == 0 or last
+        checkpoints = iteration % config.checkpoint_every == 0 or last
+        if logs or checkpoints:  # stop before a poisoned step reaches the log or a checkpoint
+            _check_finite_losses(unchecked, iteration - len(unchecked), optimizer, last_path)
+            unchecked = []
+        if logs:
             record = _log_record(
                 window,
                 iteration,
@@ -346,7 +371,7 @@ def _loop(run: _RunState, loader: Iterable[dict], bar: Any) -> None:
                 rates = record["dropout_rates"]
                 bar.set_postfix(loss=f"{record['total']:.4g}", p=f"{np.mean(rates):.3f}" if rates else "-")
             window, window_start, window_time = [], iteration, time.perf_counter()
-        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+        if checkpoints:
             if not all(torch.isfinite(p).all() for p in net.parameters()):
                 _stop_non_finite(
                     f"the weights after iteration {iteration} are not finite", optimizer, last_path
@@ -357,6 +382,54 @@ def _loop(run: _RunState, loader: Iterable[dict], bar: Any) -> None:
             if dist_info.is_main and config.snapshot_every and iteration % config.snapshot_every == 0:
                 snapshot = last_path.with_name(f"iter_{iteration:07d}.pt")
                 atomic_write(snapshot, lambda tmp: shutil.copyfile(last_path, tmp))
+        if last:  # the loader of a budgeted run holds more batches than the budget allows
+            break
+
+
+def _follow_budget(run: _RunState, iteration: int, loss: torch.Tensor, bar: Any) -> tuple[TrainConfig, bool]:
+    """Size the run once its rate is known; whether it must stop now to end within the budget.
+
+    Under ``torchrun`` rank 0 decides both (a broadcast each step).
+    """
+    budget, done = run.budget, iteration - run.start
+    if budget.probing(done):
+        float(loss)  # waits for the device: the host clock measures the device's rate
+    more = budget.sized_iterations(done)
+    stop = budget.expired()
+    if run.dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        decision = [more, stop]
+        dist.broadcast_object_list(decision, src=0)
+        more, stop = decision
+    if more is not None:
+        sized = min(run.config.iterations, iteration + more)
+        run.config = TrainConfig.from_dict({**run.config.to_dict(), "iterations": sized})
+        bar.total = sized
+        bar.refresh()
+        if run.dist_info.is_main:
+            bar.write(
+                f"time budget {run.config.time_budget:g} min: {budget.seconds_per_step:.3g} s per "
+                f"iteration, the schedule ends at iteration {sized}"
+            )
+    return run.config, stop
+
+
+def _check_finite_losses(
+    losses: list[torch.Tensor], first: int, optimizer: torch.optim.Optimizer, last_path: Path
+) -> None:
+    """Raise, naming the first non-finite one, if any of the losses of iterations ``first + 1 ..``
+    is NaN or infinite (one host synchronisation for all of them)."""
+    if not losses:
+        return
+    values = torch.stack([loss.float() for loss in losses])
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    index = int((~finite).int().argmax())
+    _stop_non_finite(
+        f"the loss of iteration {first + index + 1} is {float(values[index])}", optimizer, last_path
+    )
 
 
 def _stop_non_finite(what: str, optimizer: torch.optim.Optimizer, last_path: Path) -> None:

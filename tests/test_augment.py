@@ -246,13 +246,17 @@ def test_dataloader_workers_reproduce_direct_indexing():
 
 
 def test_collate_crops():
-    ds = WormCropDataset(make_dataset(2, shape=(48, 48)), crop_size=32)
+    ds = WormCropDataset(make_dataset(3, shape=(64, 64)), crop_size=32, length=6)
     items = [ds[0], ds[1]]
     batch = collate_crops(items)
     assert batch["image"].shape == (2, 2, 32, 32) and batch["target"].shape == (2, 32, 32)
-    assert isinstance(batch["instances"], list) and len(batch["instances"]) == 2
+    counts = [len(item["instances"]) for item in items]
+    assert counts[0] != counts[1]  # padding is exercised
+    assert batch["instances"].shape == (2, max(counts), 32, 32) and batch["instances"].dtype == torch.bool
+    assert batch["valid"].sum(dim=1).tolist() == counts
     for b, item in enumerate(items):
         torch.testing.assert_close(batch["image"][b], item["image"])
-        assert torch.equal(batch["instances"][b], item["instances"])
+        assert torch.equal(batch["instances"][b, : counts[b]], item["instances"])
+        assert not batch["instances"][b, counts[b] :].any()
     with pytest.raises(ValueError, match="empty"):
         collate_crops([])

@@ -89,11 +89,28 @@ def test_masks_stay_binary_and_the_target_is_recomputed_from_kept_instances():
     data = make_dataset(3, seed=1, shape=(96, 96))
     source = DeviceCropSource(data, crop_size=48)
     batch = source.crops([0, 1, 2, 0, 1, 2], torch.Generator().manual_seed(0))
-    for target, masks in zip(batch["target"], batch["instances"]):
+    assert batch["instances"].shape == (6, source.k_max, 48, 48) and batch["valid"].shape == (6, source.k_max)
+    dropped = 0
+    for target, masks, valid in zip(batch["target"], batch["instances"], batch["valid"]):
         assert masks.dtype == torch.bool
-        assert (masks.flatten(1).sum(1) >= MIN_PIXELS).all()
-        assert torch.equal(target, three_class_target(masks))
+        assert (masks[valid].flatten(1).sum(1) >= MIN_PIXELS).all()
+        assert not masks[~valid].any()  # dropped instances and padding are empty
+        assert torch.equal(target, three_class_target(masks[valid]))
+        dropped += int((~valid).sum())
+    assert dropped > 0  # the batch has dropped or padded masks, so the checks above bite
     assert batch["target"].dtype == torch.int64 and set(batch["target"].unique().tolist()) <= {0, 1, 2}
+
+
+def test_all_mask_bits_unpack_at_once_as_one_at_a_time():
+    sample = make_sample(3, shape=(40, 40), n_worms=5)
+    many = np.concatenate([sample.instances] * 11)  # 55 masks: three words of 24 bits
+    source = DeviceCropSource(
+        [type(sample)(sample.well, sample.image, many)], crop_size=40, min_pixels=0, **OFF
+    )
+    assert source.n_words == 3
+    batch = source.crops([0], params=_params(1, cy=19.5, cx=19.5))
+    assert torch.equal(batch["instances"][0], torch.from_numpy(many))
+    assert batch["valid"].all()
 
 
 def test_image_and_masks_move_together():
@@ -115,7 +132,7 @@ def test_seeded_crops_are_reproducible_and_seeds_differ():
     again = source.crops([0, 1], torch.Generator().manual_seed(5))
     other = source.crops([0, 1], torch.Generator().manual_seed(6))
     assert torch.equal(first["image"], again["image"]) and torch.equal(first["target"], again["target"])
-    assert all(torch.equal(a, b) for a, b in zip(first["instances"], again["instances"]))
+    assert torch.equal(first["instances"], again["instances"]) and torch.equal(first["valid"], again["valid"])
     assert not torch.equal(first["image"], other["image"])
 
 
@@ -129,7 +146,7 @@ def test_worm_pixels_per_crop_match_the_scipy_path():
     loader = DeviceCropLoader(DeviceCropSource(data, crop_size=64), start=0, stop=n // 50, batch_size=50)
     batches = list(loader)
     torch_fraction = torch.cat([(b["target"] > 0).float().mean(dim=(1, 2)) for b in batches]).numpy()
-    torch_worms = np.array([len(m) for b in batches for m in b["instances"]])
+    torch_worms = torch.cat([b["valid"].sum(dim=1) for b in batches]).numpy()
     assert abs(torch_fraction.mean() - scipy_fraction.mean()) < 0.1 * scipy_fraction.mean()
     assert abs(torch_fraction.std() - scipy_fraction.std()) < 0.15 * scipy_fraction.std()
     assert stats.ks_2samp(scipy_fraction, torch_fraction).statistic < 0.12

@@ -67,6 +67,7 @@ def test_options_override_the_preset():
             "--no-augment",
             "--overlap-weight",
             "5",
+            "--compile",
         ]
     )
     expected = TrainConfig.preset(
@@ -79,6 +80,7 @@ def test_options_override_the_preset():
         amp=False,
         augment=False,
         overlap_weight=5.0,
+        compile=True,
     )
     assert config_from_args(args) == expected
     untouched = config_from_args(build_parser().parse_args(["train", "--preset", "colab", "--out", "x"]))

@@ -133,6 +133,18 @@ def test_compact_pass_segments_exactly_like_the_full_outputs(samples):
     )
 
 
+def test_compact_pass_of_tensors_equals_that_of_arrays():
+    rng = np.random.default_rng(3)
+    embedding = rng.normal(size=(5, 20, 30)).astype(np.float32)
+    logits = rng.normal(size=(3, 20, 30)).astype(np.float32)
+    logits[:, :2] = 0.0  # ties: the first class (background) wins either way
+    from_arrays = compact_pass(embedding, logits)
+    from_tensors = compact_pass(torch.from_numpy(embedding), torch.from_numpy(logits))
+    assert 0 < (from_arrays.classes != 0).mean() < 1
+    for a, b in zip(from_arrays, from_tensors):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
 def test_expand_pass_rejects_an_embedding_that_does_not_fit_the_class_map():
     bad = CompactPass(np.ones((2, 2), np.uint8), np.zeros((3, 4), np.float16), np.zeros(3, np.float16))
     with pytest.raises(ValueError, match="4 non-background pixels"):

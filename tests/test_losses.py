@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from looped_objective import looped_batched_loss, looped_concrete_regularizer, looped_weight_decay_penalty
 
 from companion.dropout import concrete_regularizer
 from companion.losses import (
@@ -19,7 +20,8 @@ from companion.losses import (
     instance_means,
     training_objective,
 )
-from companion.model import UNet
+from companion.model import UNet, weight_decay_penalty
+from companion.targets import pad_instances
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +220,121 @@ def test_batched_loss_is_mean_of_per_image_losses():
     np.testing.assert_allclose([t.item() for t in batched], np.mean(singles, axis=0), rtol=1e-10)
     with pytest.raises(ValueError, match="batch of 3"):
         batched_discriminative_loss(embeddings, stacks[:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# the batched loss against the looped one it replaced (tests/looped_objective.py)
+# ---------------------------------------------------------------------------------------------
+def _random_stacks(rng: np.random.Generator, counts, shape=(12, 15)) -> list[torch.Tensor]:
+    stacks = []
+    for k in counts:
+        masks = rng.random((k, *shape)) < 0.3
+        if k > 2:
+            masks[1] = False  # a worm that left the crop
+        stacks.append(torch.from_numpy(masks))
+    return stacks
+
+
+def _assert_same_loss(embeddings, stacks, rtol, **kwargs):
+    reference_input = embeddings.detach().clone().requires_grad_()
+    batched_input = embeddings.detach().clone().requires_grad_()
+    reference = looped_batched_loss(reference_input, stacks, **kwargs)
+    masks, valid = pad_instances(stacks)
+    batched = batched_discriminative_loss(batched_input, masks, valid, **kwargs)
+    torch.testing.assert_close(torch.stack(list(batched)), torch.stack(list(reference)), rtol=rtol, atol=rtol)
+    reference.total.backward()
+    batched.total.backward()
+    scale = reference_input.grad.abs().max()
+    torch.testing.assert_close(batched_input.grad / scale, reference_input.grad / scale, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("hinge", ["squared", "euclidean"])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_batched_loss_equals_the_looped_reference(hinge, dtype, rtol):
+    rng = np.random.default_rng(11)
+    stacks = _random_stacks(rng, counts=(4, 0, 1, 6, 3))  # no worm, one worm, a left worm
+    embeddings = torch.from_numpy(rng.normal(5.0, 3.0, size=(5, 8, 12, 15))).to(dtype)
+    _assert_same_loss(embeddings, stacks, rtol, hinge=hinge, delta_d=3.0, weights=(1.0, 0.5, 0.01))
+
+
+def test_batched_loss_equals_the_looped_reference_on_real_crops(bbbc010_root):
+    from companion.augment import WormCropDataset
+    from companion.data import FIT_WELLS, load_bbbc010
+
+    samples = load_bbbc010(bbbc010_root, FIT_WELLS[:4], skip_incomplete=True, progress=False)
+    dataset = WormCropDataset(samples, crop_size=256, length=6, seed=3)
+    stacks = [dataset[i]["instances"] for i in range(len(dataset))]
+    assert max(len(s) for s in stacks) > 3
+    torch.manual_seed(0)
+    embeddings = torch.randn(len(stacks), 16, 256, 256) * 2.0 + 4.0  # magnitudes of a trained net
+    _assert_same_loss(embeddings, stacks, 1e-4)
+
+
+def test_padded_masks_lists_and_validity_agree():
+    rng = np.random.default_rng(12)
+    stacks = _random_stacks(rng, counts=(3, 2))
+    embeddings = torch.from_numpy(rng.normal(size=(2, 4, 12, 15)))
+    masks, valid = pad_instances(stacks, k_max=5)
+    from_list = batched_discriminative_loss(embeddings, stacks)
+    from_padding = batched_discriminative_loss(embeddings, masks, valid)
+    torch.testing.assert_close(torch.stack(list(from_padding)), torch.stack(list(from_list)))
+    hidden = valid.clone()
+    hidden[0, 0] = False  # a real mask marked not valid counts as absent
+    without = batched_discriminative_loss(embeddings, masks, hidden)
+    expected = looped_batched_loss(embeddings, [stacks[0][1:], stacks[1]])
+    torch.testing.assert_close(torch.stack(list(without)), torch.stack(list(expected)))
+    with pytest.raises(ValueError, match="valid goes with a padded"):
+        batched_discriminative_loss(embeddings, stacks, valid)
+
+
+@pytest.mark.parametrize("dropout", [None, "concrete"])
+def test_regularisers_equal_their_per_layer_references(dropout):
+    torch.manual_seed(1)
+    net = UNet(base_filters=4, dropout=dropout, init_dropout_rate=0.2)
+    if dropout:
+        got, expected = (
+            concrete_regularizer(net, 7, 1e-3, 1e-2),
+            looped_concrete_regularizer(net, 7, 1e-3, 1e-2),
+        )
+    else:
+        got, expected = weight_decay_penalty(net), looped_weight_decay_penalty(net)
+    torch.testing.assert_close(got, expected)
+    got_grads = torch.autograd.grad(got, list(net.parameters()), allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, list(net.parameters()), allow_unused=True)
+    for a, b in zip(got_grads, expected_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+def _objective_operators(batch_size: int) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = np.random.default_rng(13)
+    stacks = _random_stacks(rng, counts=[3, 5, 0, 2] * (batch_size // 4), shape=(32, 32))
+    masks, valid = pad_instances(stacks)
+    net = UNet(base_filters=4, dropout="concrete")
+    output = net(torch.rand(batch_size, 2, 32, 32))
+    output = type(output)(*(t.detach().requires_grad_() for t in output))
+    target = torch.zeros(batch_size, 32, 32, dtype=torch.long)
+    batch = {"target": target, "instances": masks, "valid": valid}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        training_objective(net, output, batch, n_train=10).total.backward()
+    return [e.name for e in prof.events() if e.name.startswith("aten::")]
+
+
+def test_the_objective_runs_a_fixed_set_of_operators_without_host_synchronisation():
+    _objective_operators(4)  # the first call also builds the constants it keeps on the device
+    small, large = _objective_operators(4), _objective_operators(8)
+    assert len(small) == len(large)  # the work of a batch is not a loop over its crops or worms
+    syncing = {
+        "aten::nonzero",
+        "aten::item",
+        "aten::_local_scalar_dense",
+        "aten::is_nonzero",
+        "aten::masked_select",
+    }
+    assert not syncing & set(large)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,3 +197,29 @@ def test_flip_augmented_draws_are_seeded(net, image):
     plain = mc_predict(net, image, n_draws=4, seed=3)
     assert np.array_equal(first.logits[0], plain.logits[0])  # draw 0 is the unflipped view
     assert not np.allclose(first.logits[1], plain.logits[1])
+
+
+def test_outputs_can_stay_on_the_device_as_tensors_equal_to_the_numpy_ones(net, image):
+    as_numpy = mc_predict(net, image, n_draws=3, seed=2, flips=True)
+    as_tensors = mc_predict(net, image, n_draws=3, seed=2, flips=True, as_tensors=True)
+    assert isinstance(as_tensors.embeddings, torch.Tensor) and as_tensors.logits.device == torch.device("cpu")
+    assert np.array_equal(as_tensors.logits.numpy(), as_numpy.logits)
+    assert np.array_equal(as_tensors.embeddings.numpy(), as_numpy.embeddings)
+    flipped = predict(net, image, flips=True, as_tensors=True)
+    assert np.array_equal(flipped.logits.numpy(), predict(net, image, flips=True).logits)
+
+
+def test_mixed_precision_inference_is_close_to_float32(image):
+    from companion.sampling import inference_dtype
+
+    torch.manual_seed(0)
+    net = UNet(base_filters=4, depth=3, dropout="concrete")
+    exact = predict(net, image)
+    mixed = predict(net, image, amp=True)  # bf16 autocast on the CPU, outputs float32
+    assert mixed.embeddings.dtype == np.float32 and not np.array_equal(mixed.embeddings, exact.embeddings)
+    scale = np.abs(exact.embeddings).max()
+    assert np.abs(mixed.embeddings - exact.embeddings).max() < 0.05 * scale
+    agree = (mixed.logits.argmax(axis=1) == exact.logits.argmax(axis=1)).mean()
+    assert agree > 0.95
+    assert inference_dtype(torch.device("cpu")) is None  # float32 on the CPU unless asked
+    assert inference_dtype(torch.device("cpu"), amp=False) is None

@@ -566,7 +566,28 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(t
     assert "lr 1e+12" in str(err.value)
 
 
-def test_cpu_bf16_turns_on_autocast_and_channels_last_on_the_cpu(tmp_path):
+def test_the_loss_is_checked_when_logged_yet_the_first_non_finite_iteration_is_named(tmp_path, monkeypatch):
+    import companion.train as train_module
+    from companion.losses import ObjectiveTerms
+    from companion.synthetic import make_dataset
+
+    real_step, calls = train_module.train_step, []
+
+    def step_poisoned_at_7(*args, **kwargs):  # the loss of iteration 7 (and later) is NaN
+        terms = real_step(*args, **kwargs)
+        calls.append(1)
+        return terms if len(calls) < 7 else ObjectiveTerms(terms.total * float("nan"), *terms[1:])
+
+    monkeypatch.setattr(train_module, "train_step", step_poisoned_at_7)
+    cfg = TrainConfig.preset("quick", iterations=30, checkpoint_every=5, log_every=5)
+    with pytest.raises(FloatingPointError, match=r"the loss of iteration 7 is nan"):
+        train(cfg, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False)
+    assert len(calls) == 10  # read at the log of iteration 10, not after every step
+    assert read_checkpoint(tmp_path / "last.pt")["iteration"] == 5  # the last finite checkpoint
+    assert [r["iteration"] for r in read_log(tmp_path)] == [5]  # no record of a poisoned window
+
+
+def test_cpu_bf16_turns_on_autocast_on_the_cpu(tmp_path):
     from companion.step import autocast_dtype
 
     cpu = torch.device("cpu")
@@ -730,3 +751,97 @@ def test_overlap_weight_reaches_the_objective(tmp_path):
     assert losses[4.0] != losses[1.0]
     with pytest.raises(ValueError, match="overlap_weight"):
         TrainConfig(overlap_weight=0.0)
+
+
+def test_the_step_objective_traces_as_one_graph_and_compile_runs_in_train(tmp_path, monkeypatch):
+    import companion.step as step_module
+    from companion.augment import WormCropDataset, collate_crops
+    from companion.step import build_model, step_objective
+
+    config = TrainConfig.preset("quick", model="baseline")
+    torch.manual_seed(0)
+    model = build_model(config)
+    data = make_dataset(2, seed=0, shape=(96, 96))
+    dataset = WormCropDataset(data, crop_size=64, length=2)
+    batch = collate_crops([dataset[0], dataset[1]])
+    # fullgraph: a graph break (a data-dependent shape, a host read) would raise here
+    traced = torch.compile(step_objective, backend="eager", fullgraph=True)
+    expected = step_objective(model, batch, n_train=2, config=config)
+    got = traced(model, batch, n_train=2, config=config)
+    torch.testing.assert_close(torch.stack(list(got)), torch.stack(list(expected)))
+
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(fn, **kwargs):  # the eager backend: the same tracing, no C++ build
+        compiled.append(fn)
+        return real_compile(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(step_module.torch, "compile", eager_compile)
+    run = TrainConfig.preset("quick", iterations=4, checkpoint_every=2, compile=True)
+    final = train(run, data, tmp_path / "run", progress=False)
+    assert compiled == [step_objective] and read_checkpoint(final)["iteration"] == 4
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig.preset("quick", compile="yes")
+
+
+# --------------------------------------------------------------------------------------------
+# training to a wall-clock budget
+# --------------------------------------------------------------------------------------------
+def test_a_time_budget_sizes_the_schedule_to_end_within_it(tmp_path):
+    import time
+
+    budget_s = 12.0
+    config = TrainConfig.preset(
+        "quick",
+        iterations=100_000,
+        time_budget=budget_s / 60,
+        lr_schedule="cosine",
+        lr_warmup=10,
+        log_every=20,
+    )
+    started = time.perf_counter()
+    final = train(config, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False, started=started)
+    elapsed = time.perf_counter() - started
+    ckpt = read_checkpoint(final)
+    sized = TrainConfig.from_dict(ckpt["config"])
+    assert 0.6 * budget_s < elapsed <= budget_s + 1.0
+    assert 20 < sized.iterations < 100_000 and ckpt["iteration"] == sized.iterations  # completed
+    assert sized.lr_at(sized.iterations - 1) < 0.01 * sized.lr  # the cosine ran to its end
+
+
+def test_a_time_budget_stops_a_run_that_slows_down_with_a_checkpoint(tmp_path, monkeypatch):
+    import time
+
+    import companion.train as train_module
+
+    real_step, calls = train_module.train_step, []
+
+    def slower_and_slower(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 30:
+            time.sleep(0.2)  # after the rate was measured, each step takes far longer
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", slower_and_slower)
+    config = TrainConfig.preset("quick", iterations=100_000, time_budget=0.1, checkpoint_every=1_000)
+    started = time.perf_counter()
+    final = train(config, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False, started=started)
+    assert time.perf_counter() - started <= 6.0 + 0.5
+    ckpt = read_checkpoint(final)
+    assert ckpt["iteration"] == len(calls) < TrainConfig.from_dict(ckpt["config"]).iterations  # cut short
+    assert read_checkpoint(tmp_path / "last.pt")["iteration"] == len(calls)
+
+
+def test_init_from_takes_the_name_of_a_shipped_model(tmp_path):
+    from companion.checkpoint import init_source, shipped_model_file
+
+    if shipped_model_file("baseline") is None:
+        pytest.skip("the shipped models are not in this copy of the package")
+    weights, kwargs = init_source("baseline")
+    exported, _ = init_source(str(shipped_model_file("baseline")))
+    assert all(torch.equal(weights[k], exported[k]) for k in exported)
+    config = TrainConfig.preset("cpu", model="concrete", crop_size=64, iterations=1, checkpoint_every=1)
+    config = TrainConfig.from_dict({**config.to_dict(), **{"init_from": "baseline", "num_workers": 0}})
+    final = train(config, make_dataset(1, seed=0, shape=(96, 96)), tmp_path, progress=False)
+    assert read_checkpoint(final)["config"]["init_from"] == "baseline"  # the name, not a path

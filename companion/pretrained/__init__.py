@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .._io import file_sha256
-from ..checkpoint import EXPORTED_FORMAT, check_map_location, read_exported
+from ..checkpoint import EXPORTED_FORMAT, SHIPPED_DIR, check_map_location, read_exported
 from ..model import UNet
 
 __all__ = ["NAMES", "PRETRAINED_DIR", "FORMAT", "available", "provenance", "load"]
@@ -47,7 +47,7 @@ __all__ = ["NAMES", "PRETRAINED_DIR", "FORMAT", "available", "provenance", "load
 #: The models the package ships (when the lead has exported them).
 NAMES: tuple[str, ...] = ("concrete", "baseline")
 #: Where the shipped files live.
-PRETRAINED_DIR: Path = Path(__file__).resolve().parent
+PRETRAINED_DIR: Path = SHIPPED_DIR  # this folder
 #: Marker stored in every exported ``.pt``.
 FORMAT = EXPORTED_FORMAT  # written by export, read by load and by train(init_from=...)
 
