@@ -27,7 +27,10 @@ import math
 import time
 from collections.abc import Callable
 
-__all__ = ["TimeBudget"]
+__all__ = ["TimeBudget", "RESIZE_AT"]
+
+#: Fractions of the budget at which the run is sized again with the rate since the last sizing.
+RESIZE_AT: tuple[float, ...] = (0.5, 0.75, 0.9)
 
 
 class TimeBudget:
@@ -76,12 +79,15 @@ class TimeBudget:
         self._probe_done = 0
         self.seconds_per_step: float | None = None
         self._sizing = bool(sizes)
+        self._resizes = list(RESIZE_AT)
 
     def sized_iterations(self, done: int) -> int | None:
         """After the ``done``-th iteration of this process: how many further iterations fit the
-        budget, twice -- when the first rate has been measured, and again at half the budget
-        with the rate since then (a machine that slowed down or sped up) -- else ``None``.
+        budget when it sizes the run, else ``None``.
 
+        It sizes the run when the first rate has been measured, and again at
+        :data:`RESIZE_AT` of the budget with the rate since the last sizing (a machine that
+        slowed down or sped up; each time the cosine schedule stretches or shrinks a little).
         The caller synchronises with the device before each call while :meth:`probing` (a CUDA
         host clock runs ahead of the GPU otherwise).
         """
@@ -99,25 +105,23 @@ class TimeBudget:
                 and now + self.min_probe_s < self.deadline - self.reserve_s
             ):
                 return None  # very fast steps: time a longer window
-            self.seconds_per_step = (now - self._probe_start) / (done - self.warmup_steps)
-            self._probe_start, self._probe_done = now, done
-            return self._fitting(now)
-        if now < self.started + 0.5 * (self.deadline - self.started) or done == self._probe_done:
+        elif not self._resize_due(now) or done == self._probe_done:
             return None
-        self.seconds_per_step = (now - self._probe_start) / (done - self._probe_done)
-        self._sizing = False  # sized for the last time
-        return self._fitting(now)
-
-    def _fitting(self, now: float) -> int:
+        else:
+            self._resizes.pop(0)
+        self.seconds_per_step = (now - self._probe_start) / (done - (self._probe_done or self.warmup_steps))
+        self._probe_start, self._probe_done = now, done
+        self._sizing = bool(self._resizes)
         return max(0, math.floor((self.deadline - self.reserve_s - now) / self.seconds_per_step))
+
+    def _resize_due(self, now: float) -> bool:
+        return bool(self._resizes) and now >= self.started + self._resizes[0] * (self.deadline - self.started)
 
     def probing(self, done: int) -> bool:
         """Whether the next :meth:`sized_iterations` call may measure (sync before it)."""
         if not self._sizing or done < self.warmup_steps:
             return False
-        return self.seconds_per_step is None or self.clock() >= self.started + 0.5 * (
-            self.deadline - self.started
-        )
+        return self.seconds_per_step is None or self._resize_due(self.clock())
 
     def expired(self) -> bool:
         """Whether the run must stop now to write its last checkpoint within the budget."""

@@ -2,7 +2,8 @@
 
 :func:`results` reads a shipped model's committed evaluation (``results/<name>/results.json``),
 :func:`segmentation_settings` the bandwidth, threshold and point budget that evaluation used for
-a well, :func:`training_budget` says in one line how a model was trained, and
+a well, :func:`training_budget` says in one line how a model was trained, :func:`gpu_figures` what
+a GPU run measured (``results/gpu/``), and
 :func:`load_or_train` gives a chapter the shipped model or one trained on the spot
 (``BOOK_RETRAIN=1``).
 """
@@ -39,6 +40,8 @@ __all__ = [
     "results",
     "segmentation_settings",
     "training_budget",
+    "GPU_RUN",
+    "gpu_figures",
     "load_or_train",
     "LiveEvaluation",
     "live_evaluation",
@@ -206,6 +209,50 @@ def training_budget(name: str, directory: str | os.PathLike | None = None) -> st
         f"(batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}){start}, "
         f"{_hours(info.get('training_time_s'))} on {device}"
     )
+
+
+#: The GPU run whose measurements the chapters print (``results/gpu/<GPU_RUN>/summary.json``).
+GPU_RUN = "h200-2026-12-04"
+
+
+def gpu_figures(run: str = GPU_RUN, directory: str | os.PathLike | None = None) -> list[str]:
+    """What a committed GPU run measured, one printable line per figure, hardware first.
+
+    >>> gpu_figures()[0]  # doctest: +ELLIPSIS
+    'measured on one NVIDIA H200 (torch 2.11.0+cu130), the project at commit 57a2dc3...'
+    """
+    folder = (RESULTS_DIR if directory is None else Path(directory)) / "gpu" / run
+    path = folder / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the GPU runs are committed in the repository's results/gpu/"
+        )
+    summary = json.loads(path.read_text())
+    env, bench = summary["environment"], summary["benchmarks"]
+    train, mc, aug = bench["training"], bench["mc_sampling"], bench["augmentation"]
+    by_batch = "; ".join(
+        f"batch {b}: {v['it_per_s']:.1f} it/s ({v['crops_per_s']:.0f} crops/s)"
+        for b, v in train["mixed_by_batch"].items()
+    )
+    lines = [
+        f"measured on one {env['device_name']} (torch {env['torch']}), the project at commit 57a2dc3 "
+        "(the looped objective, before the batched one)",
+        f"training step, {train['mixed']}, 512 x 512 crops: {by_batch}",
+        f"float32 at batch {train['chosen_batch']}: {train['fp32_it_per_s']:.2f} it/s "
+        f"(mixed precision {train['speedup_mixed_over_fp32']:.2f}x faster)",
+        f"augmented {aug['crop_size']} x {aug['crop_size']} crops: {aug['torch_cuda_crops_per_s']:,.0f}/s on the "
+        f"GPU, {aug['scipy_cpu_crops_per_s']:.1f}/s in one CPU process",
+        f"{mc['draws']} Monte-Carlo draws of one well: {mc['batched_s']:.2f} s batched, "
+        f"{mc['sequential_s']:.2f} s one at a time",
+    ]
+    for name, model in summary["models"].items():
+        training, evaluation = model["training"], model["evaluation"]["rows"][0]
+        lines.append(
+            f"{name} from scratch in {training['seconds']:.0f} s ({training['iterations']} steps of "
+            f"{training['batch_size']} crops): test avAP {evaluation['avAP']:.3f}, AP50 {evaluation['AP50']:.3f} "
+            f"({evaluation['name']})"
+        )
+    return lines
 
 
 def _example_dir() -> Path:  # a throw-away exported model for the doctests

@@ -89,9 +89,11 @@ class TrainConfig:
         workers cannot keep up with the GPU; the scipy path stays the default on the CPU.
     compile : bool
         Wrap the forward pass and the objective of each step in :func:`torch.compile`
-        (:func:`companion.step.compiled_objective`). Off by default: the first steps pay for the
-        compilation, and on a 2-core CPU the compiled step was not faster
-        (``benchmarks/bench_training.py``).
+        (:func:`companion.step.compiled_objective`). Off by default: the first step compiles
+        for a minute or two (on a 2-core CPU 73 s for the ``cpu`` preset, which then stepped
+        1.13x faster, ``benchmarks/bench_training.py``), it needs a C++ compiler, and each new
+        mask count ``K`` of the scipy path's batches compiles once more until the count is
+        marked dynamic. Worth it for runs of thousands of steps.
     time_budget : float or None
         Minutes of wall-clock time for the run (:mod:`companion.budget`): the first iterations
         are timed, ``iterations`` is lowered to what fits (it is an upper bound then), so that

@@ -253,6 +253,7 @@ def _train(
         budget=TimeBudget(config.time_budget * 60, started=started, sizes=not sized)
         if config.time_budget
         else None,
+        iteration_cap=config.iterations,
         start=start,
         last_path=last_path,
         log_path=log_path,
@@ -303,6 +304,7 @@ class _RunState:
     n_train: int  # training images (scales the Concrete Dropout regulariser)
     objective: Callable  # step_objective, compiled when config.compile is on
     budget: TimeBudget | None  # config.time_budget's clock (None: run config.iterations)
+    iteration_cap: int  # config.iterations as given: a budgeted run sizes itself below it
     start: int  # iterations already done (by the checkpoint resumed from)
     last_path: Path
     log_path: Path
@@ -403,7 +405,7 @@ def _follow_budget(run: _RunState, iteration: int, loss: torch.Tensor, bar: Any)
         dist.broadcast_object_list(decision, src=0)
         more, stop = decision
     if more is not None:
-        sized = min(run.config.iterations, iteration + more)
+        sized = min(run.iteration_cap, iteration + more)
         run.config = TrainConfig.from_dict({**run.config.to_dict(), "iterations": sized})
         bar.total = sized
         bar.refresh()

@@ -23,10 +23,13 @@ process; a phase that no longer fits is skipped and named in the summary):
    augmentation at a few batch sizes (bf16 autocast + channels-last), the batch with the best
    crops/s chosen (a smaller one if within 10 %), and fp32 at that batch; Monte-Carlo sampling
    of 8 draws batched vs. sequential on one test well;
-3. **training**, from scratch, of the baseline and then of the Concrete Dropout model
-   (``dropout_lr_scale`` 10): the ``cpu`` preset's recipe (512 x 512 crops, network at half
-   resolution, lr 1e-3 with warm-up and cosine decay, standardised inputs; its warm-ups scaled
-   down when fewer than its 5 000 iterations fit) at the chosen batch, bf16 autocast,
+3. **training** of the baseline and then of the Concrete Dropout model (``--models``; the
+   budget is shared between them), by default a new stage on top of their shipped weights
+   (``--init-from shipped``: lr ``3e-4 * sqrt(batch)``, the shipped stages' rate scaled by the
+   square-root rule, no cross-entropy warm-up), or from scratch (``--init-from scratch``: lr
+   1e-3): the ``cpu`` preset's recipe otherwise (512 x 512 crops, network at half resolution,
+   warm-up and cosine decay, standardised inputs, ``dropout_lr_scale`` 10 for the Concrete
+   model; warm-ups scaled down when fewer than its 5 000 iterations fit) at the chosen batch, bf16 autocast,
    channels-last and GPU augmentation, the iterations sized from the measured throughput to
    the time each model gets; a run that still overruns stops at its next checkpoint (every
    10 %) and keeps it;
@@ -389,12 +392,30 @@ def settings_for(smoke: bool, device: str) -> Settings:
     )
 
 
-def train_config(settings: Settings, model: str, iterations: int, batch: int, **extra: Any):
-    """The ``cpu`` preset's recipe for a GPU run of ``iterations`` steps of ``batch`` crops."""
+#: Learning rate of the shipped models' later stages (batch 1); a stage on top of them at batch
+#: ``B`` uses ``CONTINUE_LR * sqrt(B)`` (results/gpu/batch_sweep.csv: batches 1-16 at equal crops).
+CONTINUE_LR = 3e-4
+
+
+def train_config(
+    settings: Settings, model: str, iterations: int, batch: int, *, init_from: str | None = None, **extra: Any
+):
+    """The ``cpu`` preset's recipe for a GPU run of ``iterations`` steps of ``batch`` crops.
+
+    With ``init_from`` (a shipped model's name or a checkpoint) a new stage on top of those
+    weights: learning rate ``CONTINUE_LR * sqrt(batch)``, no cross-entropy warm-up, and the
+    architecture of the full network (the smoke settings' tiny one would not fit the weights).
+    """
     from companion.config import PRESETS, TrainConfig
 
     cpu = PRESETS["cpu"]
     scale = min(1.0, iterations / cpu["iterations"])  # warm-ups in proportion when fewer iterations fit
+    overrides = dict(settings.overrides)
+    if init_from is not None:
+        overrides = {
+            k: v for k, v in overrides.items() if k not in ("base_filters", "embedding_dim", "depth")
+        }
+        extra = dict(init_from=init_from, lr=CONTINUE_LR * math.sqrt(batch), disc_warmup=0, **extra)
     values = dict(
         model=model,
         iterations=iterations,
@@ -410,10 +431,18 @@ def train_config(settings: Settings, model: str, iterations: int, batch: int, **
         checkpoint_every=max(1, iterations // 10),
         log_every=max(1, iterations // 50),
         dropout_lr_scale=10.0 if model == "concrete" else 1.0,
-        **settings.overrides,
+        **overrides,
     )
     values.update(extra)
     return TrainConfig.preset("cpu", **values)
+
+
+def init_source_of(init_from: str, name: str) -> str | None:
+    """What model ``name`` starts from: ``"shipped"`` its shipped weights, ``"scratch"`` nothing,
+    anything else that model, name or path, for every model."""
+    if init_from == "scratch":
+        return None
+    return name if init_from == "shipped" else init_from
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,9 +725,17 @@ def run_benchmarks(run: Run, data: Data, settings: Settings) -> tuple[int, float
 # Training, export, evaluation
 # --------------------------------------------------------------------------------------------
 def train_one(
-    run: Run, data: Data, settings: Settings, name: str, batch: int, it_per_s: float, seconds: float
+    run: Run,
+    data: Data,
+    settings: Settings,
+    name: str,
+    batch: int,
+    it_per_s: float,
+    seconds: float,
+    init_from: str | None = None,
 ) -> Path | None:
-    """Train ``name`` from scratch for about ``seconds``; the checkpoint to export, or None."""
+    """Train ``name`` (from scratch, or a stage on top of ``init_from``) for about ``seconds``;
+    the checkpoint to export, or None."""
     from companion.checkpoint import load_model, read_checkpoint
     from companion.dropout import dropout_rates
     from companion.run_folder import read_log
@@ -708,14 +745,15 @@ def train_one(
     iterations = max(settings.min_iterations, int(it_per_s * seconds * 0.9))
     if settings.max_iterations:
         iterations = min(iterations, settings.max_iterations)
-    config = train_config(settings, name, iterations, batch)
+    config = train_config(settings, name, iterations, batch, init_from=init_from)
     folder = run.work / name / "train"
     stop_at = time.monotonic() + seconds
     info: dict[str, Any] = dict(
         planned_iterations=iterations, planned_s=round(seconds, 1), batch_size=batch, config=config.to_dict()
     )
     run.summary.setdefault("models", {}).setdefault(name, {})["training"] = info
-    run.log(f"training {name}: {iterations} iterations of batch {batch} planned in {seconds:.0f} s")
+    start = f"from {init_from}" if init_from else "from scratch"
+    run.log(f"training {name} {start}: {iterations} iterations of batch {batch} planned in {seconds:.0f} s")
 
     def on_checkpoint(iteration: int, path: Path) -> None:
         if time.monotonic() > stop_at and iteration < iterations:
@@ -1130,6 +1168,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic", action="store_true", help="synthetic worms even if an archive exists")
     parser.add_argument("--device", default=None, help="default: cuda when present (cpu with --smoke)")
     parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=list(MODELS),
+        help="the models to train, export and evaluate (one may take the whole budget)",
+    )
+    parser.add_argument(
+        "--init-from",
+        default="shipped",
+        metavar="NAME",
+        help="shipped: each model continues from the package's shipped weights (a new stage on top "
+        "of their CPU training); scratch: fresh weights; or a shipped model's name or a checkpoint "
+        "for every model",
+    )
+    parser.add_argument(
         "--work",
         type=Path,
         default=None,
@@ -1179,7 +1232,7 @@ def main(argv: Sequence[str] | None = None, *, started: float | None = None) -> 
             f"gpu_run on {run.summary['environment']['device_name']} (torch {torch.__version__}), budget "
             f"{args.budget_s:.0f} s, work folder {work}"
         )
-        _run_phases(run, settings, pack, children)
+        _run_phases(run, settings, pack, children, args.models, args.init_from)
         run.summary["status"] = (
             "complete"
             if all(v.get("status") == "done" for v in run.summary.get("phases", {}).values())
@@ -1205,7 +1258,14 @@ def main(argv: Sequence[str] | None = None, *, started: float | None = None) -> 
     return 0 if run.summary["status"] in ("complete", "partial") else 1
 
 
-def _run_phases(run: Run, settings: Settings, pack: Path | None, children: dict) -> None:
+def _run_phases(
+    run: Run,
+    settings: Settings,
+    pack: Path | None,
+    children: dict,
+    models: Sequence[str] = MODELS,
+    init_from: str = "shipped",
+) -> None:
     data = load_data(run, settings, pack)
     if not run.fits("benchmarks", 5 * settings.bench_slice_s):
         return
@@ -1213,20 +1273,25 @@ def _run_phases(run: Run, settings: Settings, pack: Path | None, children: dict)
     # after the Concrete model's training: its export, its evaluation and the packing (the
     # baseline's export comes between the trainings, its evaluation overlaps the second one)
     tail = settings.export_reserve_s + settings.eval_reserve_s + settings.pack_reserve_s
+    models = [m for m in MODELS if m in models]
     run.summary["plan"] = dict(
-        per_model_training_s=round((run.left() - tail - settings.export_reserve_s) / 2, 1),
+        per_model_training_s=round(
+            (run.left() - tail - (len(models) - 1) * settings.export_reserve_s) / len(models), 1
+        ),
         reserved_tail_s=tail,
         batch=batch,
         it_per_s=it_per_s,
+        models=models,
+        init_from=init_from,
     )
-    for name in MODELS:
-        seconds = (
-            (run.left() - tail - settings.export_reserve_s) / 2 if name == MODELS[0] else run.left() - tail
-        )
+    for index, name in enumerate(models):
+        later = len(models) - index - 1  # models still to train after this one share what is left
+        seconds = (run.left() - tail - later * settings.export_reserve_s) / (later + 1)
         if seconds < settings.min_train_s:
             run.skip(f"train {name}", settings.min_train_s + tail)
             continue
-        checkpoint = train_one(run, data, settings, name, batch, it_per_s, seconds)
+        source = init_source_of(init_from, name)
+        checkpoint = train_one(run, data, settings, name, batch, it_per_s, seconds, init_from=source)
         write_model_zip(run, name)
         if checkpoint is None or not run.fits(f"export {name}", settings.export_reserve_s / 2):
             continue

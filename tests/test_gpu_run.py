@@ -158,3 +158,29 @@ def test_smoke_run_end_to_end(tmp_path):
         )
     provenance = json.loads((out / "concrete.json").read_text())
     assert provenance["config"]["dropout_lr_scale"] == 10.0 and provenance["calibration"]["wells"]
+
+
+def test_a_smoke_run_continues_one_shipped_model(tmp_path):
+    from companion.checkpoint import shipped_model_file
+
+    if shipped_model_file("baseline") is None:
+        pytest.skip("the shipped models are not in this copy of the package")
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--work", str(tmp_path / "work"), "--smoke", "--synthetic"]
+    assert gpu_run.main([*argv, "--init-from", "baseline", "--models", "baseline"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete", summary["phases"]
+    assert summary["plan"]["models"] == ["baseline"] and "concrete" not in summary["models"]
+    config = summary["models"]["baseline"]["training"]["config"]
+    assert config["init_from"] == "baseline" and config["base_filters"] == 19 and config["disc_warmup"] == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "baseline.json",
+        "baseline.pt",
+        "baseline_run.zip",
+        "run.log",
+        "summary.json",
+    ]
+    settings = gpu_run.settings_for(True, "cpu")
+    assert gpu_run.train_config(settings, "concrete", 100, 4, init_from="concrete").lr == pytest.approx(6e-4)
+    assert gpu_run.init_source_of("shipped", "concrete") == "concrete"
+    assert gpu_run.init_source_of("scratch", "concrete") is None

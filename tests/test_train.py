@@ -788,49 +788,62 @@ def test_the_step_objective_traces_as_one_graph_and_compile_runs_in_train(tmp_pa
 # --------------------------------------------------------------------------------------------
 # training to a wall-clock budget
 # --------------------------------------------------------------------------------------------
-def test_a_time_budget_sizes_the_schedule_to_end_within_it(tmp_path):
-    import time
+def _on_a_fake_clock(monkeypatch, seconds_per_step) -> tuple[list[float], list]:
+    """``train`` timed by a clock that advances ``seconds_per_step(n)`` at step ``n`` (from 1)."""
+    import functools
 
-    budget_s = 12.0
+    import companion.train as train_module
+    from companion.budget import TimeBudget
+
+    now, real_step, calls = [0.0], train_module.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        now[0] += seconds_per_step(len(calls))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    monkeypatch.setattr(train_module, "TimeBudget", functools.partial(TimeBudget, clock=lambda: now[0]))
+    return now, calls
+
+
+def test_a_time_budget_sizes_the_schedule_to_end_within_it(tmp_path, monkeypatch):
+    now, calls = _on_a_fake_clock(monkeypatch, lambda n: 0.125)
     config = TrainConfig.preset(
         "quick",
         iterations=100_000,
-        time_budget=budget_s / 60,
+        time_budget=0.1,
         lr_schedule="cosine",
-        lr_warmup=10,
-        log_every=20,
+        lr_warmup=4,
+        checkpoint_every=1_000,
     )
-    started = time.perf_counter()
-    final = train(config, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False, started=started)
-    elapsed = time.perf_counter() - started
+    final = train(config, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False, started=0.0)
     ckpt = read_checkpoint(final)
     sized = TrainConfig.from_dict(ckpt["config"])
-    assert 0.6 * budget_s < elapsed <= budget_s + 1.0
-    assert 20 < sized.iterations < 100_000 and ckpt["iteration"] == sized.iterations  # completed
-    assert sized.lr_at(sized.iterations - 1) < 0.01 * sized.lr  # the cosine ran to its end
+    # 16 steps timed after 2 untimed ones (2 s): 18 + (6 s - 1 s reserve - 2.25 s) / 0.125 s = 40
+    assert sized.iterations == 40 and ckpt["iteration"] == len(calls) == 40 and now[0] <= 6.0
+    assert sized.lr_at(39) < 0.01 * sized.lr  # the cosine ran to its end
 
 
-def test_a_time_budget_stops_a_run_that_slows_down_with_a_checkpoint(tmp_path, monkeypatch):
-    import time
-
-    import companion.train as train_module
-
-    real_step, calls = train_module.train_step, []
-
-    def slower_and_slower(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 30:
-            time.sleep(0.2)  # after the rate was measured, each step takes far longer
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_step", slower_and_slower)
+def test_a_time_budget_resizes_a_run_that_slows_down(tmp_path, monkeypatch):
+    now, calls = _on_a_fake_clock(monkeypatch, lambda n: 0.125 if n < 30 else 1.0)  # slow from 30 on
     config = TrainConfig.preset("quick", iterations=100_000, time_budget=0.1, checkpoint_every=1_000)
-    started = time.perf_counter()
-    final = train(config, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False, started=started)
-    assert time.perf_counter() - started <= 6.0 + 0.5
+    final = train(config, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False, started=0.0)
     ckpt = read_checkpoint(final)
-    assert ckpt["iteration"] == len(calls) < TrainConfig.from_dict(ckpt["config"]).iterations  # cut short
-    assert read_checkpoint(tmp_path / "last.pt")["iteration"] == len(calls)
+    # sized 40 at step 18 and at half time (3 s); at 75 % (after step 30, 4.6 s) the new rate
+    # leaves room for one more step: the schedule shrinks to 31 and completes in time
+    assert TrainConfig.from_dict(ckpt["config"]).iterations == ckpt["iteration"] == len(calls) == 31
+    assert now[0] <= 6.0
+
+
+def test_a_time_budget_stops_a_run_that_slows_down_late_with_a_checkpoint(tmp_path, monkeypatch):
+    now, calls = _on_a_fake_clock(monkeypatch, lambda n: 0.25 if n < 220 else 1.0)  # after the last sizing
+    config = TrainConfig.preset("quick", iterations=100_000, time_budget=1.0, checkpoint_every=1_000)
+    final = train(config, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False, started=0.0)
+    ckpt = read_checkpoint(final)
+    assert TrainConfig.from_dict(ckpt["config"]).iterations == 232  # sized last at 90 % (54 s)
+    assert ckpt["iteration"] == len(calls) == 224 and now[0] <= 60.0  # cut short within the 60 s
+    assert read_checkpoint(tmp_path / "last.pt")["iteration"] == 224
 
 
 def test_init_from_takes_the_name_of_a_shipped_model(tmp_path):
