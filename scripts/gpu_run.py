@@ -30,9 +30,10 @@ process; a phase that no longer fits is skipped and named in the summary):
    1e-3): the ``cpu`` preset's recipe otherwise (512 x 512 crops, network at half resolution,
    warm-up and cosine decay, standardised inputs, ``dropout_lr_scale`` 10 for the Concrete
    model; warm-ups scaled down when fewer than its 5 000 iterations fit) at the chosen batch, bf16 autocast,
-   channels-last and GPU augmentation, the iterations sized from the measured throughput to
-   the time each model gets; a run that still overruns stops at its next checkpoint (every
-   10 %) and keeps it;
+   channels-last and GPU augmentation; each model gets a share of the time left, and its run
+   sizes its own schedule to it (``TrainConfig.time_budget``, as ``train --time-budget``: the
+   first steps timed, the cosine schedule ending with the share, a checkpoint at its end
+   whatever happens); the benchmark's rate sets only the warm-ups and an upper bound;
 4. **export** of each model (``companion.export.export``, fp16 weights + provenance) with the
    background-logit shift chosen on the 10 validation wells as ``scripts/export_pretrained.py
    --calibrate 10`` does (for the Concrete Dropout model on 8 Monte-Carlo draws, agreement
@@ -746,22 +747,32 @@ def train_one(
     if settings.max_iterations:
         iterations = min(iterations, settings.max_iterations)
     config = train_config(settings, name, iterations, batch, init_from=init_from)
+    if seconds >= 1:  # the schedule sized to the seconds by the run itself (train --time-budget)
+        cap = settings.max_iterations or 4 * iterations  # the benchmark's rate only bounds it
+        config = type(config).from_dict({**config.to_dict(), "iterations": cap, "time_budget": seconds / 60})
     folder = run.work / name / "train"
-    stop_at = time.monotonic() + seconds
+    stop_at = time.monotonic() + seconds * 1.05 + 2  # a guard: the budget stops the run before
     info: dict[str, Any] = dict(
         planned_iterations=iterations, planned_s=round(seconds, 1), batch_size=batch, config=config.to_dict()
     )
     run.summary.setdefault("models", {}).setdefault(name, {})["training"] = info
     start = f"from {init_from}" if init_from else "from scratch"
-    run.log(f"training {name} {start}: {iterations} iterations of batch {batch} planned in {seconds:.0f} s")
+    run.log(f"training {name} {start}: ~{iterations} iterations of batch {batch} expected in {seconds:.0f} s")
 
     def on_checkpoint(iteration: int, path: Path) -> None:
-        if time.monotonic() > stop_at and iteration < iterations:
+        if time.monotonic() > stop_at and iteration < config.iterations:
             raise OutOfTime(iteration)
 
     checkpoint = folder / "final.pt"
     try:
-        train(config, data.train, folder, progress=False, on_checkpoint=on_checkpoint)
+        train(
+            config,
+            data.train,
+            folder,
+            progress=False,
+            on_checkpoint=on_checkpoint,
+            started=time.perf_counter(),
+        )
         status = "done"
     except OutOfTime as stop:
         checkpoint, status = folder / "last.pt", "stopped"

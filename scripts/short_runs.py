@@ -133,7 +133,7 @@ def write(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(
-            {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in r.items()}
+            {k: float(f"{v:.4g}") if isinstance(v, float) and math.isfinite(v) else v for k, v in r.items()}
             for r in rows
         )
     print(f"wrote {path}")

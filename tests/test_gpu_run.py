@@ -173,6 +173,7 @@ def test_a_smoke_run_continues_one_shipped_model(tmp_path):
     assert summary["plan"]["models"] == ["baseline"] and "concrete" not in summary["models"]
     config = summary["models"]["baseline"]["training"]["config"]
     assert config["init_from"] == "baseline" and config["base_filters"] == 19 and config["disc_warmup"] == 0
+    assert config["time_budget"] > 0  # the run sizes its own schedule to its share of the budget
     assert sorted(p.name for p in out.iterdir()) == [
         "baseline.json",
         "baseline.pt",
