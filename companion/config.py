@@ -68,7 +68,7 @@ class TrainConfig:
     channels_last : bool
         Channels-last memory format for the network and its input batches: faster convolutions
         on CUDA (tensor cores) and on the CPU (oneDNN's NHWC kernels; the ``cpu`` preset's step
-        1.2x faster in float32 on one thread, ``benchmarks/bench_training.py``).
+        ~1.15x faster in float32 on one thread, ``benchmarks/bench_training.py``).
     overlap_weight : float
         Weight of the overlap class in the cross-entropy (1: the paper). Overlap pixels are rare,
         and a model trained with weight 1 on a short budget may predict none, so that the overlap

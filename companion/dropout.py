@@ -333,27 +333,48 @@ def concrete_regularizer(
     logits = torch.stack([pair.dropout.p_logit for pair in pairs])  # (L,)
     floors = device_constant(tuple(math.log(pair.dropout.eps) for pair in pairs), device)
     log_retain = torch.clamp(F.logsigmoid(-logits), min=floors)  # as ConcreteDropout.log_retain
+    norms = squared_norms([pair.layer.weight for pair in pairs])  # (L,)
+    weights = (torch.exp(-log_retain) * norms).sum()
     biases = [pair.layer.bias for pair in pairs if getattr(pair.layer, "bias", None) is not None]
-    norms = squared_norms([pair.layer.weight for pair in pairs] + biases)  # (L + biases,)
-    weights = (torch.exp(-log_retain) * norms[: len(pairs)]).sum() + norms[len(pairs) :].sum()
+    if biases:
+        weights = weights + sum_of_squares(biases)
     in_features = device_constant(tuple(float(pair.in_features) for pair in pairs), device)
     entropy = (in_features * _bernoulli_entropy(logits)).sum()
     return weights * (0.5 * length_scale_sq / n_train) - entropy * (zeta / n_train)
 
 
+def _flat_views(tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    return [t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in tensors]
+
+
 class _SquaredNorms(torch.autograd.Function):
-    """``(|t_1|^2, ..., |t_n|^2)`` of n tensors, with its gradient ``2 g_i t_i``, each side one
-    multi-tensor call (``torch._foreach_norm`` / ``torch._foreach_mul``, as
-    :func:`torch.nn.utils.clip_grad_norm_` uses): one pass over the weights, a few GPU kernels."""
+    """``(|t_1|^2, ..., |t_n|^2)`` of n tensors, with its gradient ``2 g_i t_i``: a multi-tensor
+    call each way (``torch._foreach_norm`` / ``torch._foreach_mul``, as
+    :func:`torch.nn.utils.clip_grad_norm_` uses), one pass over the weights, a few GPU kernels."""
 
     @staticmethod
     def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(*tensors)
-        return torch.stack(torch._foreach_norm(tensors)).square()
+        norms = torch._foreach_norm(tensors)
+        return torch.cat([n.view(1) for n in norms]).square()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(torch._foreach_mul(ctx.saved_tensors, list((2.0 * grad).unbind())))
+
+
+class _SumOfSquares(torch.autograd.Function):
+    """``sum_i |t_i|^2`` over n tensors, with its gradient ``2 g t_i`` (one multi-tensor call)."""
+
+    @staticmethod
+    def forward(ctx, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*tensors)
+        flat = torch.cat(_flat_views(tensors))
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch._foreach_mul(ctx.saved_tensors, 2.0 * grad))
 
 
 def squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -365,3 +386,14 @@ def squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     [4.0, 12.0]
     """
     return _SquaredNorms.apply(*tensors)
+
+
+def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of all elements of all ``tensors``, a scalar (differentiable).
+
+    Examples
+    --------
+    >>> float(sum_of_squares([torch.ones(2, 2), torch.full((3,), 2.0)]))
+    16.0
+    """
+    return _SumOfSquares.apply(*tensors)

@@ -24,7 +24,7 @@ come padded to one ``(B, K, H, W)`` stack, every term is a batched matrix produc
 reduction over it, and nothing depends on the data's shape or waits for the device. The same
 loss written as a loop over crops and worms (kept as a reference beside the tests) made the
 whole training objective ~6 300 operators (profiler events, forward + backward) for 8 crops and
-~9 100 for 16, with a host synchronisation at every crop; in this form it is ~930 for any
+~9 100 for 16, with a host synchronisation at every crop; in this form it is ~770 for any
 batch, none of them synchronising (``benchmarks/bench_training.py``).
 
 Examples

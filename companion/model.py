@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._device import module_device
-from .dropout import ConcreteDropout2d, DropoutLayer, squared_norms
+from .dropout import ConcreteDropout2d, DropoutLayer, sum_of_squares
 
 __all__ = ["UNetOutput", "UNet", "weight_decay_penalty"]
 
@@ -260,4 +260,4 @@ def weight_decay_penalty(model: nn.Module) -> torch.Tensor:
     if not weights:
         device = module_device(model)
         return torch.zeros((), device=device)
-    return squared_norms(weights).sum()  # all layers at once
+    return sum_of_squares(weights)  # all layers at once
