@@ -10,6 +10,12 @@ Design decisions
 * **Data order is a function of (seed, iteration)** (:mod:`companion.batches`), and a checkpoint
   holds every random state (:mod:`companion.checkpoint`): a CPU run that is killed and resumed
   ends with weights bit-identical to an uninterrupted one.
+* **Nothing waits for the device between logs**: the objective takes the whole batch at once
+  (:mod:`companion.losses`), and the loss is read on the host only when it is logged or a
+  checkpoint is written; the first non-finite loss is still named exactly, and never reaches a
+  checkpoint.
+* **A run can be sized to a wall-clock budget** (``TrainConfig.time_budget``,
+  :mod:`companion.budget`): its schedule ends, and its last checkpoint is written, in time.
 * **Mixed precision on CUDA only**: bf16 autocast where the GPU supports it natively
   (Ampere and newer), fp16 autocast with a :class:`torch.amp.GradScaler` otherwise (e.g. a
   Colab T4). The loss itself is computed in float32.

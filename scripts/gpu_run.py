@@ -747,11 +747,12 @@ def train_one(
     if settings.max_iterations:
         iterations = min(iterations, settings.max_iterations)
     config = train_config(settings, name, iterations, batch, init_from=init_from)
+    stop_at = time.monotonic() + seconds  # checked at each checkpoint
     if seconds >= 1:  # the schedule sized to the seconds by the run itself (train --time-budget)
         cap = settings.max_iterations or 4 * iterations  # the benchmark's rate only bounds it
         config = type(config).from_dict({**config.to_dict(), "iterations": cap, "time_budget": seconds / 60})
+        stop_at += 0.05 * seconds + 2  # then only a guard: the budget stops the run before
     folder = run.work / name / "train"
-    stop_at = time.monotonic() + seconds * 1.05 + 2  # a guard: the budget stops the run before
     info: dict[str, Any] = dict(
         planned_iterations=iterations, planned_s=round(seconds, 1), batch_size=batch, config=config.to_dict()
     )
