@@ -164,7 +164,8 @@ class DeviceCropSource:
     -----
     Memory on the device: ``(C + ceil(K_max / 24)) * 4`` bytes per pixel of the images padded to
     powers of two; 503 MB for the 40 BBBC010 fitting wells (1024 x 1024 each, 2 channels, 1
-    mask word).
+    mask word). Unpacking a batch's masks takes ``5 * K_max`` bytes per crop pixel for a moment
+    (630 MB for 32 crops of 512 x 512 with the fitting wells' ``K_max = 15``).
     """
 
     def __init__(
