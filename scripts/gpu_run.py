@@ -1,12 +1,12 @@
-"""One command for a short GPU loan: benchmark, train, export and evaluate both models, within a budget.
+"""One command for a few GPU minutes: benchmark, train, export and evaluate the models, within a budget.
 
 Usage::
 
-    # here, once: the training and test wells as one git-ignored archive (the GPU machine sees
-    # only the working tree)
-    python scripts/gpu_run.py pack --data-root /work/shared/bbbc010 --out data_pack/bbbc010.npz
+    # where the data is, once: the training and test wells as one git-ignored archive (a GPU run
+    # may see only the working tree)
+    python scripts/gpu_run.py pack --data-root BBBC010_DIR --out data_pack/bbbc010.npz
 
-    # on the GPU machine (PYTHONPATH=. is enough; pooch is not needed):
+    # with the GPU (PYTHONPATH=. is enough; pooch is not needed):
     PYTHONPATH=. python scripts/gpu_run.py --out DIR [--budget-s 480]
 
     # anywhere, end to end on the CPU in a few minutes (tiny network, few iterations and wells):
@@ -72,7 +72,7 @@ import numpy as np
 
 _PROCESS_START = time.monotonic()
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the GPU machine runs the working tree without installing it
+if str(REPO) not in sys.path:  # a GPU run may use the working tree without installing it
     sys.path.insert(0, str(REPO))
 
 if TYPE_CHECKING:  # pragma: no cover
