@@ -27,7 +27,8 @@ process; a phase that no longer fits is skipped and named in the summary):
    budget is shared between them), by default a new stage on top of their shipped weights
    (``--init-from shipped``: lr ``3e-4 * sqrt(batch)``, the shipped stages' rate scaled by the
    square-root rule, no cross-entropy warm-up), or from scratch (``--init-from scratch``: lr
-   1e-3): the ``cpu`` preset's recipe otherwise (512 x 512 crops, network at half resolution,
+   1e-3): the ``cpu`` preset's recipe otherwise (512 x 512 crops, network at half resolution
+   unless ``--downsample 1``,
    warm-up and cosine decay, standardised inputs, ``dropout_lr_scale`` 10 for the Concrete
    model; warm-ups scaled down when fewer than its 5 000 iterations fit) at the chosen batch, bf16 autocast,
    channels-last and GPU augmentation; each model gets a share of the time left, and its run
@@ -64,7 +65,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -1195,6 +1196,14 @@ def build_parser() -> argparse.ArgumentParser:
         "for every model",
     )
     parser.add_argument(
+        "--downsample",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="internal resolution of the U-Net: 2 as the shipped models were trained (half "
+        "resolution inside), 1 the paper's full resolution (about 3x the cost of a step)",
+    )
+    parser.add_argument(
         "--work",
         type=Path,
         default=None,
@@ -1214,6 +1223,8 @@ def main(argv: Sequence[str] | None = None, *, started: float | None = None) -> 
 
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     settings = settings_for(args.smoke, device)
+    if args.downsample != 2:  # the cpu preset's; the weights fit either (only the input is pooled)
+        settings = replace(settings, overrides={**settings.overrides, "downsample": args.downsample})
     pack = None if args.synthetic else (args.pack or DEFAULT_PACK)
     if pack is not None and not pack.is_file():
         if args.pack is not None or not args.smoke:

@@ -167,13 +167,15 @@ def test_a_smoke_run_continues_one_shipped_model(tmp_path):
         pytest.skip("the shipped models are not in this copy of the package")
     out = tmp_path / "out"
     argv = ["--out", str(out), "--work", str(tmp_path / "work"), "--smoke", "--synthetic"]
-    assert gpu_run.main([*argv, "--init-from", "baseline", "--models", "baseline"]) == 0
+    argv += ["--init-from", "baseline", "--models", "baseline", "--downsample", "1"]
+    assert gpu_run.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete", summary["phases"]
     assert summary["plan"]["models"] == ["baseline"] and "concrete" not in summary["models"]
     config = summary["models"]["baseline"]["training"]["config"]
     assert config["init_from"] == "baseline" and config["base_filters"] == 19 and config["disc_warmup"] == 0
     assert config["time_budget"] > 0  # the run sizes its own schedule to its share of the budget
+    assert config["downsample"] == 1  # the shipped weights continued at full resolution
     assert sorted(p.name for p in out.iterdir()) == [
         "baseline.json",
         "baseline.pt",
