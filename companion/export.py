@@ -60,6 +60,27 @@ def _preset_and_overrides(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return best
 
 
+def _stage_reference(init_from: str | None) -> str | None:
+    """``init_from`` as provenance records it: a shipped model's name or a relative path as
+    given, an absolute path as ``<run folder>/<file>`` (the stage, not the machine it ran on).
+
+    >>> _stage_reference("/somewhere/runs/base_s3/final.pt"), _stage_reference("baseline")
+    ('base_s3/final.pt', 'baseline')
+    """
+    if init_from is None or not Path(init_from).is_absolute():
+        return init_from
+    path = Path(init_from)
+    return f"{path.parent.name}/{path.name}"
+
+
+def _without_machine_paths(config: dict[str, Any]) -> dict[str, Any]:
+    return (
+        {**config, "init_from": _stage_reference(config.get("init_from"))}
+        if "init_from" in config
+        else config
+    )
+
+
 def _training_time(log: list[dict]) -> float | None:
     """Seconds of training summed over the logged windows (interruptions excluded)."""
     total, previous = 0.0, 0
@@ -171,7 +192,8 @@ def export(
     log_path = Path(log) if log is not None else checkpoint.parent / "log.jsonl"
     records = read_log(log_path) if log_path.is_file() else []
     records = [r for r in records if r["iteration"] <= ckpt["iteration"]]
-    preset, overrides = _preset_and_overrides(dict(ckpt["config"]))
+    config = _without_machine_paths(dict(ckpt["config"]))
+    preset, overrides = _preset_and_overrides(config)
     record = dict(
         name=name,
         format=FORMAT,
@@ -184,7 +206,7 @@ def export(
         command=command,
         preset=preset,
         overrides=overrides,
-        config=dict(ckpt["config"]),
+        config=config,
         iterations=int(ckpt["iteration"]),
         training_time_s=_training_time(records),
         final_loss_terms={k: _finite(records[-1][k]) for k in TERM_NAMES if k in records[-1]}

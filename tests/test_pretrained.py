@@ -310,6 +310,10 @@ def test_training_can_start_from_an_exported_model(shelf, tmp_path):
         progress=False,
     )
     assert final.exists()
+    _, info = export_module.export(final, "continued", tmp_path / "shelf")
+    record = json.loads(info.read_text())
+    stage = f"{shelf.name}/concrete.pt"  # the stage it started from, not the absolute path it had
+    assert record["config"]["init_from"] == record["overrides"]["init_from"] == stage
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
         init_weights(fresh, tmp_path / "junk.pt")
