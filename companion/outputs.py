@@ -110,23 +110,21 @@ def compact_pass(embedding: np.ndarray | torch.Tensor, logits: np.ndarray | torc
             f"expected embedding (E, H, W) and logits (3, H, W) of one size, got "
             f"embedding {tuple(embedding.shape)} and logits {tuple(logits.shape)}"
         )
-    if isinstance(logits, torch.Tensor):
-        classes = logits.argmax(dim=0)
-        mask = classes != 0
-        kept_logits = logits[:, mask].float().cpu().numpy()[:, :, None]  # (3, N, 1)
-        kept_embedding = torch.as_tensor(embedding)[:, mask].cpu().numpy()  # (E, N)
-        foreground_prob = worm_probability(kept_logits)[:, 0]
-        return CompactPass(
-            classes.to(torch.uint8).cpu().numpy(),
-            kept_embedding.T.astype(np.float16),
-            foreground_prob.astype(np.float16),
-        )
-    embedding, logits = np.asarray(embedding), np.asarray(logits, dtype=np.float32)
-    classes = np.argmax(logits, axis=0).astype(np.uint8)
-    foreground_prob = worm_probability(logits)
+    if not isinstance(logits, torch.Tensor):  # arrays take the same path, on the CPU
+        logits = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    embedding = (
+        embedding
+        if isinstance(embedding, torch.Tensor)
+        else torch.from_numpy(np.ascontiguousarray(embedding))
+    )
+    classes = logits.argmax(dim=0)
     mask = classes != 0
+    kept_logits = logits[:, mask].float().cpu().numpy()[:, :, None]  # (3, N, 1)
+    kept_embedding = embedding[:, mask].cpu().numpy()  # (E, N)
     return CompactPass(
-        classes, embedding[:, mask].T.astype(np.float16), foreground_prob[mask].astype(np.float16)
+        classes.to(torch.uint8).cpu().numpy(),
+        kept_embedding.T.astype(np.float16),
+        worm_probability(kept_logits)[:, 0].astype(np.float16),
     )
 
 

@@ -31,6 +31,7 @@ from companion.report import write_report
 from companion.sampling import mc_predict
 from companion.simulate import ideal_logits, simulate_embedding
 from companion.synthetic import make_dataset
+from companion.targets import worm_probability
 from companion.tuning import foreground_scores
 from companion.uncertainty import pavpu
 
@@ -140,9 +141,16 @@ def test_compact_pass_of_tensors_equals_that_of_arrays():
     logits[:, :2] = 0.0  # ties: the first class (background) wins either way
     from_arrays = compact_pass(embedding, logits)
     from_tensors = compact_pass(torch.from_numpy(embedding), torch.from_numpy(logits))
-    assert 0 < (from_arrays.classes != 0).mean() < 1
-    for a, b in zip(from_arrays, from_tensors):
-        assert a.dtype == b.dtype and np.array_equal(a, b)
+    classes = np.argmax(logits, axis=0).astype(np.uint8)  # by hand, on the whole image
+    mask = classes != 0
+    by_hand = (
+        classes,
+        embedding[:, mask].T.astype(np.float16),
+        worm_probability(logits)[mask].astype(np.float16),
+    )
+    assert 0 < mask.mean() < 1
+    for a, b, c in zip(from_arrays, from_tensors, by_hand):
+        assert a.dtype == b.dtype == c.dtype and np.array_equal(a, b) and np.array_equal(a, c)
 
 
 def test_expand_pass_rejects_an_embedding_that_does_not_fit_the_class_map():
