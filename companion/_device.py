@@ -61,15 +61,11 @@ def device_constant(
 
 
 def off_diagonal(n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(n, n)`` with 0 on the diagonal and 1 elsewhere, on ``device``, built once.
+    """``(n, n)`` with 0 on the diagonal and 1 elsewhere, a :func:`device_constant`.
 
     >>> off_diagonal(2, torch.device("cpu"))
     tensor([[0., 1.],
             [1., 0.]])
     """
-    if torch.compiler.is_compiling():
-        return 1.0 - torch.eye(n, dtype=dtype, device=device)
-    key = (n, torch.device(device), dtype)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = (1.0 - torch.eye(n, dtype=dtype)).to(device)
-    return _CONSTANTS[key]
+    values = tuple(float(i != j) for i in range(n) for j in range(n))
+    return device_constant(values, device, dtype).view(n, n)
