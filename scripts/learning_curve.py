@@ -59,10 +59,38 @@ def _minutes_at(log: list[dict], iteration: int) -> tuple[float, dict]:
     return seconds / 60.0, record
 
 
-def snapshot_rows(run: Path, samples, args, start_minutes: float = 0.0) -> list[dict]:
+def calibrated_validation(
+    model, samples, *, bandwidths, thresholds, clustering: str = "components", max_points: int = 8000
+) -> tuple[float, dict]:
+    """``(shift, Table 1 row)`` of a model's deterministic pass on validation wells.
+
+    As ``export_pretrained.py --calibrate`` does for the shipped models (the class head of a short
+    run under-predicts worms; a background-logit shift fixes most of it), the shift is chosen on
+    the first 5 wells and folded into ``model``; then the wells are segmented over the grid,
+    2-fold over the wells, as the evaluation does.
+    """
     from companion.calibration import choose_background_shift, shift_background_logit
-    from companion.checkpoint import load_model, read_checkpoint
     from companion.evaluate import evaluate_model
+
+    shift = choose_background_shift(model, samples[:5], progress=False).shift
+    shift_background_logit(model, shift)
+    wells = [s.well for s in samples]
+    result = evaluate_model(
+        model,
+        samples,
+        folds=[wells[0::2], wells[1::2]],
+        draws=0,
+        bandwidths=bandwidths,
+        thresholds=thresholds,
+        clustering=clustering,
+        max_points=max_points,
+        progress=False,
+    )
+    return shift, result.rows[0]
+
+
+def snapshot_rows(run: Path, samples, args, start_minutes: float = 0.0) -> list[dict]:
+    from companion.checkpoint import load_model, read_checkpoint
     from companion.run_folder import read_log
 
     log = read_log(run)
@@ -70,27 +98,18 @@ def snapshot_rows(run: Path, samples, args, start_minutes: float = 0.0) -> list[
     if (run / "final.pt").is_file():
         paths.append(run / "final.pt")
     rows, seen = [], set()
-    wells = [s.well for s in samples]
     for path in paths:
         iteration = int(read_checkpoint(path)["iteration"])
         if iteration in seen:
             continue
         seen.add(iteration)
-        model = load_model(path)
-        # as export_pretrained.py --calibrate does for the shipped models (the class head of a
-        # short run under-predicts worms; a background-logit shift fixes most of it)
-        shift = choose_background_shift(model, samples[:5], progress=False).shift
-        shift_background_logit(model, shift)
-        result = evaluate_model(
-            model,
+        shift, scores = calibrated_validation(
+            load_model(path),
             samples,
-            folds=[wells[0::2], wells[1::2]],
-            draws=0,
             bandwidths=args.bandwidths,
             thresholds=args.thresholds,
             clustering=args.clustering,
             max_points=args.max_points,
-            progress=False,
         )
         minutes, record = _minutes_at(log, iteration)
         row = dict(
@@ -98,8 +117,8 @@ def snapshot_rows(run: Path, samples, args, start_minutes: float = 0.0) -> list[
             iteration=iteration,
             cpu_minutes=round(start_minutes + minutes, 1),
             background_shift=shift,
-            val_avAP=result.rows[0]["avAP"],
-            val_AP50=result.rows[0]["AP50"],
+            val_avAP=scores["avAP"],
+            val_AP50=scores["AP50"],
             var=record.get("var"),
             dist=record.get("dist"),
             ce=record.get("ce"),

@@ -79,8 +79,9 @@ def crop_statistics(samples, crop_size: int, n_crops: int) -> list[dict]:
 
 def score(model, samples) -> dict:
     """Validation scores of a model's deterministic pass (see the module docstring)."""
-    from companion.calibration import choose_background_shift, foreground_f1, shift_background_logit
-    from companion.evaluate import evaluate_model
+    from learning_curve import calibrated_validation
+
+    from companion.calibration import foreground_f1
     from companion.sampling import predict
 
     counts = np.zeros(3)
@@ -88,26 +89,17 @@ def score(model, samples) -> dict:
         truth = np.asarray(sample.instances).any(axis=0)
         counts += foreground_f1(predict(model, sample.image).logits[0], truth)
     tp, fp, fn = counts
-    unshifted = 2 * tp / max(2 * tp + fp + fn, 1)
-    shift = choose_background_shift(model, samples[:5], progress=False).shift
-    shift_background_logit(model, shift)
-    wells = [s.well for s in samples]
-    result = evaluate_model(
+    shift, row = calibrated_validation(
         model,
         samples,
-        folds=[wells[0::2], wells[1::2]],
-        draws=0,
-        bandwidths=(1.5, 2.0),  # the shipped models' choice, and larger for young models
-        thresholds=(1.5, 3.0),
-        clustering="components",
-        max_points=8000,
-        progress=False,
+        bandwidths=(1.5, 2.0),
+        thresholds=(1.5, 3.0),  # the shipped models' choice, and larger
     )
     return {
-        "f1_unshifted": unshifted,
+        "f1_unshifted": 2 * tp / max(2 * tp + fp + fn, 1),
         "shift": shift,
-        "avAP": result.rows[0]["avAP"],
-        "AP50": result.rows[0]["AP50"],
+        "avAP": row["avAP"],
+        "AP50": row["AP50"],
     }
 
 
