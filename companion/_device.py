@@ -39,6 +39,16 @@ def module_device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
+def cuda_autocast_dtype() -> torch.dtype:
+    """The mixed-precision dtype of this machine's GPU: bf16 where it has it natively (Ampere and
+    newer), else float16."""
+    try:
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the keyword
+        bf16 = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float16
+
+
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._device import module_device, resolve_device
+from ._device import cuda_autocast_dtype, module_device, resolve_device
 from .dropout import concrete_layers, mc_sampling
 from .postprocess import segment
 
@@ -141,13 +141,7 @@ def inference_dtype(device: torch.device, amp: bool | None = None) -> torch.dtyp
     """
     if amp is False or (amp is None and device.type != "cuda"):
         return None
-    if device.type != "cuda":
-        return torch.bfloat16
-    try:
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch without the keyword
-        bf16 = torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if bf16 else torch.float16
+    return cuda_autocast_dtype() if device.type == "cuda" else torch.bfloat16
 
 
 def _forward_cropped(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._device import resolve_device
+from ._device import cuda_autocast_dtype, resolve_device
 from .config import TrainConfig
 from .distributed import unwrap
 from .losses import ObjectiveTerms, training_objective
@@ -40,11 +40,7 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
         return torch.bfloat16 if config.cpu_bf16 else None
     if device.type != "cuda" or not config.amp:
         return None
-    try:
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch without the keyword
-        bf16 = torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if bf16 else torch.float16
+    return cuda_autocast_dtype()
 
 
 def build_model(config: TrainConfig) -> nn.Module:
