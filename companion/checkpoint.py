@@ -401,6 +401,7 @@ def check_resumable(ckpt: dict, config: TrainConfig, path: Path) -> None:
             "log_every",
             "num_workers",
             "snapshot_every",
+            "select_every",
             "device",
             "amp",
             "channels_last",

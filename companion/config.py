@@ -125,6 +125,10 @@ class TrainConfig:
     snapshot_every : int
         Also keep a copy ``iter_<N>.pt`` of every that many iterations' checkpoint (0: none),
         for learning curves measured afterwards on the validation wells.
+    select_every : float
+        Seconds of training between scores of the weights on the validation wells given to
+        :func:`companion.train.train` (:mod:`companion.selection`: the best checkpoint is kept
+        as ``best.pt``, every score in ``selection.jsonl``; 0: none). Not in the paper.
     downsample : int
         Internal resolution factor of the U-Net (see :class:`companion.model.UNet`; not in the
         paper). ``crop_size`` must be a multiple of ``16 * downsample``; the loss is computed at
@@ -169,6 +173,7 @@ class TrainConfig:
     gpu_augment: bool | None = None
     compile: bool = False
     time_budget: float | None = None
+    select_every: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -232,6 +237,10 @@ class TrainConfig:
             raise ValueError(
                 f"time_budget must be a positive number of minutes or None, got {self.time_budget!r}"
             )
+        if isinstance(self.select_every, bool) or not (
+            isinstance(self.select_every, (int, float)) and self.select_every >= 0
+        ):
+            raise ValueError(f"select_every must be a number of seconds >= 0, got {self.select_every!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if self.gpu_augment not in (None, True, False):

@@ -432,7 +432,8 @@ def load_bbbc010(
     Parameters
     ----------
     root : path, optional
-        Folder with a BBBC010 copy (see :func:`find_layout` for the accepted layouts). Default:
+        Folder with a BBBC010 copy (see :func:`find_layout` for the accepted layouts), or an
+        archive of wells written by :func:`companion.archive.pack_samples`. Default:
         ``$BBBC010_ROOT``, else the download cache (``pooch.os_cache("companion")/bbbc010``),
         downloading the official archives there with :func:`fetch_bbbc010` when it is empty.
     wells : iterable of str, optional
@@ -470,7 +471,12 @@ def load_bbbc010(
     ((2, 520, 696), dtype('bool'))
     """
     wells = _check_wells(wells)
-    layout = find_layout(resolve_root(root))
+    root = resolve_root(root)
+    if root.is_file():  # wells packed into one file (companion.archive)
+        from companion.archive import read_archive
+
+        return read_archive(root, wells, skip_missing=skip_incomplete)
+    layout = find_layout(root)
     from tqdm import tqdm
 
     samples, skipped = [], []

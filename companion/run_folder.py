@@ -2,7 +2,8 @@
 
 A run writes into one folder ``OUT``: ``last.pt`` (the latest checkpoint), ``final.pt``,
 ``iter_<N>.pt`` snapshots, ``log.jsonl`` (one record every ``log_every`` iterations, see
-:data:`TERM_NAMES`) and the lock file ``.lock`` that keeps a second run out.
+:data:`TERM_NAMES`), with validation scores ``best.pt`` and ``selection.jsonl``
+(:mod:`companion.selection`), and the lock file ``.lock`` that keeps a second run out.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def lock_run_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 #: Files of a run in its folder, besides the ``iter_<N>.pt`` snapshots.
-_RUN_FILES = ("last.pt", "final.pt", "log.jsonl")
+_RUN_FILES = ("last.pt", "final.pt", "log.jsonl", "best.pt", "selection.jsonl")
 
 
 def existing_run_files(out_dir: Path) -> list[Path]:
@@ -142,11 +143,7 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
     Called on rank 0 while it holds the folder's lock, so no other run is writing there.
     """
     # a writer killed between filling its temporary file and the rename (see companion._io)
-    stale = sorted(
-        p
-        for pattern in (".last.pt.*.tmp", ".final.pt.*.tmp", ".log.jsonl.*.tmp", ".iter_*.pt.*.tmp")
-        for p in out_dir.glob(pattern)
-    )
+    stale = sorted(p for name in _RUN_FILES + ("iter_*.pt",) for p in out_dir.glob(f".{name}.*.tmp"))
     for path in stale:
         path.unlink()
     if stale:

@@ -59,6 +59,7 @@ from .config import TrainConfig, channel_statistics
 from .distributed import DistInfo, init_distributed, unwrap
 from .dropout import dropout_rates
 from .run_folder import TERM_NAMES, lock_run_folder, prepare_run_folder, trim_log
+from .selection import SnapshotSelection
 from .step import autocast_dtype, build_model, compiled_objective, make_optimizer, train_step, training_device
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,6 +86,7 @@ def train(
     progress: bool = True,
     on_checkpoint: Callable[[int, Path], None] | None = None,
     started: float | None = None,
+    validation: Sequence[Sample] | None = None,
 ) -> Path:
     """Train a U-Net; returns the path of the final checkpoint ``out_dir/final.pt``.
 
@@ -114,6 +116,10 @@ def train(
     started : float, optional
         :func:`time.perf_counter` value from which ``config.time_budget`` counts (e.g. when a
         command started, before it loaded the data); default: this call.
+    validation : sequence of Sample, optional
+        Validation wells scored every ``config.select_every`` seconds, at the start and the end
+        (:class:`companion.selection.SnapshotSelection`: the best checkpoint is kept as
+        ``out_dir/best.pt``, the scores in ``selection.jsonl``); one process only.
 
     Notes
     -----
@@ -153,13 +159,22 @@ def train(
             if mean is None:
                 mean, std = channel_statistics(data)
         config = TrainConfig.from_dict({**config.to_dict(), "input_mean": mean, "input_std": std})
+    if bool(config.select_every) != (validation is not None):
+        raise ValueError("give validation wells together with config.select_every > 0, or neither")
     device = training_device(config)
     dist_info = init_distributed(device.type)
+    if validation is not None and dist_info.world_size > 1:
+        raise ValueError("validation scores during training (select_every) need one process")
+    selection = None
+    if validation is not None:
+        selection = SnapshotSelection(validation, out_dir, config.select_every, device=device)
     try:
         with lock_run_folder(out_dir) if dist_info.is_main else contextlib.nullcontext():
             if dist_info.is_main:
                 prepare_run_folder(out_dir, resume, overwrite)
-            return _train(config, data, out_dir, device, dist_info, resume, progress, on_checkpoint, started)
+            return _train(
+                config, data, out_dir, device, dist_info, resume, progress, on_checkpoint, started, selection
+            )
     finally:
         if dist_info.initialized_here:
             import torch.distributed as dist
@@ -177,6 +192,7 @@ def _train(
     progress: bool,
     on_checkpoint: Callable[[int, Path], None] | None,
     started: float,
+    selection: SnapshotSelection | None,
 ) -> Path:
     from tqdm.auto import tqdm
 
@@ -264,7 +280,13 @@ def _train(
         last_path=last_path,
         log_path=log_path,
         on_checkpoint=on_checkpoint,
+        selection=selection,
     )
+    if selection is not None:
+        selection.resume_at(start)
+        if start == 0 and config.init_from:  # the starting weights are the first candidate
+            write_checkpoint(model, optimizer, scaler, config, 0, dist_info, last_path, None)
+            _score(run, 0)
     loader = make_loader(
         data,
         config,
@@ -315,6 +337,7 @@ class _RunState:
     last_path: Path
     log_path: Path
     on_checkpoint: Callable[[int, Path], None] | None
+    selection: SnapshotSelection | None = None  # validation scores, best.pt (main process)
 
     @property
     def net(self) -> nn.Module:
@@ -358,26 +381,13 @@ def _loop(run: _RunState, loader: Iterable[dict], bar: Any) -> None:
             config, stop = _follow_budget(run, iteration, terms.total, bar)
         last = iteration >= config.iterations or stop
         logs = iteration % config.log_every == 0 or last
-        checkpoints = iteration % config.checkpoint_every == 0 or last
+        scores = run.selection is not None and (last or run.selection.due())
+        checkpoints = iteration % config.checkpoint_every == 0 or last or scores
         if logs or checkpoints:  # stop before a poisoned step reaches the log or a checkpoint
             _check_finite_losses(unchecked, iteration - len(unchecked), optimizer, last_path)
             unchecked = []
         if logs:
-            record = _log_record(
-                window,
-                iteration,
-                window_start,
-                window_time,
-                net,
-                dist_info,
-                dropout_rates,
-                optimizer.param_groups[0]["lr"],
-            )
-            if dist_info.is_main:
-                with open(run.log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                rates = record["dropout_rates"]
-                bar.set_postfix(loss=f"{record['total']:.4g}", p=f"{np.mean(rates):.3f}" if rates else "-")
+            _append_log(run, window, iteration, window_start, window_time, bar)
             window, window_start, window_time = [], iteration, time.perf_counter()
         if checkpoints:
             if not all(torch.isfinite(p).all() for p in net.parameters()):
@@ -390,8 +400,17 @@ def _loop(run: _RunState, loader: Iterable[dict], bar: Any) -> None:
             if dist_info.is_main and config.snapshot_every and iteration % config.snapshot_every == 0:
                 snapshot = last_path.with_name(f"iter_{iteration:07d}.pt")
                 atomic_write(snapshot, lambda tmp: shutil.copyfile(last_path, tmp))
+        if scores:
+            _score(run, iteration)
         if last:  # the loader of a budgeted run holds more batches than the budget allows
             break
+
+
+def _score(run: _RunState, iteration: int) -> None:
+    """Score the weights of ``last.pt`` on the validation wells; a budget keeps time for one more."""
+    result = run.selection.score(run.net, iteration, run.last_path)
+    if run.budget is not None:  # expired() stops half a reserve early: room for the last score
+        run.budget.reserve_s = max(run.budget.reserve_s, 2 * result.seconds)
 
 
 def _follow_budget(run: _RunState, iteration: int, loss: torch.Tensor, bar: Any) -> tuple[TrainConfig, bool]:
@@ -452,27 +471,30 @@ def _stop_non_finite(what: str, optimizer: torch.optim.Optimizer, last_path: Pat
     )
 
 
-def _log_record(
+def _append_log(
+    run: _RunState,
     window: list[torch.Tensor],
     iteration: int,
     window_start: int,
     window_time: float,
-    net: nn.Module,
-    dist_info: DistInfo,
-    dropout_rates: Callable,
-    lr: float,
-) -> dict:
+    bar: Any,
+) -> None:
+    """Append the record of iterations ``window_start + 1 .. iteration`` to the log (main process)."""
     means = torch.stack(window).mean(dim=0)
-    if dist_info.world_size > 1:
+    if run.dist_info.world_size > 1:
         import torch.distributed as dist
 
         dist.all_reduce(means)
-        means /= dist_info.world_size
+        means /= run.dist_info.world_size
+    if not run.dist_info.is_main:
+        return
     seconds = time.perf_counter() - window_time
     record: dict[str, Any] = {"iteration": iteration}
     record.update({name: float(v) for name, v in zip(TERM_NAMES, means.tolist())})
-    record["dropout_rates"] = [float(p) for p in dropout_rates(net)]
+    record["dropout_rates"] = rates = [float(p) for p in dropout_rates(run.net)]
     record["it_per_s"] = (iteration - window_start) / seconds if seconds > 0 else math.nan
-    record["lr"] = float(lr)
+    record["lr"] = float(run.optimizer.param_groups[0]["lr"])
     record["time"] = time.time()
-    return record
+    with open(run.log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    bar.set_postfix(loss=f"{record['total']:.4g}", p=f"{np.mean(rates):.3f}" if rates else "-")

@@ -1,163 +1,22 @@
-"""Tests of scripts/gpu_run.py: the data archive, the budget, and a smoke run end to end on the CPU."""
+"""Tests of scripts/gpu_run.py: package commands composed within a budget, end to end on the CPU."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
+import math
 
-import numpy as np
 import pytest
 
-from companion.data import CHANNEL_MAX, FIT_WELLS, TEST_FOLDS, VAL_WELLS, Sample, load_bbbc010, normalize
-from companion.synthetic import make_dataset
+from companion.archive import pack_samples
+from companion.data import FIT_WELLS, TEST_FOLDS, VAL_WELLS, load_bbbc010
 from scripts import gpu_run
 from tests.conftest import real_data_root
 
 
-def _camera_samples(n: int = 2, shape: tuple[int, int] = (24, 40)) -> list[Sample]:
-    """Synthetic wells whose images are raw counts / CHANNEL_MAX, as BBBC010's are."""
-    out = []
-    for s in make_dataset(n, seed=3, shape=shape):
-        raw = np.rint(s.image * CHANNEL_MAX[0]).astype(np.uint16)
-        out.append(Sample(s.well, np.stack([normalize(r, c) for c, r in enumerate(raw)]), s.instances))
-    out.append(Sample("EMPTY", out[0].image, np.zeros((0,) + shape, bool)))
-    return out
-
-
-def _same(a: Sample, b: Sample) -> bool:
-    return (
-        a.well == b.well
-        and a.image.dtype == b.image.dtype
-        and np.array_equal(a.image, b.image)
-        and a.instances.dtype == b.instances.dtype
-        and np.array_equal(a.instances, b.instances)
-    )
-
-
-def test_the_archive_reads_back_exactly(tmp_path):
-    samples = _camera_samples()
-    path = tmp_path / "pack.npz"
-    size = gpu_run.pack_samples(samples, path)
-    assert size == path.stat().st_size
-    assert gpu_run.pack_wells(path) == [s.well for s in samples]
-    assert all(_same(a, b) for a, b in zip(samples, gpu_run.read_pack(path)))
-    picked = gpu_run.read_pack(path, [samples[1].well, samples[0].well])
-    assert [s.well for s in picked] == [samples[1].well, samples[0].well]
-    with pytest.raises(KeyError, match="holds no well A01"):
-        gpu_run.read_pack(path, ["A01"])
-    with np.load(path, allow_pickle=False) as archive:  # plain numpy reads it, no pickles
-        assert archive[f"{samples[0].well}_image"].dtype == np.uint8
-
-
-def test_only_camera_counts_are_packed_and_only_archives_are_read(tmp_path):
-    with pytest.raises(ValueError, match="losslessly"):
-        gpu_run.pack_samples(make_dataset(1, shape=(16, 16)), tmp_path / "x.npz")
-    with pytest.raises(FileNotFoundError, match="gpu_run.py pack"):
-        gpu_run.read_pack(tmp_path / "missing.npz")
-    other = tmp_path / "other.npz"
-    np.savez(other, a=np.zeros(2))
-    with pytest.raises(ValueError, match="not a companion data archive"):
-        gpu_run.read_pack(other)
-
-
-@pytest.mark.realdata
-def test_real_wells_round_trip(bbbc010_root, tmp_path):
-    samples = load_bbbc010(bbbc010_root, ["A01", "C03"], progress=False)
-    gpu_run.pack_samples(samples, tmp_path / "real.npz")
-    assert all(_same(a, b) for a, b in zip(samples, gpu_run.read_pack(tmp_path / "real.npz")))
-
-
-def _run(tmp_path, budget_s: float = 60.0) -> gpu_run.Run:
-    (tmp_path / "out").mkdir()
-    return gpu_run.Run(tmp_path / "out", tmp_path / "work", budget_s, time.monotonic())
-
-
-def test_training_stops_at_a_checkpoint_when_its_time_is_up(tmp_path):
-    run = _run(tmp_path)
-    settings = dataclasses.replace(gpu_run.settings_for(True, "cpu"), max_iterations=None, min_iterations=20)
-    data = gpu_run._synthetic_data(settings)
-    checkpoint = gpu_run.train_one(run, data, settings, "baseline", batch=1, it_per_s=1.0, seconds=0.0)
-    info = run.summary["models"]["baseline"]["training"]
-    assert checkpoint.name == "last.pt" and info["stopped_early"]
-    assert info["planned_iterations"] == 20 and info["iterations"] == 2  # the first checkpoint (every 10 %)
-    assert run.summary["phases"]["train baseline"]["status"] == "stopped"
-    config = gpu_run.train_config(settings, "concrete", 1000, 4)
-    assert (config.dropout_lr_scale, config.disc_warmup, config.lr_warmup, config.gpu_augment) == (
-        10.0,
-        60,
-        40,
-        True,
-    )
-
-
-def test_a_budget_too_small_keeps_a_summary_and_skips_the_rest(tmp_path):
-    out = tmp_path / "out"
-    assert (
-        gpu_run.main(
-            ["--out", str(out), "--work", str(tmp_path / "work"), "--smoke", "--synthetic", "--budget-s", "1"]
-        )
-        == 0
-    )
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "partial" and summary["phases"]["benchmarks"]["status"] == "skipped"
-    assert (out / "run.log").is_file()
-
-
-def test_refusals_are_one_line_errors(tmp_path, capsys):
-    assert gpu_run.main(["--out", str(tmp_path / "o"), "--pack", str(tmp_path / "none.npz")]) == 2
-    assert "gpu_run.py pack" in capsys.readouterr().err
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "x").write_text("x")
-    assert gpu_run.main(["--out", str(tmp_path / "full"), "--smoke", "--synthetic"]) == 2
-    assert "not empty" in capsys.readouterr().err
-
-
-def _tiny_pack(tmp_path):
-    """A pack of 3 fitting, 1 validation and 2 test wells of the real data, else None."""
-    root = real_data_root()
-    if root is None:
-        return None
-    wells = list(FIT_WELLS[:3]) + [VAL_WELLS[0], TEST_FOLDS[0][0], TEST_FOLDS[1][0]]
-    path = tmp_path / "tiny.npz"
-    gpu_run.pack_samples(load_bbbc010(root, wells, progress=False), path)
-    return path
-
-
-@pytest.mark.slow
-def test_smoke_run_end_to_end(tmp_path):
-    pack = _tiny_pack(tmp_path)
-    out = tmp_path / "out"
-    data = ["--pack", str(pack)] if pack else ["--synthetic"]
-    start = time.monotonic()
-    assert gpu_run.main(["--out", str(out), "--work", str(tmp_path / "work"), "--smoke", *data]) == 0
-    assert time.monotonic() - start < 180
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "complete", summary["phases"]
-    assert summary["data"]["source"] == ("pack" if pack else "synthetic")
-    files = sorted(p.name for p in out.iterdir())
-    assert files == [
-        "baseline.json",
-        "baseline.pt",
-        "baseline_run.zip",
-        "concrete.json",
-        "concrete.pt",
-        "concrete_run.zip",
-        "run.log",
-        "summary.json",
-    ]
-    assert all((out / f).stat().st_size < 16 * 2**20 for f in files)
-    bench = summary["benchmarks"]
-    assert {"augmentation", "training", "mc_sampling"} <= set(bench)
-    assert bench["training"]["fp32_it_per_s"] > 0 and bench["mc_sampling"]["batched_s"] > 0
-    for name in ("baseline", "concrete"):
-        model = summary["models"][name]
-        assert model["training"]["iterations"] >= 2 and model["evaluation"]["status"] == "done"
-        assert {r["name"] for r in model["evaluation"]["rows"]} == (
-            {"deterministic"} if name == "baseline" else {"mc", "deterministic"}
-        )
-    provenance = json.loads((out / "concrete.json").read_text())
-    assert provenance["config"]["dropout_lr_scale"] == 10.0 and provenance["calibration"]["wells"]
+def _args(*argv: str):
+    args = gpu_run.build_parser().parse_args(["--out", "o", *argv])
+    args.argv = ["--out", "o", *argv]
+    return args
 
 
 def test_a_smoke_run_continues_one_shipped_model(tmp_path):
@@ -166,24 +25,92 @@ def test_a_smoke_run_continues_one_shipped_model(tmp_path):
     if shipped_model_file("baseline") is None:
         pytest.skip("the shipped models are not in this copy of the package")
     out = tmp_path / "out"
-    argv = ["--out", str(out), "--work", str(tmp_path / "work"), "--smoke", "--synthetic"]
+    argv = ["--out", str(out), "--work", str(tmp_path / "work"), "--smoke"]
     argv += ["--init-from", "baseline", "--models", "baseline", "--downsample", "1"]
     assert gpu_run.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "complete", summary["phases"]
-    assert summary["plan"]["models"] == ["baseline"] and "concrete" not in summary["models"]
-    config = summary["models"]["baseline"]["training"]["config"]
+    assert summary["status"] == "complete" and "concrete" not in summary["models"]
+    assert all(c["returncode"] == 0 for c in summary["commands"]), summary["commands"]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["baseline.json", "baseline.pt", "baseline_run.zip", "run.log", "summary.json"]
+    assert all((out / f).stat().st_size < gpu_run.MAX_OUT_BYTES for f in files)
+    training = summary["models"]["baseline"]["training"]
+    assert training["iterations"] == 6 and training["selection"]["scores"][0]["iteration"] == 0
+    provenance = json.loads((out / "baseline.json").read_text())
+    config = provenance["config"]
     assert config["init_from"] == "baseline" and config["base_filters"] == 19 and config["disc_warmup"] == 0
-    assert config["time_budget"] > 0  # the run sizes its own schedule to its share of the budget
-    assert config["downsample"] == 1  # the shipped weights continued at full resolution
-    assert sorted(p.name for p in out.iterdir()) == [
-        "baseline.json",
-        "baseline.pt",
-        "baseline_run.zip",
-        "run.log",
-        "summary.json",
-    ]
-    settings = gpu_run.settings_for(True, "cpu")
-    assert gpu_run.train_config(settings, "concrete", 100, 4, init_from="concrete").lr == pytest.approx(6e-4)
-    assert gpu_run.init_source_of("shipped", "concrete") == "concrete"
-    assert gpu_run.init_source_of("scratch", "concrete") is None
+    assert config["batch_size"] == 16 and config["lr"] == pytest.approx(3e-4 * 4)
+    assert config["overlap_weight"] == 5.0 and config["time_budget"] > 0 and config["downsample"] == 1
+    assert provenance["iterations"] == training["selection"]["best"]["iteration"]
+    assert "/tmp" not in provenance["command"] and provenance["command"].startswith(
+        "python scripts/gpu_run.py"
+    )
+    assert provenance["earlier_stages"], "the shipped model's stages are its history"
+    rows = summary["models"]["baseline"]["rows"]
+    assert set(rows) == {"baseline", "baseline_components", "baseline_components_flips"}
+    assert {r["name"] for r in rows["baseline_components_flips"]} == {"deterministic", "flips_agglomerated"}
+
+
+def test_a_run_that_does_not_beat_its_start_exports_nothing(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    scores = [dict(iteration=0, avAP=0.6), dict(iteration=50, avAP=0.55), dict(iteration=90, avAP=0.6)]
+    (folder / "selection.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+    chosen = gpu_run.selection_of(folder)
+    assert not chosen["improved"] and chosen["best"]["iteration"] == 0  # ties keep the start
+    scores.append(dict(iteration=120, avAP=0.61))
+    (folder / "selection.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+    assert gpu_run.selection_of(folder)["improved"]
+    assert gpu_run.selection_of(tmp_path)["improved"] is False  # no scores at all
+
+
+def test_the_commands_a_full_run_composes(tmp_path):
+    args = _args("--data", str(tmp_path / "wells.npz"), "--batch", "8")
+    plan = gpu_run.plan_for(args)
+    argv = gpu_run.train_argv(args, plan, "concrete", 2.5, tmp_path / "t")
+    assert argv[1:4] == ["-m", "companion", "train"]
+    value = {argv[i]: argv[i + 1] for i in range(3, len(argv) - 1) if argv[i].startswith("--")}
+    assert value["--init-from"] == "concrete" and float(value["--lr"]) == pytest.approx(
+        3e-4 * math.sqrt(8), rel=1e-3
+    )
+    assert value["--dropout-lr-scale"] == "10" and value["--select-every"] == "60"
+    assert value["--time-budget"] == "2.500" and value["--data-root"] == str(tmp_path / "wells.npz")
+    export = gpu_run.export_argv(args, plan, "concrete", tmp_path / "best.pt", tmp_path / "m")
+    assert export[export.index("--calibrate") + 1] == "10" and "--calibrate-draws" in export
+    rows = dict(gpu_run.evaluate_argvs(plan, "concrete", tmp_path / "m", tmp_path))
+    assert list(rows)[0] == "concrete_components_flips"  # the best row first
+    flips = rows["concrete_components_flips"]
+    assert flips.count("--pretrained") == 1 and flips[flips.index("--pretrained-dir") + 1] == str(
+        tmp_path / "m"
+    )
+    assert flips[flips.index("--out") + 1] == str(tmp_path / "concrete" / "concrete_components_flips")
+    assert "--flips" in flips and "results/" not in " ".join(flips)
+    scratch = gpu_run.train_argv(_args("--init-from", "scratch"), plan, "baseline", 1.0, tmp_path)
+    assert "--init-from" not in scratch and "--lr" not in scratch
+
+
+def test_refusals_are_one_line_errors(tmp_path, capsys):
+    assert gpu_run.main(["--out", str(tmp_path / "o"), "--data", str(tmp_path / "none.npz")]) == 2
+    assert "companion pack" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert gpu_run.main(["--out", str(tmp_path / "full"), "--smoke"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_smoke_run_on_an_archive_of_real_wells(tmp_path):
+    root = real_data_root()
+    if root is None:
+        pytest.skip("real BBBC010 data not found")
+    wells = list(FIT_WELLS[:3]) + [VAL_WELLS[0], TEST_FOLDS[0][0], TEST_FOLDS[1][0]]
+    archive = tmp_path / "tiny.npz"
+    pack_samples(load_bbbc010(root, wells, progress=False), archive)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--work", str(tmp_path / "w"), "--smoke", "--data", str(archive)]
+    assert gpu_run.main(argv + ["--models", "concrete", "--budget-min", "6"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(c["returncode"] == 0 for c in summary["commands"]), summary["commands"]
+    if summary["models"]["concrete"]["training"]["selection"]["improved"]:
+        provenance = json.loads((out / "concrete.json").read_text())
+        assert provenance["calibration"]["wells"] == [VAL_WELLS[0]]

@@ -22,6 +22,12 @@ predict
 
         python -m companion predict --pretrained baseline --wells C03 --out predictions
 
+pack
+    BBBC010 wells in one file that ``--data-root`` accepts (for a machine without the data
+    folder), e.g.::
+
+        python -m companion pack data_pack/bbbc010.npz --data-root /data/bbbc010
+
 Each command is a module of this package with an ``add_parser(commands)`` that registers its
 subparser and sets its ``func``; a new command is a new module added in :func:`build_parser`.
 """
@@ -34,7 +40,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import evaluate, predict, train
+from . import evaluate, pack, predict, train
 
 __all__ = ["build_parser", "main", "output_folder_error"]
 
@@ -50,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(commands)
     evaluate.add_parser(commands)
     predict.add_parser(commands)
+    pack.add_parser(commands)
     return parser
 
 

@@ -34,7 +34,8 @@ def add_data_source(parser: argparse.ArgumentParser, synthetic_help: str) -> Non
         "--data-root",
         type=Path,
         default=None,
-        help="folder with the BBBC010 copy (default: $BBBC010_ROOT, else the "
-        "download cache, downloading the data there if needed)",
+        help="folder with the BBBC010 copy, or an archive of its wells written by `python -m "
+        "companion pack` (default: $BBBC010_ROOT, else the download cache, downloading the data "
+        "there if needed)",
     )
     source.add_argument("--synthetic", type=positive_int, default=None, metavar="N", help=synthetic_help)

@@ -23,7 +23,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "train",
         help="train a U-Net (see `python -m companion train --help`)",
         description="Train the U-Net with the discriminative loss and a 3-class head on "
-        "augmented crops of the BBBC010 training wells (A01-A24, B01-B24, C01, C02) "
+        "augmented crops of the BBBC010 fitting wells (companion.data.FIT_WELLS: the training "
+        "wells A01-C02 less the 10 validation wells) "
         "or of synthetic worms. Checkpoints go to OUT/last.pt (resumable) and "
         "OUT/final.pt, the loss log to OUT/log.jsonl. Runs unchanged under "
         "`torchrun --nproc_per_node N -m companion train ...` (one process per GPU).",
@@ -34,7 +35,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=sorted(PRESETS),
         default="cpu",
         help="starting configuration: paper (800k iterations, 512 crops), colab "
-        "(~1 h on a Colab T4), cpu (~2 h on 2 CPU cores), quick (seconds, a "
+        "(~1 h on a Colab T4), cpu (about 1.5 h on one CPU core), quick (seconds, a "
         "pipeline check); the options below override single fields",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder for checkpoints and log.jsonl")
@@ -102,6 +103,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "iterations are timed and --iterations lowered to what fits, so that the warm-up and "
         "cosine schedule end in time; the run stops with a checkpoint at the budget whatever "
         "happens",
+    )
+    p.add_argument(
+        "--select-every",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="score the weights on the validation wells every that many seconds of training, "
+        "at the start and at the end (fast protocol, companion.selection), and keep the best "
+        "checkpoint as OUT/best.pt, the scores in OUT/selection.jsonl (not in the paper)",
     )
     p.add_argument(
         "--crop-size",
@@ -226,6 +236,7 @@ def config_from_args(args: argparse.Namespace):
             "dropout_lr_scale",
             "overlap_weight",
             "time_budget",
+            "select_every",
         )
         if getattr(args, name) is not None
     }
@@ -244,16 +255,22 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.preset(args.preset, **overrides)
 
 
-def _training_data(args: argparse.Namespace, crop_size: int, seed: int) -> list:
+def _training_data(args: argparse.Namespace, crop_size: int, seed: int) -> tuple[list, list | None]:
+    """The training images and, with ``--select-every``, the validation images."""
+    validating = args.select_every is not None
     if args.synthetic is not None:
         from companion.synthetic import make_dataset
 
         side = max(256, crop_size)
-        return make_dataset(args.synthetic, seed=seed, shape=(side, side))
-    from companion.data import FIT_WELLS, load_bbbc010
+        val = make_dataset(max(1, args.synthetic // 4), seed=seed + 10_000, shape=(side, side))
+        return make_dataset(args.synthetic, seed=seed, shape=(side, side)), val if validating else None
+    from companion.data import FIT_WELLS, VAL_WELLS, load_bbbc010
 
-    # the validation wells (companion.data.VAL_WELLS) are held out for every recipe decision
-    return load_bbbc010(args.data_root, FIT_WELLS, skip_incomplete=True)
+    # the validation wells are held out for every recipe decision
+    wells = FIT_WELLS + (VAL_WELLS if validating else ())
+    samples = load_bbbc010(args.data_root, wells, skip_incomplete=True)
+    fit = [s for s in samples if s.well in FIT_WELLS]
+    return fit, [s for s in samples if s.well in VAL_WELLS] if validating else None
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -275,7 +292,7 @@ def _run_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    data = _training_data(args, config.crop_size, config.seed)
+    data, validation = _training_data(args, config.crop_size, config.seed)
     try:
         final = train(
             config,
@@ -285,6 +302,7 @@ def _run_train(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             started=started,
+            validation=validation,
         )
     except FloatingPointError as err:
         print(f"error: {err}", file=sys.stderr)
