@@ -5,7 +5,7 @@ Usage::
     # once, where the data is: the wells as one file (a GPU machine may see only the working tree)
     python -m companion pack data_pack/bbbc010.npz --data-root BBBC010_DIR
 
-    # with the GPU (default: 9 minutes for everything, both models):
+    # with the GPU (default: 8 minutes for everything, both models):
     python scripts/gpu_run.py --out DIR [--budget-min 9] [--models baseline concrete]
 
     # anywhere, end to end on the CPU in a few minutes (synthetic worms, a few iterations):
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=Path, required=True, help="empty folder for the (at most 8) result files"
     )
-    parser.add_argument("--budget-min", type=float, default=9.0, help="wall-clock minutes for everything")
+    parser.add_argument("--budget-min", type=float, default=8.0, help="wall-clock minutes for everything")
     parser.add_argument(
         "--models", nargs="+", choices=MODELS, default=list(MODELS), help="one may take the whole budget"
     )
