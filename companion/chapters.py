@@ -26,7 +26,7 @@ from torch import nn
 from .agglomerate import Agglomeration
 from .checkpoint import load_model
 from .config import TrainConfig
-from .data import TEST_FOLDS, TRAIN_WELLS, Sample, load_bbbc010
+from .data import FIT_WELLS, TEST_FOLDS, Sample, load_bbbc010
 from .export import export
 from .outputs import WellOutputs, cached_well_outputs
 from .predict import predict_agglomerated
@@ -287,7 +287,8 @@ def load_or_train(
         See ``retrain``.
     device : str or torch.device
     train_wells : sequence of str, optional
-        Default :data:`companion.data.TRAIN_WELLS` (``quick``: the first 8).
+        Default :data:`companion.data.FIT_WELLS`, the training wells less the validation wells,
+        as ``python -m companion train`` uses (``quick``: the first 8).
     data_root : path-like, optional
         Passed to :func:`companion.data.load_bbbc010`.
     directory : path-like, optional
@@ -310,12 +311,12 @@ def load_or_train(
     on_gpu = torch.device(device).type == "cuda"
     if quick:
         config = TrainConfig.preset("quick", model=name, device=str(device))
-        wells = list(train_wells or TRAIN_WELLS[:8])
+        wells = list(train_wells or FIT_WELLS[:8])
     else:
         recorded = provenance(name, directory).get("overrides", {}) if name in available(directory) else {}
         keep = {k: recorded[k] for k in ("lr", "disc_warmup", "grad_clip") if k in recorded}
         config = TrainConfig.preset("colab" if on_gpu else "cpu", model=name, device=str(device), **keep)
-        wells = list(train_wells or TRAIN_WELLS)
+        wells = list(train_wells or FIT_WELLS)
     samples = load_bbbc010(data_root, wells=wells, progress=progress)
     start = time.perf_counter()
     with warnings.catch_warnings():

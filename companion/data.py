@@ -24,32 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = [
-    "WELLS",
-    "TRAIN_WELLS",
-    "VAL_WELLS",
-    "FIT_WELLS",
-    "TEST_WELLS",
-    "TEST_FOLDS",
-    "IMAGE_SHAPE",
-    "CHANNEL_MAX",
-    "BASE_URL",
-    "IMAGES_ZIP",
-    "MASKS_ZIP",
-    "Sample",
-    "IncompleteWellError",
-    "CorruptFileError",
-    "BBBC010Layout",
-    "find_layout",
-    "resolve_root",
-    "default_cache_dir",
-    "fetch_bbbc010",
-    "load_well",
-    "load_bbbc010",
-    "normalize",
-    "rescale",
+__all__ = [  # noqa: RUF022 (the order of the module)
+    "WELLS", "TRAIN_WELLS", "VAL_WELLS", "FIT_WELLS", "TEST_WELLS", "TEST_FOLDS", "IMAGE_SHAPE",
+    "CHANNEL_MAX", "BASE_URL", "IMAGES_ZIP", "MASKS_ZIP", "Sample", "IncompleteWellError",
+    "CorruptFileError", "BBBC010Layout", "find_layout", "resolve_root", "default_cache_dir",
+    "fetch_bbbc010", "load_well", "load_masks", "load_bbbc010", "normalize", "rescale",
     "BBBC010DownloadError",
-]
+]  # fmt: skip
 
 #: The 100 well ids of BBBC010, row-major: ``A01`` .. ``A24``, ``B01`` .. ``D24``, ``E01`` .. ``E04``.
 WELLS: tuple[str, ...] = tuple(f"{row}{col:02d}" for row in "ABCD" for col in range(1, 25)) + tuple(
@@ -386,13 +367,19 @@ def load_well(layout: BBBC010Layout, well: str) -> Sample:
             f"well {well}: channel shapes differ: {paths[0].name} {raws[0].shape} vs {paths[1].name} {raws[1].shape}"
         )
     image = np.stack([normalize(raw, c) for c, raw in enumerate(raws)])
-    height, width = image.shape[1:]
+    return Sample(well=well, image=image, instances=load_masks(layout, well, image.shape[1:]))
+
+
+def load_masks(layout: BBBC010Layout, well: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The instance masks ``bool (K, H, W)`` of one well, also of a well whose image is
+    incomplete (C13, C14, D24: their masks are whole); ``shape`` checks them (else the first's)."""
     masks = []
     for path in _mask_files(layout.masks, well):
         mask = _read_mask(path)
-        if mask.shape != (height, width):
+        shape = mask.shape if shape is None else tuple(shape)
+        if mask.shape != shape:
             raise ValueError(
-                f"mask {str(path)!r} has shape {mask.shape} but the image of well {well} has shape {(height, width)}"
+                f"mask {str(path)!r} has shape {mask.shape} but well {well}'s images have {shape}"
             )
         if not mask.any():  # no worm: a broken export, not an instance (it could never be matched)
             warnings.warn(
@@ -400,8 +387,7 @@ def load_well(layout: BBBC010Layout, well: str) -> Sample:
             )
             continue
         masks.append(mask)
-    instances = np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
-    return Sample(well=well, image=image, instances=instances)
+    return np.stack(masks) if masks else np.zeros((0, *(shape or (0, 0))), dtype=bool)
 
 
 def _check_wells(wells: Iterable[str] | str | None) -> list[str]:

@@ -55,7 +55,7 @@ from torch import nn
 from .data import TEST_FOLDS
 from .metrics import instance_metrics
 from .outputs import cached_well_outputs, has_concrete_dropout
-from .paper import TABLE1_KEYS
+from .paper import ROW_KEYS
 from .postprocess import DEFAULT_MIN_SIZE
 from .predict import predict_agglomerated, predict_deterministic
 from .proofreading import image_uncertainty, simulate_proofreading
@@ -120,14 +120,14 @@ class EvaluationResult(NamedTuple):
     rows : list of dict
         Table 1 rows: ``name`` (``"mc"`` agglomerated draws, ``"flips_agglomerated"`` the
         agglomerated flipped passes of a model without dropout, ``"deterministic"`` one pass),
-        ``inference`` (a description) and the metrics of :data:`TABLE1_KEYS`.
+        ``inference`` (a description) and the metrics of :data:`companion.paper.ROW_KEYS`.
     tuning : companion.tuning.GridSearchResult
         The grid search on the deterministic pass.
     folds : list of tuple of str
         The folds actually used (wells absent from ``samples`` removed).
     per_image : list of dict
         One dict per well and row: ``row``, ``well``, ``fold``, ``n_gt``, ``n_pred``,
-        ``n_recalled80``, ``AP50``, ``avAP``, ``avAP_dsb``; agglomerated rows also ``uncertainty``
+        ``n_recalled80``, ``n_recalled80_iou``, ``AP50``, ``avAP``, ``avAP_dsb``; agglomerated rows also ``uncertainty``
         (:func:`companion.proofreading.image_uncertainty` of the agglomerated probabilities).
     pavpu : companion.uncertainty.PAvPU or None
         Of the agglomerated predictions (None without draws).
@@ -177,7 +177,7 @@ def _check_folds(samples: Sequence[Sample], folds: Sequence[Sequence[str]] | Non
 
 
 def _per_image_rows(name: str, wells: Sequence[str], fold_of: Mapping[str, int], metrics: dict) -> list[dict]:
-    keys = ("n_gt", "n_pred", "n_recalled80", "AP50", "avAP", "avAP_dsb")
+    keys = ("n_gt", "n_pred", "n_recalled80", "n_recalled80_iou", "AP50", "avAP", "avAP_dsb")
     return [
         dict(row=name, well=well, fold=fold_of[well], **{k: image[k] for k in keys})
         for well, image in zip(wells, metrics["per_image"])
@@ -318,7 +318,7 @@ def evaluate_model(
         dict(
             name="deterministic",
             inference="one deterministic pass (dropout off)" + (_FLIPS_NOTE if flips else ""),
-            **{k: det_metrics[k] for k in TABLE1_KEYS},
+            **{k: det_metrics[k] for k in ROW_KEYS},
         )
     ]
     per_image = _per_image_rows("deterministic", wells, fold_of, det_metrics)
@@ -341,7 +341,7 @@ def evaluate_model(
             dict(
                 name=agg_name,
                 inference=inference,
-                **{k: mc_metrics[k] for k in TABLE1_KEYS},
+                **{k: mc_metrics[k] for k in ROW_KEYS},
             ),
         )
         mc_rows = _per_image_rows(agg_name, wells, fold_of, mc_metrics)

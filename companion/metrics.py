@@ -20,10 +20,16 @@ Readings (how each number in the book's Table 1 is defined):
 ``recall80``
     Share of ground-truth instances (pooled over images) that get a one-to-one partner
     (Hungarian matching) whose pixel F1 score (Dice) is at least 0.8; nan without any gt.
+``recall80_iou``
+    The same with IoU >= 0.8 instead of Dice >= 0.8 (Dice 0.8 is IoU 0.67, so this is the
+    stricter reading): the one that reproduces the paper's PatchPerPix "Recall .8" from
+    PatchPerPix's published predictions (``results/PROTOCOL.md``).
 ``avAP_dsb``
     The Data Science Bowl 2018 score: per image and threshold t, TP / (TP + FP + FN) with a
     one-to-one (Hungarian) matching that counts pairs with IoU >= t; averaged over the ten
     thresholds, then over images. An image with neither ground truth nor predictions scores 1.
+    ``dsb_per_threshold`` keeps the ten per-threshold means over images (PatchPerPix's
+    README reports those at 0.5, 0.6, ..., 0.9 and their mean).
 
 Examples
 --------
@@ -385,13 +391,15 @@ def instance_metrics(
     scores : sequence of ndarray, shapes (L_i,)
         Confidence of each prediction (only the COCO AP uses it).
     min_dice : float
-        Dice needed for a gt instance to count as recalled in ``recall80``.
+        Dice needed for a gt instance to count as recalled in ``recall80`` (and the IoU in
+        ``recall80_iou``).
 
     Returns
     -------
     dict
-        ``avAP``, ``AP50``, ``AP75``, ``recall80``, ``avAP_dsb`` (floats) and ``per_image``:
-        one dict per image with ``index``, ``n_gt``, ``n_pred``, ``n_recalled80``, ``AP50``
+        ``avAP``, ``AP50``, ``AP75``, ``recall80``, ``avAP_dsb``, ``recall80_iou`` (floats),
+        ``dsb_per_threshold`` (10 floats) and ``per_image``: one dict per image with ``index``,
+        ``n_gt``, ``n_pred``, ``n_recalled80``, ``n_recalled80_iou``, ``AP50``
         and ``avAP`` (COCO AP of that image alone, -1 without gt), ``avAP_dsb``, ``dsb50``.
 
     Examples
@@ -404,8 +412,8 @@ def instance_metrics(
     """
     if not (len(gts) == len(preds) == len(scores)):
         raise ValueError(f"gts, preds and scores differ in length: {len(gts)}, {len(preds)}, {len(scores)}")
-    ious, per_image = [], []
-    n_gt_total = n_recalled = 0
+    ious, per_image, dsb_values = [], [], []
+    n_gt_total = n_recalled = n_recalled_iou = 0
     for i, (gt, pred, score) in enumerate(zip(gts, preds, scores)):
         gt, pred = _as_stack(gt, f"gts[{i}]"), _as_stack(pred, f"preds[{i}]")
         score = np.asarray(score, dtype=np.float64).reshape(-1)
@@ -414,10 +422,12 @@ def instance_metrics(
         ov = overlaps(gt, pred)
         iou = _iou_from(ov)  # (G, D)
         ious.append(iou.T)
-        recalled = _recalled_at_dice(ov, min_dice)
+        recalled, recalled_iou = _recalled_at_dice(ov, min_dice), len(matched_pairs(iou, min_dice)[0])
         n_gt_total += len(gt)
         n_recalled += recalled
+        n_recalled_iou += recalled_iou
         dsb = dsb_score(iou)
+        dsb_values.append(dsb)
         ap = coco_ap([iou.T], [score])
         per_image.append(
             dict(
@@ -425,6 +435,7 @@ def instance_metrics(
                 n_gt=len(gt),
                 n_pred=len(pred),
                 n_recalled80=recalled,
+                n_recalled80_iou=recalled_iou,
                 AP50=float(ap[0]),
                 avAP=float(ap.mean()) if ap[0] >= 0 else -1.0,
                 avAP_dsb=float(dsb.mean()),
@@ -439,5 +450,7 @@ def instance_metrics(
         AP75=float(ap[5]),
         recall80=n_recalled / n_gt_total if n_gt_total else float("nan"),
         avAP_dsb=float(np.mean([p["avAP_dsb"] for p in per_image])) if per_image else float("nan"),
+        recall80_iou=n_recalled_iou / n_gt_total if n_gt_total else float("nan"),
+        dsb_per_threshold=np.mean(dsb_values, axis=0).tolist() if dsb_values else [],
         per_image=per_image,
     )

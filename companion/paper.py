@@ -14,11 +14,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-__all__ = ["TABLE1_KEYS", "TABLE1", "FIGURE2_AT_005", "table1_html"]
+__all__ = [
+    "TABLE1_KEYS",
+    "ROW_KEYS",
+    "TABLE1",
+    "PATCHPERPIX",
+    "PATCHPERPIX_S",
+    "FIGURE2_AT_005",
+    "published",
+    "table1_html",
+]
 
 
 #: The columns of Table 1, in the paper's order (the metrics of a Table 1 row).
 TABLE1_KEYS: tuple[str, ...] = ("avAP", "AP50", "AP75", "recall80", "avAP_dsb")
+
+#: The columns of an evaluated row: Table 1's, and Recall .8 read at IoU >= 0.8 (``recall80_iou``,
+#: the reading that reproduces the paper's PatchPerPix row; ``results/PROTOCOL.md``).
+ROW_KEYS: tuple[str, ...] = (*TABLE1_KEYS, "recall80_iou")
 
 #: Table 1 of the paper: BBBC010 test split; the concrete model's agglomerated Monte-Carlo
 #: probabilities binarised at 0.75, the baseline's single deterministic prediction.
@@ -27,15 +40,34 @@ TABLE1: dict[str, dict[str, float]] = {
     "concrete": dict(avAP=0.770, AP50=0.974, AP75=0.883, recall80=0.81, avAP_dsb=0.703),
 }
 
+#: Table 1's PatchPerPix row (Hirsch, Mais and Kainmueller 2020; its test split has all 50 test
+#: wells and its predictions carry no confidence score, see ``results/PROTOCOL.md``).
+PATCHPERPIX: dict[str, float] = dict(avAP=0.775, AP50=0.939, AP75=0.891, recall80=0.895, avAP_dsb=0.727)
+
+#: PatchPerPix's own README (Kainmueller-Lab/PatchPerPix, ppp+dec on BBBC010): S = TP / (TP + FP +
+#: FN) per image at IoU 0.5, 0.6, ..., 0.9, averaged over images, and their mean ``avS``.
+PATCHPERPIX_S: dict[str, float] = dict(S50=0.960, S60=0.955, S70=0.931, S80=0.805, S90=0.428, avS=0.816)
+
 #: Figure 2 of the paper at the entropy threshold 0.05: the probability that an inaccurate 4 x 4
 #: patch is flagged uncertain.
 FIGURE2_AT_005: dict[str, float] = dict(threshold=0.05, p_uncertain_given_inaccurate=0.559)
 
 
-def table1_html(rows: Sequence[tuple[str, Mapping[str, float]]]) -> str:
+def published(row: Mapping[str, float]) -> dict[str, float | None]:
+    """A published Table 1 row in the evaluated columns (:data:`ROW_KEYS`): its Recall .8 is the
+    IoU reading, ``recall80_iou`` (``results/PROTOCOL.md``); the Dice reading is unknown.
+
+    >>> published(TABLE1["concrete"])["recall80_iou"], published(TABLE1["concrete"])["recall80"]
+    (0.81, None)
+    """
+    return {**row, "recall80": None, "recall80_iou": row["recall80"]}
+
+
+def table1_html(rows: Sequence[tuple[str, Mapping[str, float]]], keys: Sequence[str] = TABLE1_KEYS) -> str:
     """Table 1 rows as an HTML table (a rendered table in the book and in Jupyter).
 
-    ``rows`` are ``(label, metrics)`` pairs; missing metrics show as ``-``. Labels are escaped.
+    ``rows`` are ``(label, metrics)`` pairs, ``keys`` the columns; missing metrics (or ``None``)
+    show as ``-``. Labels are escaped.
 
     Examples
     --------
@@ -45,6 +77,4 @@ def table1_html(rows: Sequence[tuple[str, Mapping[str, float]]]) -> str:
     """
     from .figures import html_table
 
-    return html_table(
-        ["", *TABLE1_KEYS], [[label, *(metrics.get(k) for k in TABLE1_KEYS)] for label, metrics in rows]
-    )
+    return html_table(["", *keys], [[label, *(metrics.get(k) for k in keys)] for label, metrics in rows])

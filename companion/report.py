@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from ._io import atomic_write_bytes
-from .paper import TABLE1_KEYS
+from .paper import ROW_KEYS
 
 if TYPE_CHECKING:  # pragma: no cover
     from companion.data import Sample
@@ -199,7 +199,7 @@ def write_report(
             bandwidth=c.bandwidth,
             threshold=c.threshold,
             tuning_score=c.tuning_score,
-            **{k: c.test_metrics[k] for k in TABLE1_KEYS},
+            **{k: c.test_metrics[k] for k in ROW_KEYS},
         )
         for c in tuning.choices
     ]
@@ -222,7 +222,7 @@ def write_report(
             thresholds=tuning.thresholds,
             scores=tuning.scores,
             choices=choices,
-            pooled_deterministic={k: tuning.pooled[k] for k in TABLE1_KEYS},
+            pooled_deterministic={k: tuning.pooled[k] for k in ROW_KEYS},
         ),
         pavpu=_pavpu_rows(result.pavpu) if result.pavpu is not None else None,
         proofreading=result.proofreading,
@@ -230,7 +230,7 @@ def write_report(
         gallery_wells=worst,
     )
     put("results.json", (json.dumps(_json_safe(document), indent=1, allow_nan=False) + "\n").encode())
-    put("table1.csv", _csv_bytes(result.rows, ("name", *TABLE1_KEYS, "inference")))
+    put("table1.csv", _csv_bytes(result.rows, ("name", *ROW_KEYS, "inference")))
     put(
         "per_image.csv",
         _csv_bytes(
@@ -242,6 +242,7 @@ def write_report(
                 "n_gt",
                 "n_pred",
                 "n_recalled80",
+                "n_recalled80_iou",
                 "AP50",
                 "avAP",
                 "avAP_dsb",

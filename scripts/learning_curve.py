@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/learning_curve.py --runs /work/runs/baseline_v2 /work/runs/concrete_v2 \\
+    python scripts/learning_curve.py --runs runs/baseline_v2 runs/concrete_v2 \\
         --out results/curves
 
 For every ``iter_<N>.pt`` (``--snapshot-every``) and ``final.pt`` of each run, the deterministic

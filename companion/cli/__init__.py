@@ -28,6 +28,12 @@ pack
 
         python -m companion pack data_pack/bbbc010.npz --data-root /data/bbbc010
 
+score
+    Predictions of any tool (PatchPerPix's HDF5 label layers, TIFFs, ``predict``'s ``.npz``)
+    scored like Table 1, once per protocol, e.g.::
+
+        python -m companion score setup08/ --out results/peers/patchperpix
+
 Each command is a module of this package with an ``add_parser(commands)`` that registers its
 subparser and sets its ``func``; a new command is a new module added in :func:`build_parser`.
 """
@@ -40,7 +46,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import evaluate, pack, predict, train
+from . import evaluate, pack, predict, score, train
 
 __all__ = ["build_parser", "main", "output_folder_error"]
 
@@ -57,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(commands)
     predict.add_parser(commands)
     pack.add_parser(commands)
+    score.add_parser(commands)
     return parser
 
 

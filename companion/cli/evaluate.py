@@ -221,7 +221,7 @@ def _evaluation_data(args: argparse.Namespace):
     folds = [[w for w in fold if w in loaded] for fold in pool_folds]
     if not all(folds):
         raise ValueError(f"each cross-validation fold needs at least one well; folds: {folds}")
-    return samples, folds, skipped, dict(source="bbbc010", root=str(root))
+    return samples, folds, skipped, dict(source="bbbc010", root=root.name)  # no machine path
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
