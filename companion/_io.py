@@ -81,9 +81,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and str(path) not in str(err):  # e.g. a full disk: say where
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         raise
     return path
 

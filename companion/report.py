@@ -1,5 +1,10 @@
 """The files of an evaluation: ``results.json``, the CSV tables and the figures (:func:`write_report`).
 
+An evaluation folder is whole when it holds ``results.json``: :func:`write_report` writes the
+new set into a staging folder beside it, removes ``results.json`` and every file of an earlier
+evaluation, moves the new files in and ``results.json`` last. Interrupted at any point, the folder
+either keeps no ``results.json`` (incomplete, and readers say so) or holds one whole set.
+
 :func:`plot_pavpu` draws the paper's Fig. 2 layout, :func:`plot_gallery` images with the outlines
 of ground truth and prediction.
 
@@ -149,6 +154,44 @@ def plot_gallery(samples: Sequence[Sample], predictions: Sequence[np.ndarray], t
     return fig
 
 
+#: Every file an evaluation may write into its folder (besides the network-output ``cache/``).
+RESULT_FILES: tuple[str, ...] = (
+    "results.json",
+    "table1.csv",
+    "per_image.csv",
+    "tuning.csv",
+    "pavpu.csv",
+    "pavpu.png",
+    "proofreading.csv",
+    "gallery.png",
+)
+#: Prefix of the staging folders of :func:`write_report` (swept by :func:`sweep_staging`).
+STAGING_PREFIX = ".incoming-"
+
+
+def sweep_staging(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove staging folders that an interrupted :func:`write_report` left in ``out_dir``."""
+    import shutil
+
+    stale = sorted(Path(out_dir).glob(f"{STAGING_PREFIX}*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _publish(staging: Path, out: Path, names: Sequence[str]) -> list[Path]:
+    """Swap the staged files in: ``results.json`` removed first and put back last, the files of
+    an earlier evaluation that this one lacks removed."""
+    (out / "results.json").unlink(missing_ok=True)
+    for name in RESULT_FILES:
+        if name not in names:
+            (out / name).unlink(missing_ok=True)
+    for name in sorted(names, key=lambda n: n == "results.json"):
+        os.replace(staging / name, out / name)
+    staging.rmdir()
+    return [out / name for name in names]
+
+
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -166,7 +209,7 @@ def write_report(
     info: Mapping[str, Any] | None = None,
     n_gallery: int = 3,
 ) -> list[Path]:
-    """Write the evaluation's files into ``out_dir`` (each atomically).
+    """Write the evaluation's files into ``out_dir`` as one set (module docstring).
 
     ``results.json`` (everything, plus ``info``: model, skipped wells, wall time, ...),
     ``table1.csv``, ``per_image.csv``, ``tuning.csv``, ``pavpu.csv`` and ``proofreading.csv`` (with
@@ -179,11 +222,14 @@ def write_report(
         The files written.
     """
     out = Path(out_dir)
-    written: list[Path] = []
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
+    staging.mkdir(exist_ok=True)
+    written: list[str] = []
 
     def put(name: str, data: bytes) -> None:
-        atomic_write_bytes(out / name, data)
-        written.append(out / name)
+        atomic_write_bytes(staging / name, data)
+        written.append(name)
 
     tuning = result.tuning
     tuning_rows = [
@@ -255,8 +301,8 @@ def write_report(
         rows = _pavpu_rows(result.pavpu)
         put("pavpu.csv", _csv_bytes(rows, list(rows[0])))
         fig = plot_pavpu(result.pavpu)
-        _save_figure(fig, out / "pavpu.png")
-        written.append(out / "pavpu.png")
+        _save_figure(fig, staging / "pavpu.png")
+        written.append("pavpu.png")
     if result.proofreading is not None:
         put("proofreading.csv", _csv_bytes(result.proofreading, list(result.proofreading[0])))
     if worst:
@@ -268,6 +314,6 @@ def write_report(
             [result.predictions[main_row][index[w]] for w in worst],
             [f"{w} (avAP {scores[w]:.2f})" for w in worst],
         )
-        _save_figure(fig, out / "gallery.png")
-        written.append(out / "gallery.png")
-    return written
+        _save_figure(fig, staging / "gallery.png")
+        written.append("gallery.png")
+    return _publish(staging, out, written)

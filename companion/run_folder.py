@@ -56,7 +56,7 @@ def trim_log(log_path: Path, iteration: int) -> None:
 
 
 class RunFolderBusyError(OSError):
-    """Another training process holds the run folder's lock (``OUT/.lock``)."""
+    """Another process holds the folder's lock (``OUT/.lock``)."""
 
 
 #: The lock file of a run folder (see :func:`lock_run_folder`).
@@ -64,8 +64,11 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
-def lock_run_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+def lock_run_folder(out_dir: str | os.PathLike, purpose: str = "training") -> Iterator[Path]:
     """Hold an exclusive lock on ``out_dir`` (created if needed) while the block runs.
+
+    ``purpose`` names the kind of process in the messages (training, evaluation, prediction):
+    every command that writes a folder locks it.
 
     The lock is an :func:`fcntl.flock` on ``out_dir/.lock``, which records the holder's pid and
     host. The operating system drops it when the holder exits, also when it crashes or is
@@ -95,7 +98,7 @@ def lock_run_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         warnings.warn(
-            f"cannot lock {out_dir} on this platform: make sure no other training writes there", stacklevel=4
+            f"cannot lock {out_dir} on this platform: make sure no other {purpose} writes there", stacklevel=4
         )
         yield path
         return
@@ -112,11 +115,11 @@ def lock_run_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
                     else "pid not recorded yet"
                 )
                 raise RunFolderBusyError(
-                    f"{out_dir} is in use by another training process ({who}; lock file "
+                    f"{out_dir} is in use by another {purpose} process ({who}; lock file "
                     f"{path}): wait for it to finish or stop it, or choose another folder"
                 ) from None
             warnings.warn(
-                f"cannot lock {out_dir} ({err.strerror or err}): make sure no other training writes there",
+                f"cannot lock {out_dir} ({err.strerror or err}): make sure no other {purpose} writes there",
                 stacklevel=4,
             )
         else:

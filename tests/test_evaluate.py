@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,6 +336,49 @@ def test_write_report_files(oracle_run, samples, tmp_path):
     assert doc["gallery_wells"][0] == worst["well"]
     assert (tmp_path / "gallery.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_new_evaluation_replaces_the_earlier_set_whole(oracle_run, samples, tmp_path, monkeypatch):
+    import os
+
+    from companion.report import STAGING_PREFIX, sweep_staging
+
+    _, result, _ = oracle_run
+    write_report(result, samples, tmp_path)  # a Concrete model's set: PAvPU and proofreading files
+    assert (tmp_path / "pavpu.csv").is_file()
+    deterministic = result._replace(pavpu=None, proofreading=None, rows=result.rows[1:])
+    deterministic = deterministic._replace(per_image=[p for p in result.per_image if p["row"] != "mc"])
+    files = write_report(deterministic, samples, tmp_path)  # a baseline's set into the same folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)
+    assert not (tmp_path / "pavpu.csv").exists() and not (tmp_path / "proofreading.csv").exists()
+    moved = []
+
+    def interrupted(src, dst, real=os.replace):  # stops the swap after two files moved in
+        if Path(dst).parent == tmp_path:
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+            moved.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr("companion.report.os.replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(result, samples, tmp_path)
+    assert not (tmp_path / "results.json").exists()  # the folder says it is incomplete
+    assert [p.name for p in sweep_staging(tmp_path)] == [f"{STAGING_PREFIX}{os.getpid()}"]
+    assert not list(tmp_path.glob(f"{STAGING_PREFIX}*"))
+
+
+def test_a_full_disk_names_the_file(tmp_path):
+    import errno
+
+    from companion._io import atomic_write
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'x.json'}: No space left") as caught:
+        atomic_write(tmp_path / "x.json", full)
+    assert caught.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_predict_command_reproduces_the_committed_per_image_line(bbbc010_root, t
         == 0
     )
     saved = np.load(tmp_path / "C03.npz")
-    assert (tmp_path / "C03.png").is_file()
+    assert (tmp_path / "C03.overlay.png").is_file()
     from companion.data import load_bbbc010
 
     gt = load_bbbc010(bbbc010_root, ["C03"], progress=False)[0].instances
@@ -175,3 +175,59 @@ def test_flipped_passes_of_a_model_without_dropout_take_the_place_of_draws():
     masks, scores, _ = predict_agglomerated(outputs, 1.0, 1.0)
     assert np.array_equal(result.masks, masks) and np.allclose(result.scores, scores)
     assert result.probabilities is not None and result.probabilities.shape == result.masks.shape
+
+
+def test_predict_command_never_overwrites_an_input_or_another_output(tmp_path, capsys):
+    import tifffile
+
+    image = np.zeros((2, 32, 48), np.uint16)
+    for name in ("a/x.tif", "b/x.tif", "y.tif", "y.tiff"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        tifffile.imwrite(tmp_path / name, image, photometric="minisblack")
+    before = (tmp_path / "y.tif").read_bytes()
+    for inputs in (["a/x.tif", "b/x.tif"], ["y.tif", "y.tiff"]):
+        argv = ["predict", "--pretrained", "baseline", "--out", str(tmp_path / "out")]
+        assert main(argv + ["--images", *(str(tmp_path / p) for p in inputs)]) == 2
+        err = capsys.readouterr().err
+        assert "share the name" in err and err.count("\n") == 1, err
+    argv = [
+        "predict",
+        "--pretrained",
+        "baseline",
+        "--images",
+        str(tmp_path / "y.tif"),
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0  # into the input's own folder
+    assert (tmp_path / "y.tif").read_bytes() == before and (tmp_path / "y.overlay.png").is_file()
+    assert sorted(p.name for p in tmp_path.glob("y.*")) == ["y.npz", "y.overlay.png", "y.tif", "y.tiff"]
+
+
+def test_a_busy_output_folder_is_refused_in_one_line(tmp_path, capsys):
+    import os
+
+    import tifffile
+
+    from companion.run_folder import lock_run_folder
+
+    tifffile.imwrite(tmp_path / "x.tif", np.zeros((2, 32, 48), np.uint16), photometric="minisblack")
+    out = tmp_path / "out"
+    with lock_run_folder(out, purpose="evaluation"):  # another command writes there
+        argv = ["predict", "--pretrained", "baseline", "--images", str(tmp_path / "x.tif"), "--out", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out} is in use by another prediction process (pid {os.getpid()}")
+        assert main(["evaluate", "--pretrained", "baseline", "--synthetic", "2", "--out", str(out)]) == 2
+        assert "in use by another evaluation process" in capsys.readouterr().err
+    assert not list(out.glob("*.npz"))
+
+
+def test_an_interrupt_ends_a_command_in_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("companion.cli.evaluate._evaluate_locked", interrupted)
+    assert main(["evaluate", "--pretrained", "baseline", "--synthetic", "2", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("error: interrupted;") and "results.json" in err and err.count("\n") == 1

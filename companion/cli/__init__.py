@@ -41,6 +41,7 @@ subparser and sets its ``func``; a new command is a new module added in :func:`b
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -92,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    previous = _on_sigterm(_interrupt)  # a SIGTERM ends like Ctrl-C: one line
     try:
         return args.func(args)
     except (
@@ -101,3 +103,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = (
+            f"; what {out} holds stays (a training continues with --resume, an evaluation "
+            f"folder without results.json is incomplete)"
+            if out is not None
+            else ""
+        )
+        print(f"error: interrupted{kept}", file=sys.stderr)
+        return 130
+    finally:
+        _on_sigterm(previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM; the previous one (None outside the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals stay as they are
+        return None

@@ -225,6 +225,19 @@ def _evaluation_data(args: argparse.Namespace):
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    import time
+
+    from companion.report import sweep_staging
+    from companion.run_folder import lock_run_folder
+
+    start = time.perf_counter()
+    with lock_run_folder(args.out, purpose="evaluation"):  # a second evaluation into OUT is refused
+        if sweep_staging(args.out):
+            print(f"removed the unfinished result files of an interrupted evaluation from {args.out}")
+        return _evaluate_locked(args, start)
+
+
+def _evaluate_locked(args: argparse.Namespace, start: float) -> int:
     import datetime
     import time
 
@@ -233,7 +246,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from companion.paper import TABLE1_KEYS
     from companion.report import write_report
 
-    start = time.perf_counter()
     device = resolve_device(args.device)
     try:
         model, model_info = _evaluation_model(args, device)

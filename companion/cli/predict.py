@@ -18,8 +18,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="instance masks of BBBC010 wells or image files with a shipped model",
         description="Predict instances with a shipped model and the inference settings of one row "
         "of its committed evaluation (results/NAME/results.json); writes "
-        "OUT/<well or file stem>.npz (masks, scores, probabilities for MC rows) and a PNG "
-        "overlay.",
+        "OUT/<well or file stem>.npz (masks, scores, probabilities for MC rows) and the overlay "
+        "OUT/<stem>.overlay.png (never an input's name: inputs are images, outputs .npz and "
+        ".overlay.png). Inputs whose names share a stem are refused: their outputs would "
+        "overwrite each other.",
     )
     p.add_argument("--pretrained", required=True, help="name of a shipped model (e.g. baseline)")
     p.add_argument("--pretrained-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -63,19 +65,12 @@ def _row_settings(results: dict, row: str | None) -> tuple[str, dict, dict]:
 def _run_predict(args: argparse.Namespace) -> int:
     import json
 
-    import numpy as np
-
     from companion import pretrained
-    from companion._device import resolve_device
-    from companion._io import atomic_savez
     from companion.chapters import RESULTS_DIR
     from companion.evaluate import AGGLOMERATED_ROWS
-    from companion.outputs import _well_seed
-    from companion.postprocess import DEFAULT_MIN_SIZE
-    from companion.predict import predict_instances
-    from companion.report import _save_figure, plot_gallery
 
     try:
+        _check_outputs(args)
         model = pretrained.load(args.pretrained, directory=args.pretrained_dir)
         results_path = args.results or RESULTS_DIR / args.pretrained / "results.json"
         if not results_path.is_file():
@@ -89,6 +84,24 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     draws = int(settings.get("draws", 0)) if row in AGGLOMERATED_ROWS else 0
+    from companion.run_folder import lock_run_folder
+
+    with lock_run_folder(args.out, purpose="prediction"):  # a second predict into OUT is refused
+        for stale in sorted(args.out.glob(".*.tmp")):  # left by a prediction that was killed
+            stale.unlink()
+        return _predict_locked(args, model, images, row, draws, settings, per_fold, fold_of)
+
+
+def _predict_locked(args, model, images, row, draws, settings, per_fold, fold_of) -> int:
+    import numpy as np
+
+    from companion._device import resolve_device
+    from companion._io import atomic_savez
+    from companion.outputs import _well_seed
+    from companion.postprocess import DEFAULT_MIN_SIZE
+    from companion.predict import predict_instances
+    from companion.report import _save_figure, plot_gallery
+
     for stem, image, gt in images:
         bandwidth, threshold = per_fold[fold_of.get(stem, 0)]
         result = predict_instances(
@@ -114,13 +127,29 @@ def _run_predict(args: argparse.Namespace) -> int:
         sample = Sample(stem, image, gt if gt is not None else np.zeros((0,) + image.shape[1:], bool))
         _save_figure(
             plot_gallery([sample], [result.masks], [f"{stem}: {len(result.masks)} instances"]),
-            args.out / f"{stem}.png",
+            args.out / f"{stem}.overlay.png",
         )
         print(
             f"{stem}: {len(result.masks)} instances (row {row}, bandwidth {bandwidth:g}, "
             f"threshold {threshold:g})"
         )
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse inputs whose outputs would overwrite each other (before any work)."""
+    if not args.images:
+        return
+    by_stem: dict[str, list[Path]] = {}
+    for path in args.images:
+        by_stem.setdefault(path.stem, []).append(path)
+    shared = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
+    if shared:
+        stem, paths = next(iter(shared.items()))
+        raise ValueError(
+            f"{' and '.join(map(str, paths))} share the name {stem!r}: their outputs would overwrite "
+            f"each other; rename one or predict them into separate --out folders"
+        )
 
 
 def _predict_inputs(args: argparse.Namespace) -> list:
