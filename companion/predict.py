@@ -21,6 +21,7 @@ Examples
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -161,8 +162,14 @@ def predict_instances(
         )
     if not np.isfinite(image).all():
         raise ValueError("image holds NaN or infinite values")
-    if draws < 0:
-        raise ValueError(f"draws must be >= 0, got {draws}")
+    if image.max() > 1.0 or image.min() < 0.0:  # e.g. raw camera counts: the network sees noise
+        warnings.warn(
+            f"image values span [{image.min():.4g}, {image.max():.4g}], the models expect [0, 1]: "
+            f"scale them first (companion.userdata.read_image does, e.g. BBBC010 counts / 4095)",
+            stacklevel=2,
+        )
+    if not isinstance(draws, (int, np.integer)) or isinstance(draws, bool) or draws < 0:
+        raise ValueError(f"draws must be an integer >= 0, got {draws!r}")
     if draws and not flips and not has_concrete_dropout(model):
         raise ValueError(
             f"draws={draws} needs a model with Concrete Dropout, or flips=True (the flipped "

@@ -30,6 +30,7 @@ Examples
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from ._io import atomic_write
 from .data import CHANNEL_MAX, Sample, rescale
 
 __all__ = [
+    "auto_scale",
+    "intensity_warnings",
     "read_array",
     "read_image",
     "read_instances",
@@ -112,6 +115,59 @@ def _single(path: PathLike) -> np.ndarray:
     return array
 
 
+#: Below this 99th percentile of the brightfield (w2) an image is "nearly black" for the models:
+#: BBBC010's brightfield reaches about 0.7 (four wells measured: 0.67-0.71), its fluorescence 0.03.
+DARK_BRIGHTFIELD = 0.1
+#: Above this share of pixels at 1.0 a channel is "clipped" (BBBC010: none; a saturated spot is not).
+CLIPPED_SHARE = 0.05
+
+
+def auto_scale(raw: np.ndarray) -> float:
+    """The divisor of ``scale="auto"``: how the values of an image file map to ``[0, 1]``.
+
+    Floats are taken as they are (1); 8-bit integers by their range (255); larger integers as
+    a 12-bit camera's (4095, BBBC010's) when no value exceeds 4095, else by the 16-bit range
+    (65535), else by their own maximum.
+
+    >>> [auto_scale(np.array(v)) for v in (np.float32(0.5), np.uint8(7), np.uint16(4095), np.uint16(4096))]
+    [1.0, 255.0, 4095.0, 65535.0]
+    """
+    raw = np.asarray(raw)
+    if raw.dtype.kind in "fcb":
+        return 1.0
+    if raw.dtype.itemsize == 1:
+        return 255.0
+    top = float(raw.max()) if raw.size else 0.0
+    return CHANNEL_MAX[0] if top <= CHANNEL_MAX[0] else 65535.0 if top <= 65535 else top
+
+
+def intensity_warnings(image: np.ndarray, channels: Sequence[int] = (0, 1)) -> list[str]:
+    """What sets a scaled ``(2, H, W)`` image apart from the training images, in words (or [])."""
+    found = []
+    for c in channels:
+        name, channel = ("w1 fluorescence", "w2 brightfield")[c], image[c]
+        if channel.size and float(channel.min()) == float(channel.max()):
+            found.append(f"its {name} channel is constant ({float(channel.min()):.3g})")
+            continue
+        if float((channel >= 1.0).mean()) > CLIPPED_SHARE:
+            found.append(
+                f"{(channel >= 1.0).mean():.0%} of its {name} pixels clip at 1.0 (pass a larger scale)"
+            )
+        if c == 1 and channel.size and float(np.percentile(channel, 99)) < DARK_BRIGHTFIELD:
+            found.append(
+                f"its brightfield is nearly black (99th percentile {np.percentile(channel, 99):.3f}, "
+                f"BBBC010's about 0.7; pass a smaller scale)"
+            )
+    return found
+
+
+def _warn_intensities(image: np.ndarray, source, channels: Sequence[int] = (0, 1)) -> np.ndarray:
+    name = str(source) if isinstance(source, (str, os.PathLike)) else ", ".join(map(str, source))
+    for message in intensity_warnings(image, channels):
+        warnings.warn(f"{name}: {message}; the models were trained on BBBC010's intensities", stacklevel=3)
+    return image
+
+
 def _scaled(raw: np.ndarray, divisor: float) -> np.ndarray:
     if not (np.isfinite(divisor) and divisor > 0):
         raise ValueError(f"scale must be a finite number > 0, got {divisor}")
@@ -121,7 +177,7 @@ def _scaled(raw: np.ndarray, divisor: float) -> np.ndarray:
 def read_image(
     source: PathLike | Sequence[PathLike],
     *,
-    scale: float | Sequence[float] = CHANNEL_MAX,
+    scale: float | Sequence[float] | str = "auto",
     fill_missing: float | None = None,
 ) -> np.ndarray:
     """One image as the models expect it: ``float32 (2, H, W)`` in ``[0, 1]``, w1 then w2.
@@ -130,11 +186,13 @@ def read_image(
     ----------
     source : path or pair of paths
         A two-channel file (``(2, H, W)`` or ``(H, W, 2)``), or ``(w1_path, w2_path)``.
-    scale : float or pair of floats
-        Raw values are divided by it (per channel) and clipped to ``[0, 1]``. The default is
-        BBBC010's 12-bit full scale (4095); use 65535 for 16-bit data, 255 for 8-bit, 1 for
-        images already in ``[0, 1]`` -- and see :func:`match_percentiles` when your intensities
-        differ from BBBC010's.
+    scale : "auto", float or pair of floats
+        Raw values are divided by it (per channel) and clipped to ``[0, 1]``. ``"auto"``
+        (default, :func:`auto_scale` of the file, or of both files of a pair): floats as they
+        are, 8-bit by 255, 12-bit data (no value above 4095, BBBC010's camera) by 4095, other
+        16-bit data by 65535. Give a number when you know better, and see
+        :func:`match_percentiles` when your intensities differ from BBBC010's. An image that
+        comes out clipped, nearly black or constant is read with a warning naming the file.
     fill_missing : float, optional
         For a single-channel ``(H, W)`` file: it is taken as the w2 brightfield, and w1 is
         filled with this constant (already scaled, in ``[0, 1]``). ``None`` (default): such a
@@ -152,29 +210,28 @@ def read_image(
     >>> import tempfile
     >>> from PIL import Image
     >>> folder = Path(tempfile.mkdtemp())
-    >>> Image.fromarray(np.full((4, 6), 255, np.uint8)).save(folder / "bf.png")
+    >>> Image.fromarray(np.arange(0, 240, 10, np.uint8).reshape(4, 6)).save(folder / "bf.png")
     >>> read_image(folder / "bf.png")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     ValueError: '.../bf.png' has shape (4, 6); expected a two-channel image ...
-    >>> image = read_image(folder / "bf.png", scale=255, fill_missing=0.1)
-    >>> image.shape, round(float(image[0, 0, 0]), 3), float(image[1, 0, 0])
-    ((2, 4, 6), 0.1, 1.0)
+    >>> image = read_image(folder / "bf.png", fill_missing=0.1)  # 8 bits: divided by 255
+    >>> image.shape, round(float(image[0, 0, 0]), 3), round(float(image[1, 0, 1]), 4)
+    ((2, 4, 6), 0.1, 0.0392)
     """
-    divisors = [float(scale)] * 2 if np.ndim(scale) == 0 else [float(s) for s in scale]
-    if len(divisors) != 2:
-        raise ValueError(f"scale must be one number or one per channel (2), got {scale!r}")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         array = read_array(path)
+        divisors = _divisors(scale, [array])
         if array.ndim == 2 and fill_missing is not None:
             if not (np.isfinite(fill_missing) and 0 <= fill_missing <= 1):
                 raise ValueError(f"fill_missing must be a number in [0, 1], got {fill_missing!r}")
             brightfield = _scaled(array, divisors[1])
             image = np.stack([np.full_like(brightfield, np.float32(fill_missing)), brightfield])
-            return _non_empty(image, path)
+            return _warn_intensities(_non_empty(image, path), path, channels=(1,))  # w1 is filled
         array = _channels_first(array, path)
-        return _non_empty(np.stack([_scaled(array[c], divisors[c]) for c in range(2)]), path)
+        image = _non_empty(np.stack([_scaled(array[c], divisors[c]) for c in range(2)]), path)
+        return _warn_intensities(image, path)
     paths = [Path(p) for p in source]
     if len(paths) != 2:
         raise ValueError(f"expected a path or a pair (w1_path, w2_path), got {len(paths)} paths")
@@ -184,7 +241,21 @@ def read_image(
             f"channel files differ in shape: {str(paths[0])!r} {raws[0].shape} vs "
             f"{str(paths[1])!r} {raws[1].shape}"
         )
-    return _non_empty(np.stack([_scaled(raw, d) for raw, d in zip(raws, divisors)]), paths)
+    divisors = _divisors(scale, raws)
+    image = _non_empty(np.stack([_scaled(raw, d) for raw, d in zip(raws, divisors)]), paths)
+    return _warn_intensities(image, paths)
+
+
+def _divisors(scale: float | Sequence[float] | str, raws: Sequence[np.ndarray]) -> list[float]:
+    """One divisor per channel: ``scale`` as given, or :func:`auto_scale` of all ``raws``."""
+    if isinstance(scale, str):
+        if scale != "auto":
+            raise ValueError(f"scale must be 'auto', a number or one number per channel, got {scale!r}")
+        return [max(auto_scale(raw) for raw in raws)] * 2
+    divisors = [float(scale)] * 2 if np.ndim(scale) == 0 else [float(s) for s in scale]
+    if len(divisors) != 2:
+        raise ValueError(f"scale must be one number or one per channel (2), got {scale!r}")
+    return divisors
 
 
 def read_instances(source: PathLike | Sequence[PathLike], shape: tuple[int, int]) -> np.ndarray:
@@ -248,7 +319,7 @@ def load_user_images(
     masks: Sequence[PathLike | Sequence[PathLike] | None] | None = None,
     *,
     names: Sequence[str] | None = None,
-    scale: float | Sequence[float] = CHANNEL_MAX,
+    scale: float | Sequence[float] | str = "auto",
     fill_missing: float | None = None,
 ) -> list[Sample]:
     """Your images (and masks, when you have them) as :class:`companion.data.Sample` objects.

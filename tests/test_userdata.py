@@ -220,3 +220,53 @@ def test_an_empty_image_is_refused_naming_the_file_and_shape(tmp_path):
         read_image(tmp_path / "flat.tif", fill_missing=0.0)
     with pytest.raises(ValueError, match=r"flat\.tif, .*flat\.tif' holds an empty image"):
         read_image([tmp_path / "flat.tif", tmp_path / "flat.tif"])
+
+
+def test_intensities_follow_the_file_type_and_odd_images_are_named(tmp_path):
+    from companion.userdata import auto_scale
+
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 4096, (2, 12, 16)).astype(np.uint16)  # a 12-bit camera, BBBC010's
+    counts[1, 0, 0] = 4095
+    tifffile.imwrite(tmp_path / "camera.tif", counts)
+    tifffile.imwrite(tmp_path / "unit.tif", (counts / np.float32(4095)).astype(np.float32))
+    tifffile.imwrite(tmp_path / "full16.tif", (counts.astype(np.uint32) * 16).astype(np.uint16))
+    Image.fromarray((counts[1] // 16).astype(np.uint8)).save(tmp_path / "bf8.png")
+    camera = read_image(tmp_path / "camera.tif")
+    np.testing.assert_allclose(read_image(tmp_path / "unit.tif"), camera, atol=1e-6)  # floats as they are
+    np.testing.assert_allclose(read_image(tmp_path / "full16.tif"), camera * 16 * 4095 / 65535, rtol=1e-5)
+    eight = read_image(tmp_path / "bf8.png", fill_missing=0.0)
+    np.testing.assert_allclose(eight[1], (counts[1] // 16) / 255.0, rtol=1e-6)
+    assert [auto_scale(a) for a in (counts, counts * 16, np.float32(2.0), np.uint8(1))] == [
+        4095,
+        65535,
+        1,
+        255,
+    ]
+    with pytest.warns(UserWarning, match=r"full16\.tif: \d+% of its w2 brightfield pixels clip at 1\.0"):
+        read_image(tmp_path / "full16.tif", scale=4095)  # 16-bit data as if 12-bit
+    tifffile.imwrite(tmp_path / "dim.tif", (counts // 64).astype(np.uint16))
+    with pytest.warns(
+        UserWarning, match=r"dim\.tif: its brightfield is nearly black \(99th percentile 0\.01"
+    ):
+        read_image(tmp_path / "dim.tif")
+    tifffile.imwrite(tmp_path / "flat.tif", np.full((2, 12, 16), 700, np.uint16))
+    with pytest.warns(UserWarning, match=r"flat\.tif: its w1 fluorescence channel is constant"):
+        read_image(tmp_path / "flat.tif")
+    with pytest.raises(ValueError, match="scale must be 'auto'"):
+        read_image(tmp_path / "camera.tif", scale="bright")
+
+
+def test_predict_instances_warns_about_unscaled_counts():
+    import torch
+
+    from companion.model import UNet
+    from companion.predict import predict_instances
+
+    torch.manual_seed(0)
+    net = UNet(base_filters=2, depth=2, embedding_dim=4)
+    counts = np.full((2, 16, 16), 1200.0, np.float32)
+    with pytest.warns(UserWarning, match=r"span \[1200, 1200\], the models expect \[0, 1\]"):
+        predict_instances(net, counts, bandwidth=1.0, threshold=1.0)
+    with pytest.raises(ValueError, match="draws must be an integer"):
+        predict_instances(net, counts / 4095, bandwidth=1.0, threshold=1.0, draws=2.5)

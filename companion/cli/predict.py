@@ -41,10 +41,32 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="2-channel TIFF files (see companion.userdata.read_image)",
     )
+    p.add_argument(
+        "--scale",
+        type=_scale,
+        default="auto",
+        help="how --images values map to [0, 1]: auto (floats as they are, 8-bit / 255, 12-bit "
+        "data / 4095 as BBBC010's camera, other 16-bit data / 65535), a divisor, or one per "
+        "channel (W1,W2); an image that comes out clipped, nearly black or constant is named in "
+        "a warning",
+    )
     p.add_argument("--data-root", type=Path, default=None, help="BBBC010 root for --wells")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:K")
     p.set_defaults(func=_run_predict)
+
+
+def _scale(text: str):
+    """``--scale``: "auto", one positive number, or two separated by a comma."""
+    if text == "auto":
+        return text
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected auto, a positive number or two (W1,W2), got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _row_settings(results: dict, row: str | None) -> tuple[str, dict, dict]:
@@ -161,4 +183,4 @@ def _predict_inputs(args: argparse.Namespace) -> list:
         return [(s.well, s.image, s.instances) for s in samples]
     from companion.userdata import read_image
 
-    return [(path.stem, read_image(path), None) for path in args.images]
+    return [(path.stem, read_image(path, scale=args.scale), None) for path in args.images]
