@@ -98,6 +98,12 @@ def make_loader(
     >>> [tuple(b["image"].shape) for b in loader]
     [(2, 2, 64, 64), (2, 2, 64, 64)]
     """
+    largest = max((min(s.image.shape[1:]) for s in data), default=0)
+    if config.crop_size > largest:  # every crop would be mostly padding
+        raise ValueError(
+            f"crop_size {config.crop_size} exceeds every training image (the largest is "
+            f"{largest} pixels on its shorter side): choose --crop-size {16 * (largest // 16)} or less"
+        )
     if uses_gpu_augment(config, device):
         source = DeviceCropSource(
             list(data),

@@ -144,6 +144,8 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     import pickle
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: name the checkpoint in it (e.g. {path}/final.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     check_map_location(map_location)
@@ -311,16 +313,19 @@ def init_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     no place in ``model``, has another shape, or when ``model`` lacks anything but dropout rates.
     """
     target = model.state_dict()
-    source, _ = init_source(checkpoint)
-    unexpected = sorted(set(source) - set(target))
+    source, kwargs = init_source(checkpoint)
+    rates = {k for k in set(source) - set(target) if k.endswith("p_logit")}  # a baseline has none
+    unexpected = sorted(set(source) - set(target) - rates)
     missing = sorted(k for k in set(target) - set(source) if not k.endswith("p_logit"))
     wrong = sorted(k for k in set(source) & set(target) if source[k].shape != target[k].shape)
     if unexpected or missing or wrong:
+        shape = {k: kwargs[k] for k in ("base_filters", "depth", "embedding_dim") if k in (kwargs or {})}
         raise ValueError(
-            f"{checkpoint}: weights do not fit this model (unexpected {unexpected[:3]}, "
-            f"missing {missing[:3]}, other shape {wrong[:3]}); init_from needs the same "
-            f"architecture apart from the dropout layers"
+            f"{checkpoint}: its weights do not fit this network (other shape {wrong[:3]}, unexpected "
+            f"{unexpected[:3]}, missing {missing[:3]}): init_from needs the same architecture "
+            f"(the source has {shape or 'another'}); only the dropout rates may differ"
         )
+    source = {k: v for k, v in source.items() if k not in rates}
     model.load_state_dict(source, strict=False)
 
 

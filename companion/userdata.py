@@ -65,6 +65,8 @@ def read_array(path: PathLike) -> np.ndarray:
         The file cannot be decoded, e.g. it is truncated (names it), or holds NaN / inf pixels.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder: name the image files in it (e.g. {path}/*.tif)")
     if not path.is_file():
         raise FileNotFoundError(f"image file {str(path)!r} not found")
     try:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
@@ -258,3 +259,72 @@ def test_an_earlier_log_needs_overwrite_and_a_locked_out_is_one_line(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out} is in use by another training process (pid {os.getpid()}")
     assert err.count("\n") == 1
+
+
+def test_settings_and_files_the_commands_check(tmp_path, capsys):
+    import json
+
+    import tifffile
+    from test_data import write_copy
+
+    image = tmp_path / "x.tif"
+    tifffile.imwrite(image, np.zeros((2, 32, 48), np.uint16), photometric="minisblack")
+    predict = ["predict", "--pretrained", "baseline", "--images", str(image), "--out", str(tmp_path / "p")]
+    for content, expected in (
+        ({}, "is not an evaluation's results.json"),
+        ({"rows": [], "tuning": {"choices": []}, "folds": [], "settings": {}}, "not a complete evaluation"),
+    ):
+        (tmp_path / "r.json").write_text(json.dumps(content))
+        assert main([*predict, "--results", str(tmp_path / "r.json")]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
+    other = json.loads((REPO_ROOT / "results" / "concrete" / "results.json").read_text())
+    (tmp_path / "r.json").write_text(json.dumps(other))
+    assert main([*predict, "--results", str(tmp_path / "r.json")]) == 2  # the Concrete model's settings
+    assert "evaluates other weights" in capsys.readouterr().err
+    assert (
+        main(["predict", "--pretrained", "baseline", "--images", str(tmp_path), "--out", str(tmp_path / "q")])
+        == 2
+    )
+    assert "is a folder: name the image files in it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["evaluate", "--pretrained", "baseline", "--draws", "1000000000", "--out", "o"]
+        )
+    assert "an integer from 0 to 256" in capsys.readouterr().err
+    parsed = build_parser().parse_args(["evaluate", "--pretrained", "concrete_snapshot", "--out", "o"])
+    assert parsed.pretrained == "concrete_snapshot"  # any model in the folder, not only two names
+    write_copy(tmp_path / "bbbc" / "images", tmp_path / "bbbc" / "masks_eachworm", {"A01": [1], "A02": [2]})
+    train = [
+        "train",
+        *QUICK,
+        "--iterations",
+        "1",
+        "--data-root",
+        str(tmp_path / "bbbc"),
+        "--out",
+        str(tmp_path / "t"),
+    ]
+    with pytest.warns(UserWarning, match="skipped"):
+        assert main(train) == 2
+    assert "38 of the 40 training wells could not be loaded" in capsys.readouterr().err
+
+
+def test_init_from_a_concrete_model_into_a_baseline_drops_only_the_rates(tmp_path):
+    import torch
+
+    from companion.checkpoint import init_weights
+    from companion.config import TrainConfig
+    from companion.model import UNet
+    from companion.synthetic import make_dataset
+    from companion.train import train
+
+    config = TrainConfig.preset("quick", iterations=1, checkpoint_every=1, log_every=1)
+    final = train(config, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False)
+    kwargs = {**config.model_kwargs(), "dropout": None}
+    baseline = UNet(**kwargs)
+    init_weights(baseline, final)
+    source = torch.load(final, weights_only=True)["model"]
+    assert all(torch.equal(v, source[k]) for k, v in baseline.state_dict().items())
+    with pytest.raises(ValueError, match=r"the source has \{'base_filters'"):
+        init_weights(UNet(**{**kwargs, "base_filters": kwargs["base_filters"] + 2}), final)

@@ -248,7 +248,7 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    row = dict(avAP=0.25, AP50=0.5, AP75=0.125, recall80=0.2, avAP_dsb=0.3)
+    row = dict(avAP=0.25, AP50=0.5, AP75=0.125, recall80=0.2, recall80_iou=0.15, avAP_dsb=0.3)
     doc = dict(
         rows=[dict(name="mc", **row), dict(name="deterministic", **row)],
         wells=["C03", "C04"],
@@ -264,10 +264,10 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
     assert module.main(["--results-dir", str(tmp_path), "--pretrained-dir", str(shelf)]) == 0
     text = (tmp_path / "README.md").read_text()
     assert (
-        "| ours, concrete: 8 MC draws agglomerated, p >= 0.75 | 0.250 | 0.500 | 0.125 | 0.200 | 0.300 |"
+        "| ours, concrete: 8 MC draws agglomerated, p >= 0.75 | 0.250 | 0.500 | 0.125 | 0.200 | 0.150 | 0.300 |"
         in text
     )
-    assert "| paper, concrete | 0.770 | 0.974 | 0.883 | 0.810 | 0.703 |" in text
+    assert "| paper, concrete | 0.770 | 0.974 | 0.883 | - | 0.810 | 0.703 |" in text  # Recall .8 at IoU
     assert chapters.training_budget("concrete", shelf) in text and "skipped as incomplete: C13" in text
     assert "baseline:" not in text.split("Training budgets")[1]  # no results for it: no budget line
     assert "p(uncertain | inaccurate) = 0.500 (paper: 0.559), PAvPU = 0.250" in text

@@ -496,7 +496,7 @@ def test_init_from_starts_a_concrete_model_from_baseline_weights(tmp_path):
     assert read_checkpoint(final)["config"]["init_from"] == str(base)
     # a checkpoint of another architecture is refused, naming the file
     other = TrainConfig.preset("quick", model="concrete", base_filters=6)
-    with pytest.raises(ValueError, match="do not fit this model"):
+    with pytest.raises(ValueError, match="do not fit this network"):
         init_weights(build_model(other), base)
 
 

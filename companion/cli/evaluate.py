@@ -7,7 +7,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from ._args import add_data_source, non_negative_int, positive_float, positive_int, probability
+from ._args import add_data_source, checked, positive_float, positive_int, probability
+
+#: More draws than this per well are a typo, not a protocol (the paper: 8; each costs a pass).
+MAX_DRAWS = 256
 
 # The heavy modules (torch, the training loop, the evaluation) are imported inside the command
 # functions: importing them all takes ~2-5 s, argparse alone 0.1 s, and `--help` or a usage error
@@ -40,9 +43,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     model.add_argument(
         "--pretrained",
-        choices=NAMES,
         default=None,
-        help="evaluate a pretrained model shipped with the package",
+        metavar="NAME",
+        help=f"evaluate a pretrained model by name: shipped with the package ({', '.join(NAMES)}, and "
+        "any other model in its folder, e.g. concrete_snapshot) or exported into --pretrained-dir",
     )
     p.add_argument(
         "--pretrained-dir",
@@ -65,7 +69,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--draws",
-        type=non_negative_int,
+        type=checked(int, lambda v: 0 <= v <= MAX_DRAWS, f"an integer from 0 to {MAX_DRAWS}"),
         default=8,
         help="Monte-Carlo dropout draws per well for a Concrete Dropout model "
         "(0: only the deterministic pass); for a model without dropout, with --flips, the "

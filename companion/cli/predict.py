@@ -56,6 +56,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_predict)
 
 
+def _check_same_model(results: dict, record: dict, path: Path) -> None:
+    """Refuse the settings of an evaluation of other weights (the sha256 both files record)."""
+    evaluated, loaded = (results.get("model") or {}).get("sha256"), record.get("sha256")
+    if evaluated and loaded and evaluated != loaded:
+        raise ValueError(
+            f"{path} evaluates other weights (sha256 {evaluated[:12]}...) than the model "
+            f"{record.get('name')!r} ({loaded[:12]}...): pass --results of this model's evaluation"
+        )
+
+
 def _scale(text: str):
     """``--scale``: "auto", one positive number, or two separated by a comma."""
     if text == "auto":
@@ -69,9 +79,19 @@ def _scale(text: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _row_settings(results: dict, row: str | None) -> tuple[str, dict, dict]:
+def _row_settings(results: dict, row: str | None, path: Path | None = None) -> tuple[str, dict, dict]:
     """The chosen row, its settings and the (bandwidth, threshold) per fold."""
-    rows = {r["name"]: r for r in results["rows"]}
+    where = path or "results.json"
+    try:
+        rows = {r["name"]: r for r in results["rows"]}
+        choices, folds, _ = results["tuning"]["choices"], results["folds"], results["settings"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{where} is not an evaluation's results.json (it lacks {err})") from None
+    if not rows or len(choices) != len(folds) or not folds:
+        raise ValueError(
+            f"{where} holds {len(rows)} row(s) and {len(choices)} fold choice(s) for {len(folds)} "
+            f"fold(s): not a complete evaluation"
+        )
     if row is None:
         row = max(rows, key=lambda name: rows[name]["avAP"])
     if row not in rows:
@@ -98,7 +118,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         if not results_path.is_file():
             raise FileNotFoundError(f"{results_path} does not exist: pass --results")
         results = json.loads(results_path.read_text())
-        row, settings, per_fold = _row_settings(results, args.row)
+        row, settings, per_fold = _row_settings(results, args.row, results_path)
+        _check_same_model(results, pretrained.provenance(args.pretrained, args.pretrained_dir), results_path)
         fold_of = {w: i for i, fold in enumerate(results["folds"]) for w in fold}
         images = _predict_inputs(args)
         args.out.mkdir(parents=True, exist_ok=True)

@@ -264,11 +264,20 @@ def _training_data(args: argparse.Namespace, crop_size: int, seed: int) -> tuple
         side = max(256, crop_size)
         val = make_dataset(max(1, args.synthetic // 4), seed=seed + 10_000, shape=(side, side))
         return make_dataset(args.synthetic, seed=seed, shape=(side, side)), val if validating else None
-    from companion.data import FIT_WELLS, VAL_WELLS, load_bbbc010
+    from companion.data import FIT_WELLS, VAL_WELLS, load_bbbc010, resolve_root
 
     # the validation wells are held out for every recipe decision
     wells = FIT_WELLS + (VAL_WELLS if validating else ())
-    samples = load_bbbc010(args.data_root, wells, skip_incomplete=True)
+    root = resolve_root(args.data_root)
+    samples = load_bbbc010(root, wells, skip_incomplete=True)
+    lacking = [w for w in wells if w not in {s.well for s in samples}]
+    if lacking and not root.is_file():  # every training well is complete: the copy is partial
+        # (an archive of wells, companion.archive, may hold a chosen subset)
+        raise ValueError(
+            f"{len(lacking)} of the {len(wells)} training wells could not be loaded "
+            f"({', '.join(lacking[:6])}{', ...' if len(lacking) > 6 else ''}): the BBBC010 copy is "
+            f"incomplete; fetch it again (or point --data-root at a whole copy)"
+        )
     fit = [s for s in samples if s.well in FIT_WELLS]
     return fit, [s for s in samples if s.well in VAL_WELLS] if validating else None
 
