@@ -3,7 +3,8 @@
 A run writes into one folder ``OUT``: ``last.pt`` (the latest checkpoint), ``final.pt``,
 ``iter_<N>.pt`` snapshots, ``log.jsonl`` (one record every ``log_every`` iterations, see
 :data:`TERM_NAMES`), with validation scores ``best.pt`` and ``selection.jsonl``
-(:mod:`companion.selection`), and the lock file ``.lock`` that keeps a second run out.
+(:mod:`companion.selection`), ``data.json`` (what ``python -m companion train`` trained on, so
+that ``--resume`` with other data is refused), and the lock file ``.lock`` that keeps a second run out.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def lock_run_folder(out_dir: str | os.PathLike, purpose: str = "training") -> It
 
 
 #: Files of a run in its folder, besides the ``iter_<N>.pt`` snapshots.
-_RUN_FILES = ("last.pt", "final.pt", "log.jsonl", "best.pt", "selection.jsonl")
+_RUN_FILES = ("last.pt", "final.pt", "log.jsonl", "best.pt", "selection.jsonl", "data.json")
 
 
 def existing_run_files(out_dir: Path) -> list[Path]:

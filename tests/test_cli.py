@@ -328,3 +328,19 @@ def test_init_from_a_concrete_model_into_a_baseline_drops_only_the_rates(tmp_pat
     assert all(torch.equal(v, source[k]) for k, v in baseline.state_dict().items())
     with pytest.raises(ValueError, match=r"the source has \{'base_filters'"):
         init_weights(UNet(**{**kwargs, "base_filters": kwargs["base_filters"] + 2}), final)
+
+
+def test_resuming_with_other_data_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    run = ["train", *QUICK, "--iterations", "2", "--out", str(out)]
+    assert main([*run, "--synthetic", "2"]) == 0
+    record = (out / "data.json").read_text()
+    assert (
+        main(["train", *QUICK, "--iterations", "4", "--out", str(out), "--synthetic", "3", "--resume"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "was trained on other data (2 images" in err and "now 3" in err and err.count("\n") == 1
+    assert (
+        main(["train", *QUICK, "--iterations", "4", "--out", str(out), "--synthetic", "2", "--resume"]) == 0
+    )
+    assert (out / "data.json").read_text() == record

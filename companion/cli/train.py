@@ -282,8 +282,28 @@ def _training_data(args: argparse.Namespace, crop_size: int, seed: int) -> tuple
     return fit, [s for s in samples if s.well in VAL_WELLS] if validating else None
 
 
+#: What a run was trained on (image names and a checksum of the images), beside its checkpoints:
+#: ``--resume`` with other data is refused.
+DATA_RECORD = "data.json"
+
+
+def _data_record(data: list) -> dict:
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for sample in data:
+        digest.update(np.ascontiguousarray(sample.image, np.float32).tobytes())
+        digest.update(np.packbits(np.asarray(sample.instances, bool)).tobytes())
+    return dict(wells=[s.well for s in data], sha256=digest.hexdigest())
+
+
 def _run_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()  # a --time-budget counts from here, data loading included
+    import json
+
+    from companion._io import atomic_write_bytes
     from companion.run_folder import existing_run_files
     from companion.train import train
 
@@ -302,6 +322,22 @@ def _run_train(args: argparse.Namespace) -> int:
         )
         return 2
     data, validation = _training_data(args, config.crop_size, config.seed)
+    record = _data_record(data)
+    if args.resume and (args.out / DATA_RECORD).is_file():
+        before = json.loads((args.out / DATA_RECORD).read_text())
+        if before != record:
+            print(
+                f"error: {args.out} was trained on other data ({len(before['wells'])} images, "
+                f"{before['sha256'][:12]}...; now {len(record['wells'])}, {record['sha256'][:12]}...): "
+                f"resuming would not continue that run; pass the same data, or --overwrite",
+                file=sys.stderr,
+            )
+            return 2
+
+    def note_data(iteration: int, path: Path) -> None:  # beside the first checkpoint, once
+        if not (args.out / DATA_RECORD).is_file():
+            atomic_write_bytes(args.out / DATA_RECORD, json.dumps(record).encode())
+
     try:
         final = train(
             config,
@@ -312,6 +348,7 @@ def _run_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             started=started,
             validation=validation,
+            on_checkpoint=note_data,
         )
     except FloatingPointError as err:
         print(f"error: {err}", file=sys.stderr)
