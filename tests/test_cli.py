@@ -344,3 +344,30 @@ def test_resuming_with_other_data_is_refused(tmp_path, capsys):
         main(["train", *QUICK, "--iterations", "4", "--out", str(out), "--synthetic", "2", "--resume"]) == 0
     )
     assert (out / "data.json").read_text() == record
+
+
+def test_a_sigterm_ends_a_command_in_one_line_in_another_process(tmp_path):
+    import signal
+    import time
+
+    script = (
+        "import sys, time\n"
+        "import companion.cli.evaluate as ev\n"
+        "from companion.cli import main\n"
+        "ev._evaluate_locked = lambda *a: (print('started', flush=True), time.sleep(60))\n"
+        f"sys.exit(main(['evaluate', '--pretrained', 'baseline', '--synthetic', '2', '--out', {str(tmp_path)!r}]))\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    assert child.stdout.readline().strip() == "started"  # it holds the folder's lock now
+    assert main(["evaluate", "--pretrained", "baseline", "--synthetic", "2", "--out", str(tmp_path)]) == 2
+    child.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 130 and time.monotonic() - start < 30
+    assert err.startswith("error: interrupted;") and err.count("\n") == 1, err
