@@ -80,12 +80,13 @@ def write_chapter(path: str | os.PathLike, cells: list[tuple], *, colab_cell: bo
     ``cells`` holds ``(kind, source)`` or ``(kind, source, tags)`` tuples, kind ``"md"`` or
     ``"code"``; tags such as ``["hide-input"]`` or ``["hide-cell"]`` are Jupyter Book's.
     A first markdown cell (the title) is kept before the set-up cell, which is tagged
-    ``hide-input`` (its printout stays visible) and installs from ``_config.yml``'s repository.
+    ``hide-cell`` (collapsed in the book with its printout, plain in Colab) and installs from
+    ``_config.yml``'s repository.
     """
     body = [_cell(*c) for c in cells]
     if colab_cell:
         title = body[:1] if body and body[0]["cell_type"] == "markdown" else []
-        setup = _cell("code", setup_cell_source(config_repository()), ["hide-input"])
+        setup = _cell("code", setup_cell_source(config_repository()), ["hide-cell"])
         body = title + [setup] + body[len(title) :]
     nb = {
         "cells": body,
