@@ -2,7 +2,9 @@
 
 Every chapter starts with :data:`COLAB_CELL`, the standard set-up cell: in Colab it installs
 the companion package from the book's repository, everywhere it picks the device and the
-``QUICK`` configuration (the default; ``BOOK_FULL=1`` or ``QUICK = False`` gives the full one).
+``QUICK`` configuration (the default on a CPU; a GPU, ``BOOK_FULL=1`` or ``QUICK = False`` gives
+the full one, ``BOOK_QUICK=1`` forces QUICK). With the placeholder repository the cell stops in
+Colab with a one-line instruction instead of failing to clone.
 
 Usage from a throw-away generator script::
 
@@ -37,21 +39,35 @@ import subprocess
 import sys
 
 REPO = "{REPO_URL}"
+if "google.colab" in sys.modules and "your-org" in REPO:
+    sys.exit(
+        "This copy of the book names no repository yet: set REPO above to the repository that "
+        "holds it (e.g. https://github.com/OWNER/NAME) and run this cell again."
+    )
 if "google.colab" in sys.modules:
     CLONE = "/content/book-repo"
     if not os.path.isdir(CLONE):
         subprocess.run(["git", "clone", "--depth", "1", REPO, CLONE], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{{CLONE}}[book]"], check=True)
-    sys.path.insert(0, CLONE)  # the editable install, importable without restarting the runtime
+    # the package alone: Colab has torch, numpy, scipy, scikit-image, matplotlib, h5py, ipywidgets
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "-e", CLONE], check=True
+    )
+    # the editable install, importable without restarting the runtime
+    sys.path.insert(0, CLONE)
 
 import torch
 
-QUICK = os.environ.get("BOOK_FULL", "0") != "1"  # BOOK_FULL=1 (or QUICK = False here) runs the full configuration
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# QUICK (minutes on a CPU) unless a GPU is there or BOOK_FULL=1; BOOK_QUICK=1 forces QUICK
+QUICK = os.environ.get("BOOK_QUICK") == "1" or (
+    DEVICE.type == "cpu" and os.environ.get("BOOK_FULL", "0") != "1"
+)
 print(f"device: {{DEVICE}}; configuration: {{'QUICK' if QUICK else 'FULL'}}")
 if DEVICE.type == "cpu":
-    print("No GPU found: this chapter runs on the CPU in its QUICK configuration. "
-          "In Colab, choose Runtime > Change runtime type > GPU for the full one.")'''
+    print(
+        "No GPU found: this chapter runs on the CPU in its QUICK configuration. "
+        "In Colab, choose Runtime > Change runtime type > GPU for the full one."
+    )'''
 
 
 def setup_cell_source(url: str = REPO_URL) -> str:
@@ -193,6 +209,21 @@ def refresh_setup_cells(
     return changed
 
 
+def repository_problems(
+    url: str, book_dir: str | os.PathLike = "book", config: str | os.PathLike = "_config.yml"
+) -> list[str]:
+    """Where the committed book names another repository than ``url`` (empty: all point at it)."""
+    url = url.rstrip("/")
+    found = [] if config_repository(config).rstrip("/") == url else [f"{config}: {config_repository(config)}"]
+    for nb_path in sorted(Path(book_dir).glob("*.ipynb")):
+        first = next((c for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "code"), None)
+        match = _REPO_LINE.search("".join(first["source"])) if first else None
+        named = match.group(0).split('"')[1] if match else None
+        if named is None or named.rstrip("/") != url:
+            found.append(f"{nb_path.name}: {named}")
+    return found
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -213,6 +244,12 @@ if __name__ == "__main__":
         help="point _config.yml's repository.url and every chapter's set-up cell at URL",
     )
     parser.add_argument(
+        "--check-repo",
+        metavar="URL",
+        help="exit 1 naming every file whose repository is not URL (the publish step runs it: "
+        "the committed chapters are what Colab opens)",
+    )
+    parser.add_argument(
         "--root", default=".", help="the book's root: _config.yml and book/ (default: the current directory)"
     )
     parser.add_argument(
@@ -228,6 +265,15 @@ if __name__ == "__main__":
         except (OSError, ValueError) as err:
             sys.exit(f"nbtools: {err}")
         print(f"repository {args.set_repo.rstrip('/')}: _config.yml and {n} chapters updated")
+    if args.check_repo:
+        problems = repository_problems(args.check_repo, root / "book", root / "_config.yml")
+        if problems:
+            sys.exit(
+                f"nbtools: the committed book does not point at {args.check_repo}; run "
+                f"`python scripts/nbtools.py --set-repo {args.check_repo}` and commit ({len(problems)} "
+                f"file(s): {'; '.join(problems[:3])})"
+            )
+        print(f"the book points at {args.check_repo}")
     if args.refresh_setup:
         print(
             f"refreshed the set-up cell of {refresh_setup_cells(root / 'book', root / '_config.yml')} chapters"

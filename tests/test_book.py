@@ -282,3 +282,31 @@ def test_page_stylesheet_is_picked_up_and_sizes_code_to_the_column():
     css = (REPO_ROOT / "_static" / "book.css").read_text()
     assert re.search(r"cell_input pre[^{]*\{[^}]*font-size:\s*0\.75rem", css, re.S)
     assert re.search(r"cell_output pre\s*\{[^}]*white-space:\s*pre-wrap", css, re.S)
+
+
+def test_check_repo_names_the_files_that_point_elsewhere(tmp_path: Path):
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import nbtools
+
+    (tmp_path / "book").mkdir()
+    (tmp_path / "_config.yml").write_text((REPO_ROOT / "_config.yml").read_text())
+    for path in NOTEBOOKS[:2]:
+        (tmp_path / "book" / path.name).write_text(path.read_text())
+    url = "https://github.com/someone/the-book"
+    problems = nbtools.repository_problems(url, tmp_path / "book", tmp_path / "_config.yml")
+    assert len(problems) == 3 and nbtools.REPO_URL in problems[0]
+    nbtools.set_repository(url, tmp_path / "book", tmp_path / "_config.yml")
+    assert nbtools.repository_problems(url + "/", tmp_path / "book", tmp_path / "_config.yml") == []
+    source = "".join(_first_code_cell(tmp_path / "book" / NOTEBOOKS[0].name)["source"])
+    assert "your-org" in nbtools.COLAB_CELL and 'in sys.modules and "your-org" in REPO' in source
+    assert "[book]" not in source  # Colab gets the package alone
+
+
+def test_the_setup_cell_stops_in_colab_with_the_placeholder_repository():
+    source = "".join(_first_code_cell(NOTEBOOKS[0])["source"])
+    fake_colab = "import sys, types\nsys.modules['google.colab'] = types.ModuleType('google.colab')\n"
+    done = subprocess.run(
+        [sys.executable, "-c", fake_colab + source], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "names no repository yet: set REPO above" in done.stderr
+    assert not Path("/content/book-repo").exists()  # nothing was cloned
