@@ -310,3 +310,27 @@ def test_the_setup_cell_stops_in_colab_with_the_placeholder_repository():
     )
     assert done.returncode == 1 and "names no repository yet: set REPO above" in done.stderr
     assert not Path("/content/book-repo").exists()  # nothing was cloned
+
+
+def test_checks_of_the_build_stay_out_of_sight():
+    """At most ten `assert` lines in the visible code of all chapters together: the checks of the
+    build go into cells tagged remove-cell."""
+    hidden = {"remove-cell", "remove-input", "hide-cell", "hide-input"}
+    visible = 0
+    for path in NOTEBOOKS:
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "code" and not hidden & set(cell.get("metadata", {}).get("tags", [])):
+                visible += len(re.findall(r"^\s*assert\b", "".join(cell["source"]), re.M))
+    assert visible <= 10, f"{visible} visible assert lines in the chapters"
+
+
+def test_the_training_budget_is_printed_once_a_chapter():
+    """`training_budget(...)` or an unconditional `print(description)` (which holds it) at most once."""
+    for path in NOTEBOOKS:
+        code = "\n".join(
+            "".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"
+        )
+        prints = len(re.findall(r"training_budget\(", code)) + len(
+            re.findall(r"^print\(\w*description\)", code, re.M)
+        )
+        assert prints <= 1, f"{path.name} prints the training budget {prints} times"
