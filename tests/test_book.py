@@ -334,3 +334,15 @@ def test_the_training_budget_is_printed_once_a_chapter():
             re.findall(r"^print\(\w*description\)", code, re.M)
         )
         assert prints <= 1, f"{path.name} prints the training budget {prints} times"
+
+
+def test_visible_code_keeps_to_the_idea():
+    """At most 160 non-blank lines of visible code a chapter (plotting helpers hidden)."""
+    hidden = {"remove-cell", "remove-input", "hide-cell", "hide-input"}
+    for path in NOTEBOOKS:
+        lines = sum(
+            len([line for line in "".join(c["source"]).splitlines() if line.strip()])
+            for c in json.loads(path.read_text())["cells"]
+            if c["cell_type"] == "code" and not hidden & set(c.get("metadata", {}).get("tags", []))
+        )
+        assert lines <= 160, f"{path.name}: {lines} lines of visible code"
