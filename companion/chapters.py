@@ -364,12 +364,14 @@ def live_evaluation(
     name: str = "concrete",
     *,
     n_per_fold: int = 1,
+    wells: Sequence[str] | None = None,
     retrain: bool = False,
     quick: bool = True,
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
 ) -> LiveEvaluation:
-    """Run the committed evaluation's pipeline on the first ``n_per_fold`` wells of each test fold.
+    """Run the committed evaluation's pipeline on the first ``n_per_fold`` wells of each test fold
+    (or on ``wells``, e.g. the paper's Figure 1 wells C10, C04, D21).
 
     The model is :func:`load_or_train`'s; the network outputs are computed as the evaluation
     computes them (same per-well seeds of the dropout masks) and kept in ``cache_dir`` (default a
@@ -391,7 +393,7 @@ def live_evaluation(
         flips=committed.get("flips", False),
     )
     folds = record["folds"] if record else TEST_FOLDS
-    wells = [w for fold in folds for w in fold[:n_per_fold]]
+    wells = list(wells) if wells is not None else [w for fold in folds for w in fold[:n_per_fold]]
     samples = load_bbbc010(wells=wells, progress=False)
     model, description = load_or_train(name, retrain=retrain, quick=quick, device=device)
     folder = (

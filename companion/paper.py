@@ -20,6 +20,7 @@ __all__ = [
     "TABLE1",
     "PATCHPERPIX",
     "PATCHPERPIX_S",
+    "FIGURE1_WELLS",
     "FIGURE2_AT_005",
     "TABLE2",
     "published",
@@ -54,6 +55,9 @@ PATCHPERPIX_S: dict[str, float] = dict(S50=0.960, S60=0.955, S70=0.931, S80=0.80
 FIGURE2_AT_005: dict[str, float] = dict(
     threshold=0.05, p_accurate_given_certain=0.962, p_uncertain_given_inaccurate=0.559
 )
+
+#: The test wells of the paper's Figure 1 (predictions and uncertainties of its Concrete model).
+FIGURE1_WELLS: tuple[str, ...] = ("C10", "C04", "D21")
 
 #: Table 2 of the paper: the Concrete model's metrics after 0, 5, ..., 20 simulated corrections
 #: at the highest uncertainty peaks (its Recall .8 read at IoU 0.8, see ``published``).
