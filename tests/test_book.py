@@ -346,3 +346,26 @@ def test_visible_code_keeps_to_the_idea():
             if c["cell_type"] == "code" and not hidden & set(c.get("metadata", {}).get("tags", []))
         )
         assert lines <= 160, f"{path.name}: {lines} lines of visible code"
+
+
+def test_figures_are_numbered_and_captioned():
+    """At least 80 % of the cells that draw a figure carry a MyST-NB caption and name, and every
+    named figure is referenced from the text of its chapter."""
+    drawing, captioned = 0, 0
+    for path in NOTEBOOKS:
+        cells = json.loads(path.read_text())["cells"]
+        text = " ".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+        for cell in cells:
+            source = "".join(cell["source"])
+            if cell["cell_type"] != "code" or not re.search(r"plt\.(subplots|figure)\(|plot_pavpu\(", source):
+                continue
+            drawing += 1
+            figure = cell.get("metadata", {}).get("mystnb", {}).get("figure")
+            if figure:
+                captioned += 1
+                assert figure["caption"].strip() and figure["name"].startswith("fig-"), path.name
+                hidden = "hide-cell" in cell.get("metadata", {}).get("tags", [])
+                assert hidden or f"`{figure['name']}`" in text, (
+                    f"{path.name}: {figure['name']} is never referenced"
+                )
+    assert captioned >= 0.8 * drawing, f"{captioned} of {drawing} figures captioned"
