@@ -176,15 +176,21 @@ def fetch_patchperpix(wells: Iterable[str], cache: str | os.PathLike | None = No
     import pooch
 
     cache = Path(cache) if cache is not None else Path(pooch.os_cache("companion")) / "patchperpix"
-    return [
-        Path(
-            pooch.retrieve(
-                PATCHPERPIX_URL.format(well=w),
-                known_hash=None,
-                fname=f"{w}.hdf",
-                path=cache,
-                progressbar=False,
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel("WARNING")  # no "Downloading data from ..." line per file
+    try:
+        return [
+            Path(
+                pooch.retrieve(
+                    PATCHPERPIX_URL.format(well=w),
+                    known_hash=None,
+                    fname=f"{w}.hdf",
+                    path=cache,
+                    progressbar=False,
+                )
             )
-        )
-        for w in wells
-    ]
+            for w in wells
+        ]
+    finally:
+        logger.setLevel(level)
