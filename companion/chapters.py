@@ -189,16 +189,18 @@ def training_budget(name: str, directory: str | os.PathLike | None = None) -> st
     crops = f"{cfg.get('crop_size')} x {cfg.get('crop_size')} crops{scale}"
     stages = info.get("earlier_stages") or []
     if stages:
+        batches = [s.get("batch_size", 1) for s in stages] + [cfg.get("batch_size", 1)]
+        one = len(set(batches)) == 1  # else each stage says its batch
+        lrs = [s["lr"] for s in stages] + [cfg.get("lr")]
+        runs = [(s["iterations"], s["model"], s["training_time_s"]) for s in stages]
+        runs.append((info["iterations"], info.get("model"), info.get("training_time_s")))
         parts = [
-            f"{s['iterations']:,} as {s['model']} at lr {s['lr']:g} ({_hours(s['training_time_s'])})"
-            for s in stages
+            f"{n:,} as {model} at lr {lr:g}{'' if one else f', batch {b}'} ({_hours(t)})"
+            for (n, model, t), lr, b in zip(runs, lrs, batches)
         ]
-        parts.append(
-            f"{info['iterations']:,} as {info.get('model')} at lr {cfg.get('lr'):g} "
-            f"({_hours(info.get('training_time_s'))})"
-        )
+        batch = f"batch {batches[0]}" if one else "batches " + ", ".join(map(str, dict.fromkeys(batches)))
         return (
-            f"{name}: {info['total_iterations']:,} iterations of {crops}, batch {cfg.get('batch_size')}, "
+            f"{name}: {info['total_iterations']:,} iterations of {crops}, {batch}, "
             f"in {len(parts)} stages: "
             + ", then ".join(parts)
             + f"; {_hours(info.get('total_training_time_s'))} in all on {device}"

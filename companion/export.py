@@ -255,6 +255,7 @@ def stage_summary(source: str | os.PathLike) -> list[dict[str, Any]]:
                 iterations=int(info["iterations"]),
                 training_time_s=info.get("training_time_s"),
                 lr=cfg["lr"],
+                batch_size=cfg.get("batch_size", 1),
                 crop_size=cfg["crop_size"],
                 command=info.get("command"),
             )
@@ -272,6 +273,7 @@ def stage_summary(source: str | os.PathLike) -> list[dict[str, Any]]:
             iterations=int(ckpt["iteration"]),
             training_time_s=_training_time(records),
             lr=cfg["lr"],
+            batch_size=cfg.get("batch_size", 1),
             crop_size=cfg["crop_size"],
             command=None,
         )

@@ -13,6 +13,12 @@ Two experiments on the BBBC010 fitting wells, scored on the validation wells
     Steps against batch at an equal number of crops: batch ``B`` runs ``crops / B`` steps at
     learning rate ``lr * sqrt(B)`` (the square-root rule of Adam-type optimisers; warm-up a
     fixed 4 % of the steps), torch path.
+``snapshots``
+    The snapshots of a run (``--run DIR``: its ``iter_*.pt`` and ``final.pt``) and the model it
+    started from (``--init-from``), each scored twice: by the fast protocol of
+    :mod:`companion.selection` (what ``train --select-every`` uses) and by the protocol below.
+    How far the two protocols and neighbouring snapshots disagree is the noise a selection
+    works against.
 
 Each trained model is scored by its deterministic pass on the validation wells: the pixel F1 of
 the foreground without any calibration (``F1 unshifted``) and with the background shift chosen
@@ -119,6 +125,27 @@ def run(config, data, val, label: dict) -> dict:
     return row
 
 
+def snapshot_rows(run_dir: Path, init_from: str | None, val) -> list[dict]:
+    """Both protocols' scores of a run's starting model and snapshots."""
+    from companion import pretrained
+    from companion.checkpoint import load_model, read_checkpoint
+    from companion.selection import validation_score
+
+    candidates = [(0, pretrained.load(init_from) if init_from in pretrained.NAMES else load_model(init_from))]
+    candidates = candidates if init_from else []
+    for path in sorted(run_dir.glob("iter_*.pt")) + [run_dir / "final.pt"]:
+        if path.is_file():
+            candidates.append((int(read_checkpoint(path)["iteration"]), load_model(path)))
+    rows = []
+    for iteration, model in candidates:
+        fast = validation_score(model, val)
+        row = dict(iteration=iteration, fast_avAP=fast.avAP, fast_AP50=fast.AP50, fast_shift=fast.shift)
+        row.update({f"grid_{k}": v for k, v in score(model, val).items() if k in ("avAP", "AP50", "shift")})
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def write(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -133,7 +160,8 @@ def write(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", choices=("parity", "batch"))
+    parser.add_argument("experiment", choices=("parity", "batch", "snapshots"))
+    parser.add_argument("--run", type=Path, default=None, help="snapshots: the run folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--crop-size", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=600, help="parity: steps of each run")
@@ -165,6 +193,9 @@ def main() -> None:
         overrides.update(init_from=args.init_from, disc_warmup=0)
     base = TrainConfig.from_dict({**base.to_dict(), **overrides})
     rows = []
+    if args.experiment == "snapshots":
+        write(snapshot_rows(args.run, args.init_from, val), args.out / f"{args.run.name}_snapshots.csv")
+        return
     if args.experiment == "parity":
         stats = crop_statistics(data, 512, args.stat_crops)
         write(stats, args.out / "augment_parity_crops.csv")
