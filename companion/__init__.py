@@ -22,41 +22,12 @@ Modules are imported lazily, so ``import companion`` stays cheap.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {
-    "agglomerate",
-    "augment",
-    "data",
-    "evaluate",
-    "losses",
-    "metrics",
-    "model",
-    "postprocess",
-    "proofreading",
-    "sampling",
-    "synthetic",
-    "targets",
-    "train",
-    "tuning",
-    "uncertainty",
-    "pretrained",
-    "calibration",
-    "paper",
-    "ensemble",
-    "userdata",
-    "meanshift",
-    "outputs",
-    "predict",
-    "report",
-    "simulate",
-    "dropout",
-    "cli",
-    "step",
-    "export",
-    "chapters",
-}
+#: Every public module and sub-package, found on disk (so a new module is never left out).
+_SUBMODULES = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
 
 
 def __getattr__(name: str):

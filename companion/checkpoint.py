@@ -129,28 +129,12 @@ def check_map_location(map_location: str | torch.device) -> None:
     resolve_device(map_location, what="map_location")
 
 
-def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
-    """Read and validate a training checkpoint without executing any pickle.
-
-    Raises
-    ------
-    FileNotFoundError
-        ``path`` does not exist.
-    ValueError
-        ``path`` is not a checkpoint written by :func:`companion.train.train` (not a safe torch
-        file, or a file without the checkpoint's keys), or its weights no longer match the
-        sha256 recorded at save time.
-    """
+def _safe_load(path: Path, map_location: Any, what: str) -> Any:
+    """``torch.load(path, weights_only=True)``; any refusal becomes one ``ValueError`` naming the file."""
     import pickle
 
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder: name the checkpoint in it (e.g. {path}/final.pt)")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    check_map_location(map_location)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except (
         pickle.UnpicklingError,
         RuntimeError,
@@ -164,9 +148,30 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     ) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"{path} is not a companion checkpoint that can be loaded safely "
-            f"(torch.load(weights_only=True) refused it: {first_line})"
+            f"{path} is not {what} (torch.load(weights_only=True) refused it: {first_line})"
         ) from err
+
+
+def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
+    """Read and validate a training checkpoint without executing any pickle.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        ``path`` is not a checkpoint written by :func:`companion.train.train` (not a safe torch
+        file, or a file without the checkpoint's keys), or its weights no longer match the
+        sha256 recorded at save time.
+    """
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: name the checkpoint in it (e.g. {path}/final.pt)")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_map_location(map_location)
+    ckpt = _safe_load(path, map_location, "a companion checkpoint that can be loaded safely")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         what = (
             f"a dict with keys {sorted(map(str, ckpt))[:8]}"
@@ -235,26 +240,9 @@ def read_exported(path: str | os.PathLike, *, map_location: str | torch.device =
     truncated or otherwise unreadable one), and one saying so when ``map_location`` is a GPU
     but CUDA is not available.
     """
-    import pickle
 
     check_map_location(map_location)
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        AttributeError,
-        ValueError,
-        TypeError,
-        KeyError,
-        IndexError,
-    ) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"{path} is not a readable exported companion model (truncated or corrupt? "
-            f"torch.load(weights_only=True) refused it: {first_line})"
-        ) from err
+    payload = _safe_load(path, map_location, "a readable exported companion model (truncated or corrupt?)")
     if not isinstance(payload, dict) or payload.get("format") != EXPORTED_FORMAT:
         raise ValueError(f"{path} is not an exported companion model (format {EXPORTED_FORMAT!r} missing)")
     weights, kwargs = payload.get("state_dict"), payload.get("model_kwargs")
