@@ -13,7 +13,7 @@ unchanged, so a re-run of the evaluation only clusters.
 Examples
 --------
 >>> logits = np.zeros((3, 2, 2), np.float32); logits[2, 1, 1] = 5.0
->>> expand_pass(compact_pass(np.ones((4, 2, 2), np.float32), logits))[1].argmax(axis=0).tolist()
+>>> compact_pass(np.ones((4, 2, 2), np.float32), logits).classes.tolist()
 [[0, 0], [0, 2]]
 """
 
@@ -45,7 +45,7 @@ __all__ = [
     "CompactPass",
     "WellOutputs",
     "compact_pass",
-    "expand_pass",
+    "embedding_map",
     "compact_scores",
     "model_fingerprint",
     "has_concrete_dropout",
@@ -128,19 +128,16 @@ def compact_pass(embedding: np.ndarray | torch.Tensor, logits: np.ndarray | torc
     )
 
 
-def expand_pass(compact: CompactPass) -> tuple[np.ndarray, np.ndarray]:
-    """Full-size ``(E, H, W)`` embedding and ``(3, H, W)`` one-hot logits of a :class:`CompactPass`.
+def embedding_map(compact: CompactPass) -> np.ndarray:
+    """The full-size ``float32 (E, H, W)`` embedding of a :class:`CompactPass` (zero on background).
 
-    Background pixels get a zero embedding; the logits are 1 for the stored class and 0
-    otherwise, so their argmax is the class map, which is all that
-    :func:`companion.postprocess.segment` reads from them.
+    With the class map it is what :func:`companion.postprocess.segment_classes` segments.
 
     Examples
     --------
     >>> c = CompactPass(np.array([[2, 0]], np.uint8), np.ones((1, 3), np.float16), np.ones(1, np.float16))
-    >>> embedding, logits = expand_pass(c)
-    >>> embedding[:, 0, 1].tolist(), logits.argmax(axis=0).tolist()
-    ([0.0, 0.0, 0.0], [[2, 0]])
+    >>> embedding_map(c)[:, 0].tolist()
+    [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
     """
     classes = np.asarray(compact.classes)
     mask = classes != 0
@@ -151,8 +148,7 @@ def expand_pass(compact: CompactPass) -> tuple[np.ndarray, np.ndarray]:
         )
     embedding = np.zeros((compact.embedding.shape[1],) + classes.shape, np.float32)
     embedding[:, mask] = compact.embedding.T
-    logits = (np.arange(3)[:, None, None] == classes[None]).astype(np.float32)
-    return embedding, logits
+    return embedding
 
 
 def compact_scores(compact: CompactPass, masks: np.ndarray) -> np.ndarray:

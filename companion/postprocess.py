@@ -29,6 +29,7 @@ from scipy import ndimage
 from .meanshift import MeanShiftResult, NoModesFoundError, bin_seeds, mean_shift, mean_shift_trajectories
 
 __all__ = [
+    "segment_classes",
     "MeanShiftResult",
     "NoModesFoundError",
     "bin_seeds",
@@ -235,10 +236,48 @@ def segment(
     """
     embedding, class_logits = _to_numpy(embedding), _to_numpy(class_logits)
     _check_network_output(embedding, class_logits)
+    return segment_classes(
+        embedding,
+        np.argmax(class_logits, axis=0),
+        bandwidth,
+        threshold,
+        min_size=min_size,
+        max_points=max_points,
+        cluster_overlap=cluster_overlap,
+        seed=seed,
+        device=device,
+        clustering=clustering,
+        single_below=single_below,
+    )
+
+
+def segment_classes(
+    embedding: np.ndarray,
+    classes: np.ndarray,
+    bandwidth: float,
+    threshold: float,
+    *,
+    min_size: int = DEFAULT_MIN_SIZE,
+    max_points: int | None = None,
+    cluster_overlap: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    clustering: str = "global",
+    single_below: int = DEFAULT_SINGLE_BELOW,
+) -> np.ndarray:
+    """:func:`segment` of a class map ``(H, W)`` (0 background, 1 foreground, 2 overlap) instead
+    of class logits: what the compact network outputs hold (:mod:`companion.outputs`).
+
+    >>> classes = np.zeros((6, 6), np.uint8); classes[1:3, :] = 1
+    >>> segment_classes(np.ones((2, 6, 6), np.float32), classes, 1.0, 1.0, min_size=1).shape
+    (1, 6, 6)
+    """
+    classes = np.asarray(classes)
+    if classes.shape != embedding.shape[1:]:
+        raise ValueError(f"classes {classes.shape} do not match embedding {embedding.shape}")
     _check_segment_settings(bandwidth, threshold, min_size, max_points)
     if clustering not in ("global", "components"):
         raise ValueError(f"clustering must be 'global' or 'components', got {clustering!r}")
-    classes = np.argmax(class_logits, axis=0)
     foreground, overlap = classes != 0, classes == 2
     options = dict(
         bandwidth=bandwidth,

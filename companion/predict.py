@@ -33,11 +33,11 @@ from companion.outputs import (
     CompactPass,
     WellOutputs,
     compact_scores,
-    expand_pass,
+    embedding_map,
     has_concrete_dropout,
     well_outputs,
 )
-from companion.postprocess import DEFAULT_MIN_SIZE, segment
+from companion.postprocess import DEFAULT_MIN_SIZE, segment_classes
 
 __all__ = [
     "Instances",
@@ -49,12 +49,12 @@ __all__ = [
 
 
 def segment_compact(compact: CompactPass, bandwidth: float, threshold: float, **segment_kwargs) -> np.ndarray:
-    """:func:`companion.postprocess.segment` on a :class:`CompactPass` (bool ``(K, H, W)``).
+    """:func:`companion.postprocess.segment_classes` on a :class:`CompactPass` (bool ``(K, H, W)``).
 
     Equal to ``segment`` on the full outputs with the embedding rounded to float16.
     """
-    embedding, logits = expand_pass(compact)
-    return np.asarray(segment(embedding, logits, bandwidth, threshold, **segment_kwargs), bool)
+    masks = segment_classes(embedding_map(compact), compact.classes, bandwidth, threshold, **segment_kwargs)
+    return np.asarray(masks, bool)
 
 
 def predict_deterministic(

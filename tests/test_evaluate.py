@@ -23,7 +23,7 @@ from companion.outputs import (
     cached_well_outputs,
     compact_pass,
     compact_scores,
-    expand_pass,
+    embedding_map,
 )
 from companion.paper import TABLE1_KEYS
 from companion.postprocess import segment
@@ -128,8 +128,8 @@ def test_compact_pass_segments_exactly_like_the_full_outputs(samples):
     assert len(expected) > 0 and np.array_equal(got, expected)
     # the scores need the foreground probability of the real logits, not of the one-hot ones
     np.testing.assert_allclose(compact_scores(compact, got), foreground_scores(got, logits), atol=2e-3)
-    full_embedding, one_hot = expand_pass(compact)
-    assert np.array_equal(one_hot.argmax(0), logits.argmax(0))
+    full_embedding = embedding_map(compact)  # what segment_classes clusters beside the class map
+    assert np.array_equal(compact.classes, logits.argmax(0))
     assert np.array_equal(
         full_embedding[:, logits.argmax(0) == 0], np.zeros((8, (logits.argmax(0) == 0).sum()))
     )
@@ -154,10 +154,10 @@ def test_compact_pass_of_tensors_equals_that_of_arrays():
         assert a.dtype == b.dtype == c.dtype and np.array_equal(a, b) and np.array_equal(a, c)
 
 
-def test_expand_pass_rejects_an_embedding_that_does_not_fit_the_class_map():
+def test_embedding_map_rejects_an_embedding_that_does_not_fit_the_class_map():
     bad = CompactPass(np.ones((2, 2), np.uint8), np.zeros((3, 4), np.float16), np.zeros(3, np.float16))
     with pytest.raises(ValueError, match="4 non-background pixels"):
-        expand_pass(bad)
+        embedding_map(bad)
     with pytest.raises(ValueError, match=r"logits \(2, 3, 3\)"):
         compact_pass(np.zeros((4, 3, 3)), np.zeros((2, 3, 3)))
 
