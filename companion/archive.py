@@ -2,7 +2,7 @@
 
 A machine that sees only a copy of the working tree (a rented GPU, a container) has no BBBC010
 folder and may have no internet. :func:`pack_samples` writes loaded wells into one ``.npz``
-(~30 MiB for the 40 fitting and validation wells and the 47 complete test wells), and every
+(44 MiB for the 50 training wells and the 47 complete test wells), and every
 command that takes ``--data-root`` also takes the archive: :func:`companion.data.load_bbbc010`
 reads it with :func:`read_archive`, bit-identical to loading the folder.
 

@@ -16,7 +16,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "pack",
         help="pack BBBC010 wells into one file (see `python -m companion pack --help`)",
-        description="Write BBBC010 wells losslessly into one LZMA-compressed .npz (about 30 MiB "
+        description="Write BBBC010 wells losslessly into one LZMA-compressed .npz (44 MiB "
         "for the fitting, validation and complete test wells) that every command's --data-root "
         "accepts in place of the folder: for a machine that sees a copy of the working tree but "
         "not the data (companion.archive).",
