@@ -107,6 +107,12 @@ def _vote_counts(logits: np.ndarray, truth: np.ndarray, shifts: np.ndarray, agre
     return counts
 
 
+def _pooled_f1(counts: np.ndarray) -> np.ndarray:
+    """Pixel F1 of each row of ``(n, 3)`` true positive, false positive, false negative counts."""
+    tp, fp, fn = np.asarray(counts, np.float64).T
+    return np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+
+
 def choose_background_shift(
     model: nn.Module,
     samples: Sequence,
@@ -144,8 +150,7 @@ def choose_background_shift(
         logits = _pass_logits(model, sample.image, draws, seed, device)
         truth = np.asarray(sample.instances, bool).any(axis=0)
         counts += _vote_counts(logits, truth, shifts, agreement)
-    tp, fp, fn = counts.T
-    f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    f1 = _pooled_f1(counts)
     best = int(np.argmax(f1))  # the first maximum: the smallest shift among ties
     return ShiftChoice(float(shifts[best]), shifts, f1, [s.well for s in samples])
 

@@ -164,7 +164,6 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         file, or a file without the checkpoint's keys), or its weights no longer match the
         sha256 recorded at save time.
     """
-
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder: name the checkpoint in it (e.g. {path}/final.pt)")
@@ -240,7 +239,6 @@ def read_exported(path: str | os.PathLike, *, map_location: str | torch.device =
     truncated or otherwise unreadable one), and one saying so when ``map_location`` is a GPU
     but CUDA is not available.
     """
-
     check_map_location(map_location)
     payload = _safe_load(path, map_location, "a readable exported companion model (truncated or corrupt?)")
     if not isinstance(payload, dict) or payload.get("format") != EXPORTED_FORMAT:

@@ -25,8 +25,6 @@ Examples
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import warnings
@@ -37,9 +35,10 @@ from typing import NamedTuple
 import numpy as np
 
 from companion._io import atomic_write_bytes
-from companion.data import TEST_WELLS, WELLS
+from companion.data import TEST_WELLS
 from companion.metrics import IOU_THRESHOLDS, instance_metrics
 from companion.prediction_files import Prediction
+from companion.report import _csv_bytes
 
 __all__ = [
     "PROTOCOLS",
@@ -109,6 +108,7 @@ def score_predictions(
     if foreign:
         raise ValueError(f"predictions of wells outside the test split: {', '.join(foreign)}")
     rows, per_image, missing = [], [], set()
+    scored = all(p.scores is not None for p in predictions)
     for name in protocols:
         wells = _protocol_wells(name)
         lacking = [w for w in wells if w not in truths]
@@ -130,7 +130,6 @@ def score_predictions(
                 found.scores if found is not None and found.scores is not None else np.ones(len(masks))
             )
         metrics = instance_metrics(gts, preds, scores)
-        scored = all(p.scores is not None for p in predictions)
         rows.append(_row(name, wells, metrics, scored))
         for well, image in zip(wells, metrics["per_image"]):
             per_image.append(
@@ -143,14 +142,6 @@ def score_predictions(
     return ScoreResult(rows, per_image, sorted(missing))
 
 
-def _csv(rows: Sequence[dict]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
-
-
 def write_scores(result: ScoreResult, out: str | os.PathLike, *, info: Mapping | None = None) -> list[Path]:
     """``results.json`` (rows, missing wells, ``info``), ``table1.csv`` and ``per_image.csv``."""
     out = Path(out)
@@ -158,8 +149,8 @@ def write_scores(result: ScoreResult, out: str | os.PathLike, *, info: Mapping |
     document = dict(info or {}, rows=result.rows, missing_wells=result.missing)
     written = [
         atomic_write_bytes(out / "results.json", (json.dumps(document, indent=1) + "\n").encode()),
-        atomic_write_bytes(out / "table1.csv", _csv(result.rows)),
-        atomic_write_bytes(out / "per_image.csv", _csv(result.per_image)),
+        atomic_write_bytes(out / "table1.csv", _csv_bytes(result.rows, list(result.rows[0]))),
+        atomic_write_bytes(out / "per_image.csv", _csv_bytes(result.per_image, list(result.per_image[0]))),
     ]
     return written
 
@@ -168,18 +159,14 @@ def ground_truth_masks(
     root: str | os.PathLike | None = None, wells: Sequence[str] = TEST_WELLS
 ) -> dict[str, np.ndarray]:
     """The ground-truth masks of test wells from a BBBC010 folder, incomplete wells included."""
-    from companion.data import find_layout, resolve_root
+    from companion.data import _check_wells, find_layout, load_masks, resolve_root
 
-    unknown = [w for w in wells if w not in WELLS]
-    if unknown:
-        raise ValueError(f"unknown well id(s) {', '.join(unknown)}")
+    wells = _check_wells(wells)
     root = resolve_root(root)
     if root.is_file():
         raise ValueError(
             f"{root} is an archive of wells; scoring needs the BBBC010 folder (the archive lacks the "
             f"incomplete wells)"
         )
-    from companion.data import load_masks
-
     layout = find_layout(root)
     return {w: load_masks(layout, w) for w in wells}

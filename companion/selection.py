@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from companion._io import atomic_write
-from companion.calibration import DEFAULT_SHIFTS, _vote_counts
+from companion.calibration import DEFAULT_SHIFTS, _pooled_f1, _vote_counts
 from companion.data import Sample
 from companion.metrics import instance_metrics
 from companion.postprocess import segment
+from companion.run_folder import read_log, trim_log
 from companion.sampling import predict
 from companion.tuning import foreground_scores
 
@@ -83,8 +84,7 @@ def validation_score(
         embedding, logits = np.asarray(out.embeddings[0]), np.asarray(out.logits[0])
         passes.append((embedding, logits))
         counts += _vote_counts(logits[None], np.asarray(sample.instances, bool).any(axis=0), shifts, 1.0)
-    tp, fp, fn = counts.T
-    f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    f1 = _pooled_f1(counts)
     best = int(np.argmax(f1))  # the smallest shift among ties
     preds, scores = [], []
     for embedding, logits in passes:
@@ -110,9 +110,7 @@ def read_selection(path: str | os.PathLike) -> list[dict]:
     """The records of a run's ``selection.jsonl`` (the file or its run folder); [] if none."""
     path = Path(path)
     path = path / "selection.jsonl" if path.is_dir() else path
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_log(path) if path.is_file() else []
 
 
 class SnapshotSelection:
@@ -156,11 +154,8 @@ class SnapshotSelection:
 
     def resume_at(self, iteration: int) -> None:
         """Forget the records past ``iteration`` (a resumed run repeats them); the best so far."""
-        records = self.records()
-        kept = [r for r in records if r["iteration"] <= iteration]
-        if len(kept) != len(records):
-            text = "".join(json.dumps(r) + "\n" for r in kept)
-            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text(text))
+        trim_log(self.log_path, iteration)
+        kept = self.records()
         self.best = max((r["avAP"] for r in kept), default=None) if self.best_path.exists() else None
 
     def records(self) -> list[dict]:

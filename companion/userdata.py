@@ -101,10 +101,16 @@ def _channels_first(array: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
+def _source_name(source: PathLike | Sequence[PathLike]) -> str:
+    """A file, or a pair of files, as one name for messages."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else ", ".join(map(str, source))
+
+
 def _non_empty(image: np.ndarray, source: PathLike | Sequence[PathLike]) -> np.ndarray:
     if min(image.shape[1:]) < 1:
-        name = str(source) if isinstance(source, (str, os.PathLike)) else ", ".join(map(str, source))
-        raise ValueError(f"{name!r} holds an empty image of shape {image.shape[1:]} (H or W is 0)")
+        raise ValueError(
+            f"{_source_name(source)!r} holds an empty image of shape {image.shape[1:]} (H or W is 0)"
+        )
     return image
 
 
@@ -151,22 +157,24 @@ def intensity_warnings(image: np.ndarray, channels: Sequence[int] = (0, 1)) -> l
         if channel.size and float(channel.min()) == float(channel.max()):
             found.append(f"its {name} channel is constant ({float(channel.min()):.3g})")
             continue
-        if float((channel >= 1.0).mean()) > CLIPPED_SHARE:
+        clipped = float((channel >= 1.0).mean())
+        if clipped > CLIPPED_SHARE:
+            found.append(f"{clipped:.0%} of its {name} pixels clip at 1.0 (pass a larger scale)")
+        top = float(np.percentile(channel, 99)) if c == 1 and channel.size else 1.0
+        if top < DARK_BRIGHTFIELD:
             found.append(
-                f"{(channel >= 1.0).mean():.0%} of its {name} pixels clip at 1.0 (pass a larger scale)"
-            )
-        if c == 1 and channel.size and float(np.percentile(channel, 99)) < DARK_BRIGHTFIELD:
-            found.append(
-                f"its brightfield is nearly black (99th percentile {np.percentile(channel, 99):.3f}, "
+                f"its brightfield is nearly black (99th percentile {top:.3f}, "
                 f"BBBC010's about 0.7; pass a smaller scale)"
             )
     return found
 
 
 def _warn_intensities(image: np.ndarray, source, channels: Sequence[int] = (0, 1)) -> np.ndarray:
-    name = str(source) if isinstance(source, (str, os.PathLike)) else ", ".join(map(str, source))
     for message in intensity_warnings(image, channels):
-        warnings.warn(f"{name}: {message}; the models were trained on BBBC010's intensities", stacklevel=3)
+        warnings.warn(
+            f"{_source_name(source)}: {message}; the models were trained on BBBC010's intensities",
+            stacklevel=3,
+        )
     return image
 
 

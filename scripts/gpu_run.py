@@ -58,7 +58,7 @@ _PROCESS_START = time.monotonic()
 REPO = Path(__file__).resolve().parents[1]
 #: Where ``python -m companion pack`` writes the archive by default here (git-ignored).
 DEFAULT_ARCHIVE = REPO / "data_pack" / "bbbc010.npz"
-MAX_OUT_FILES, MAX_OUT_BYTES = 8, 16 * 2**20
+MAX_OUT_BYTES = 16 * 2**20
 MODELS = ("baseline", "concrete")
 #: Learning rate of the shipped models' later stages (batch 1); a stage at batch ``B`` uses
 #: ``CONTINUE_LR * sqrt(B)``.
@@ -499,6 +499,7 @@ def _run(run: Run, args: argparse.Namespace, plan: Plan, evaluations: list) -> N
     for model, row, child in evaluations:
         if run.finish(model, f"evaluate {row}", child, run.left() - 5):
             run.summary["models"][model].setdefault("rows", {})[row] = rows_of(run.work / model / row)
+    for model in dict.fromkeys(model for model, _, _ in evaluations):  # once each, with every report
         write_model_zip(run, model)
     run.save()
     for info in run.summary.get("models", {}).values():

@@ -89,20 +89,24 @@ def calibrated_validation(
     return shift, result.rows[0]
 
 
+def run_snapshots(run: Path) -> list[tuple[int, Path]]:
+    """``(iteration, path)`` of a run's ``iter_*.pt`` and ``final.pt``, in order, one per iteration."""
+    from companion.checkpoint import read_checkpoint
+
+    paths = sorted(run.glob("iter_*.pt")) + [p for p in [run / "final.pt"] if p.is_file()]
+    found: dict[int, Path] = {}
+    for path in paths:
+        found.setdefault(int(read_checkpoint(path)["iteration"]), path)
+    return list(found.items())
+
+
 def snapshot_rows(run: Path, samples, args, start_minutes: float = 0.0) -> list[dict]:
-    from companion.checkpoint import load_model, read_checkpoint
+    from companion.checkpoint import load_model
     from companion.run_folder import read_log
 
     log = read_log(run)
-    paths = sorted(run.glob("iter_*.pt"))
-    if (run / "final.pt").is_file():
-        paths.append(run / "final.pt")
-    rows, seen = [], set()
-    for path in paths:
-        iteration = int(read_checkpoint(path)["iteration"])
-        if iteration in seen:
-            continue
-        seen.add(iteration)
+    rows = []
+    for iteration, path in run_snapshots(run):
         shift, scores = calibrated_validation(
             load_model(path),
             samples,

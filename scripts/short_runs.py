@@ -125,19 +125,28 @@ def run(config, data, val, label: dict) -> dict:
     return row
 
 
+def load_start(name: str):
+    """A shipped model by name, or the model of a checkpoint or exported file."""
+    from companion import pretrained
+    from companion.checkpoint import load_model
+
+    return pretrained.load(name) if name in pretrained.NAMES else load_model(name)
+
+
 def snapshot_rows(run_dir: Path, init_from: str | None, val) -> list[dict]:
     """Both protocols' scores of a run's starting model and snapshots."""
-    from companion import pretrained
-    from companion.checkpoint import load_model, read_checkpoint
+    from learning_curve import run_snapshots
+
+    from companion.checkpoint import load_model
     from companion.selection import validation_score
 
-    candidates = [(0, pretrained.load(init_from) if init_from in pretrained.NAMES else load_model(init_from))]
-    candidates = candidates if init_from else []
-    for path in sorted(run_dir.glob("iter_*.pt")) + [run_dir / "final.pt"]:
-        if path.is_file():
-            candidates.append((int(read_checkpoint(path)["iteration"]), load_model(path)))
+    candidates = [(0, lambda: load_start(init_from))] if init_from else []
+    candidates += [
+        (iteration, lambda path=path: load_model(path)) for iteration, path in run_snapshots(run_dir)
+    ]
     rows = []
-    for iteration, model in candidates:
+    for iteration, load in candidates:
+        model = load()
         fast = validation_score(model, val)
         row = dict(iteration=iteration, fast_avAP=fast.avAP, fast_AP50=fast.AP50, fast_shift=fast.shift)
         row.update({f"grid_{k}": v for k, v in score(model, val).items() if k in ("avAP", "AP50", "shift")})
@@ -224,14 +233,7 @@ def main() -> None:
             )
     else:
         if args.init_from:  # where the runs start from, scored with the same protocol
-            from companion import pretrained
-            from companion.checkpoint import load_model
-
-            start = (
-                pretrained.load(args.init_from)
-                if args.init_from in pretrained.NAMES
-                else load_model(args.init_from)
-            )
+            start = load_start(args.init_from)
             rows.append(
                 {
                     "crops": 0,
