@@ -108,9 +108,8 @@ def _source_name(source: PathLike | Sequence[PathLike]) -> str:
 
 def _non_empty(image: np.ndarray, source: PathLike | Sequence[PathLike]) -> np.ndarray:
     if min(image.shape[1:]) < 1:
-        raise ValueError(
-            f"{_source_name(source)!r} holds an empty image of shape {image.shape[1:]} (H or W is 0)"
-        )
+        name = _source_name(source)
+        raise ValueError(f"{name!r} holds an empty image of shape {image.shape[1:]} (H or W is 0)")
     return image
 
 
@@ -170,11 +169,9 @@ def intensity_warnings(image: np.ndarray, channels: Sequence[int] = (0, 1)) -> l
 
 
 def _warn_intensities(image: np.ndarray, source, channels: Sequence[int] = (0, 1)) -> np.ndarray:
+    name = _source_name(source)
     for message in intensity_warnings(image, channels):
-        warnings.warn(
-            f"{_source_name(source)}: {message}; the models were trained on BBBC010's intensities",
-            stacklevel=3,
-        )
+        warnings.warn(f"{name}: {message}; the models were trained on BBBC010's intensities", stacklevel=3)
     return image
 
 
