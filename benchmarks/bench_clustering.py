@@ -21,7 +21,7 @@ from companion import pretrained
 from companion.data import TEST_WELLS, load_bbbc010
 from companion.metrics import instance_metrics
 from companion.outputs import well_outputs
-from companion.predict import predict_deterministic
+from companion.segmenter import Recipe, Segmenter
 
 
 def main() -> None:
@@ -40,16 +40,11 @@ def main() -> None:
     outputs = [well_outputs(model, s.image, draws=0) for s in samples]
     seconds, ap50 = {}, {}
     for clustering in ("global", "components"):
-        predict_deterministic(
-            outputs[0], args.bandwidth, args.threshold, clustering=clustering, max_points=args.max_points
-        )  # warm-up
+        recipe = Recipe(args.bandwidth, args.threshold, clustering=clustering, max_points=args.max_points)
+        segmenter = Segmenter(model, recipe)
+        segmenter.segment(outputs[0])  # warm-up
         start = time.perf_counter()
-        predictions = [
-            predict_deterministic(
-                o, args.bandwidth, args.threshold, clustering=clustering, max_points=args.max_points
-            )
-            for o in outputs
-        ]
+        predictions = [segmenter.segment(o)[:2] for o in outputs]
         seconds[clustering] = time.perf_counter() - start
         masks, scores = zip(*predictions)
         ap50[clustering] = instance_metrics([s.instances for s in samples], masks, scores)["AP50"]

@@ -9,8 +9,8 @@ mean-shift of :mod:`companion.meanshift`), simulated network outputs (:mod:`comp
 Monte-Carlo sampling (:mod:`companion.sampling`), agglomeration (:mod:`companion.agglomerate`),
 metrics (:mod:`companion.metrics`), uncertainty evaluation (:mod:`companion.uncertainty`),
 guided proofreading (:mod:`companion.proofreading`), the whole evaluation
-(:mod:`companion.evaluate`: network outputs in :mod:`companion.outputs`, predictions in
-:mod:`companion.predict`, result files in :mod:`companion.report`), the trained models shipped with the package
+(:mod:`companion.evaluate`: network outputs in :mod:`companion.outputs`, predictions by
+:mod:`companion.segmenter`, result files in :mod:`companion.report`), the trained models shipped with the package
 (:mod:`companion.pretrained`, written by :mod:`companion.export`, calibrated by
 :mod:`companion.calibration`; what the chapters print beside them in :mod:`companion.chapters`), the paper's reported numbers
 (:mod:`companion.paper`), ensembles and uncertainty ranking (:mod:`companion.ensemble`) and

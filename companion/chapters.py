@@ -1,7 +1,7 @@
 """What the chapters print beside a shipped model, and the model a chapter works with.
 
 :func:`results` reads a shipped model's committed evaluation (``results/<name>/results.json``),
-:func:`segmentation_settings` the bandwidth, threshold and point budget that evaluation used for
+:func:`segmentation_settings` the bandwidth, threshold and point budget of a shipped recipe for
 a well, :func:`training_budget` says in one line how a model was trained, :func:`gpu_figures` what
 a GPU run measured (``results/gpu/``), and
 :func:`load_or_train` gives a chapter the shipped model or one trained on the spot
@@ -28,9 +28,10 @@ from .checkpoint import load_model
 from .config import TrainConfig
 from .data import FIT_WELLS, TEST_FOLDS, Sample, load_bbbc010
 from .export import export
-from .outputs import WellOutputs, cached_well_outputs
-from .predict import predict_agglomerated
+from .outputs import WellOutputs
 from .pretrained import NAMES, PRETRAINED_DIR, available, load, provenance
+from .recipes import read_recipe
+from .segmenter import MC_DRAWS, Recipe, Segmenter
 from .synthetic import make_dataset
 from .train import train
 
@@ -103,64 +104,47 @@ def segmentation_settings(
     well: str,
     *,
     committed: bool = True,
-    default: tuple[float, float] = (2.0, 2.0),
-    default_max_points: int | None = 20_000,
+    row: str | None = None,
+    default: tuple[float, float] | None = None,
     directory: str | os.PathLike | None = None,
+    pretrained_dir: str | os.PathLike | None = None,
 ) -> SegmentationSettings:
-    """The bandwidth, threshold and point budget the committed evaluation used for ``well``.
+    """The bandwidth, threshold and point budget of a shipped model's recipe for ``well``.
 
-    The committed evaluation of a shipped model chose a bandwidth and threshold on one test
-    fold and applied them to the other (the paper's 2-fold protocol); this returns the pair
-    applied to the fold that holds ``well`` and the evaluation's ``max_points``. Without a
-    committed evaluation (no ``results/``, or ``committed=False`` because the chapter trained its
-    own model, to which the shipped model's choice does not belong) it returns ``default`` and
-    ``default_max_points``, and says so in ``source``.
-
-    Parameters
-    ----------
-    name : str
-        The shipped model (``"concrete"`` or ``"baseline"``).
-    well : str
-        A test well, e.g. ``"C03"``.
-    committed : bool
-        False: ignore the committed evaluation (a retrained model).
-    default, default_max_points
-        What to use without a committed choice.
-    directory : path-like, optional
-        Default :data:`RESULTS_DIR`.
+    The shipped recipes (:mod:`companion.recipes`) hold what each committed evaluation chose on
+    one test fold and applied to the other (the paper's 2-fold protocol); this returns the pair
+    of row ``row`` (default ``"<name>/deterministic"``, the paper's protocol) for the fold that
+    holds ``well``. Without a recipe for the model, or with ``committed=False`` (a chapter trained
+    its own model, to which the shipped choice does not belong), it returns
+    :class:`companion.segmenter.Recipe`'s defaults (or ``default``) and says so in ``source``.
+    ``record`` is the committed evaluation (:func:`results`, from ``directory``) when there is one.
 
     >>> segmentation_settings("concrete", "C03", committed=False).source
-    'no committed choice for this model: bandwidth 2, threshold 2'
+    'no committed choice for this model: bandwidth 1.5, threshold 1.5'
     """
+    row = f"{name}/deterministic" if row is None else row
     fold = next((f for f, wells in enumerate(TEST_FOLDS) if well in wells), None)
-    record = None
-    reason = "no committed choice for this model"
+    recipe, reason = None, "no committed choice for this model"
     if committed and fold is not None:
         try:
-            record = results(name, directory)
-        except FileNotFoundError as missing:
+            recipe = read_recipe(name, row, directory=pretrained_dir)
+        except ValueError as missing:
             reason = str(missing)
-    choice = None
-    if record is not None:
-        choice = next((c for c in record["tuning"]["choices"] if c["applied_to"] == fold), None)
-    if choice is None:
-        bandwidth, threshold = default
-        return SegmentationSettings(
-            bandwidth,
-            threshold,
-            default_max_points,
-            f"{reason}: bandwidth {bandwidth:g}, threshold {threshold:g}",
-            None,
-        )
-    return SegmentationSettings(
-        choice["bandwidth"],
-        choice["threshold"],
-        record["settings"].get("max_points"),
-        f"bandwidth {choice['bandwidth']:g}, threshold {choice['threshold']:g}: chosen on test fold "
-        f"{choice['tuned_on']} (avAP {choice['tuning_score']:.3f} there), applied to fold {fold}, "
-        f"which holds {well}",
-        record,
+    if recipe is None or not recipe.folds:
+        fallback = Recipe()
+        bandwidth, threshold = default or (fallback.bandwidth, fallback.threshold)
+        source = f"{reason}: bandwidth {bandwidth:g}, threshold {threshold:g}"
+        return SegmentationSettings(bandwidth, threshold, fallback.max_points, source, None)
+    chosen = recipe.for_image(well)
+    try:
+        record = results(row.split("/")[0], directory)
+    except FileNotFoundError:
+        record = None
+    source = (
+        f"bandwidth {chosen.bandwidth:g}, threshold {chosen.threshold:g}: the shipped recipe of row "
+        f"{row}, chosen on the other test fold and applied to fold {fold}, which holds {well}"
     )
+    return SegmentationSettings(chosen.bandwidth, chosen.threshold, chosen.max_points, source, record)
 
 
 def _hours(seconds: float | None) -> str:
@@ -350,6 +334,8 @@ class LiveEvaluation(NamedTuple):
     report: str
     #: the folder of the cached network outputs (one sub-folder per model name)
     cache_dir: Path
+    #: the model and the recipe that made the predictions
+    segmenter: Segmenter
 
     @property
     def gts(self) -> list[np.ndarray]:
@@ -375,66 +361,56 @@ def live_evaluation(
     """Run the committed evaluation's pipeline on the first ``n_per_fold`` wells of each test fold
     (or on ``wells``, e.g. the paper's Figure 1 wells C10, C04, D21).
 
-    The model is :func:`load_or_train`'s; the network outputs are computed as the evaluation
-    computes them (same per-well seeds of the dropout masks) and kept in ``cache_dir`` (default a
-    folder in the system's temporary directory, shared by the chapters; a file is reused only for
-    the same weights and image); every well is segmented with :func:`segmentation_settings` and
-    agglomerated with the committed draws, seed and binarisation threshold (8, 0, 0.75 without a
-    committed evaluation).
+    The model is :func:`load_or_train`'s, its :class:`companion.segmenter.Segmenter` the shipped
+    recipe of row ``"<name>/mc"`` (the paper's protocol; without one, or for a retrained model,
+    :data:`companion.segmenter.MC_DRAWS` draws and the recipe defaults). The network outputs
+    are computed as the evaluation computes them (same per-well seeds of the dropout masks) and
+    kept in ``cache_dir`` (default a folder in the system's temporary directory, shared by the
+    chapters; a file is reused only for the same weights and image).
     """
-    try:
-        record = None if retrain else results(name)
-    except FileNotFoundError:
-        record = None
-    committed = record["settings"] if record else {}
-    settings = dict(
-        draws=committed.get("draws", 8),
-        seed=committed.get("seed", 0),
-        binarize_at=committed.get("binarize_at", 0.75),
-        max_points=committed.get("max_points", 8000),
-        flips=committed.get("flips", False),
-    )
-    folds = record["folds"] if record else TEST_FOLDS
+    model, description = load_or_train(name, retrain=retrain, quick=quick, device=device)
+    recipe = None
+    if not retrain:
+        try:
+            recipe = read_recipe(name, f"{name}/mc")  # the paper's protocol, as committed
+        except ValueError:
+            recipe = None
+    if recipe is None:
+        recipe = Recipe(mc_draws=MC_DRAWS)
+    segmenter = Segmenter(model, recipe, device=device)
+    folds = [f.wells for f in recipe.folds] or TEST_FOLDS
     wells = list(wells) if wells is not None else [w for fold in folds for w in fold[:n_per_fold]]
     samples = load_bbbc010(wells=wells, progress=False)
-    model, description = load_or_train(name, retrain=retrain, quick=quick, device=device)
     folder = (
         Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir()) / "companion-book-outputs"
     )
     start = time.perf_counter()
-    outputs = cached_well_outputs(
-        model,
-        samples,
-        folder / name,
-        draws=settings["draws"],
-        seed=settings["seed"],
-        device=device,
-        flips=settings["flips"],
-        progress=False,
-    )
+    outputs = segmenter.cached_outputs(samples, folder / name, progress=False)
     params, preds, scores, aggs, lines = {}, [], [], [], []
     for sample in samples:
-        chosen = segmentation_settings(name, sample.well, committed=record is not None)
+        chosen = recipe.for_image(sample.well)
         params[sample.well] = (chosen.bandwidth, chosen.threshold)
-        masks, mask_scores, agg = predict_agglomerated(
-            outputs[sample.well],
-            chosen.bandwidth,
-            chosen.threshold,
-            binarize_at=settings["binarize_at"],
-            max_points=settings["max_points"],
-        )
-        preds.append(masks)
-        scores.append(mask_scores)
-        aggs.append(agg)
+        result = segmenter.segment(outputs[sample.well], sample.well)
+        preds.append(result.masks)
+        scores.append(result.scores)
+        aggs.append(result.agglomeration)
         lines.append(
-            f"  {sample.well}: {len(sample.instances)} true worms, {len(agg.probs)} agglomerated instances, "
-            f"{len(masks)} after binarising (bandwidth {chosen.bandwidth:g}, threshold {chosen.threshold:g})"
+            f"  {sample.well}: {len(sample.instances)} true worms, {len(result.agglomeration.probs)} "
+            f"agglomerated instances, {len(result.masks)} after binarising (bandwidth "
+            f"{chosen.bandwidth:g}, threshold {chosen.threshold:g})"
         )
+    settings = dict(
+        draws=recipe.mc_draws,
+        seed=recipe.seed,
+        binarize_at=recipe.binarize_at,
+        max_points=recipe.max_points,
+        flips=recipe.views > 1,
+    )
     head = (
         f"{len(samples)} test wells {wells}, {settings['draws']} Monte-Carlo draws each, segmented and "
         f"agglomerated in {time.perf_counter() - start:.0f} s"
     )
     report = "\n".join([head, *lines])
     return LiveEvaluation(
-        samples, outputs, params, preds, scores, aggs, settings, description, report, folder
+        samples, outputs, params, preds, scores, aggs, settings, description, report, folder, segmenter
     )

@@ -5,7 +5,7 @@ Two ideas the paper leaves as future work, made computable (chapter 11 of the bo
 * **Ensembles.** Draws of several models (here: snapshots of one training run) are pooled and
   agglomerated exactly as the draws of one model. :func:`pool_draws` pools the stored
   outputs of the members (:class:`companion.outputs.WellOutputs`), so
-  :func:`companion.predict.predict_agglomerated` evaluates the ensemble unchanged;
+  :meth:`companion.segmenter.Segmenter.segment` evaluates the ensemble unchanged;
   :func:`ensemble_outputs` runs the members on one image.
 * **Active learning.** Which image should a human annotate first? Ranking images by their
   uncertainty (:func:`companion.proofreading.image_uncertainty`) is useful if the most
@@ -81,7 +81,7 @@ def pool_draws(members: Sequence[WellOutputs], draws_per_member: int | Sequence[
     -------
     WellOutputs
         The first member's deterministic pass and the pooled draws, member by member; feed it to
-        :func:`companion.predict.predict_agglomerated` like the outputs of one model.
+        :meth:`companion.segmenter.Segmenter.segment` like the outputs of one model.
 
     Raises
     ------

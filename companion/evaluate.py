@@ -2,7 +2,7 @@
 
 For a trained model and the test wells:
 
-1. **Network outputs** (:func:`companion.outputs.cached_well_outputs`): one deterministic pass
+1. **Network outputs** (:meth:`companion.segmenter.Segmenter.cached_outputs`): one deterministic pass
    per well and, for a model with Concrete Dropout, ``draws`` Monte-Carlo passes, stored
    compactly in one ``.npz`` per well and reused when model, image and settings are unchanged,
    so a re-run only clusters.
@@ -11,9 +11,9 @@ For a trained model and the test wells:
    *deterministic* pass only (its cost is one clustering per well and grid point, not
    ``draws`` of them); the Monte-Carlo draws of a fold then use the values chosen on the other
    fold.
-3. **Predictions** (:func:`companion.predict.predict_deterministic`,
-   :func:`companion.predict.predict_agglomerated`): the deterministic pass is segmented (scores:
-   mean foreground probability);
+3. **Predictions** (:meth:`companion.segmenter.Segmenter.segment` with each fold's
+   bandwidth and threshold): the deterministic pass is segmented (scores: mean foreground
+   probability);
    for a Concrete Dropout model every draw is segmented, the draws agglomerated
    (:func:`companion.agglomerate.agglomerate`) and binarised at ``binarize_at`` (scores from
    the agglomeration). A model without dropout evaluated with ``flips`` gets the same
@@ -54,11 +54,10 @@ from torch import nn
 
 from .data import TEST_FOLDS
 from .metrics import instance_metrics
-from .outputs import cached_well_outputs, has_concrete_dropout
+from .outputs import has_concrete_dropout
 from .paper import ROW_KEYS
-from .postprocess import DEFAULT_MIN_SIZE
-from .predict import predict_agglomerated, predict_deterministic
 from .proofreading import image_uncertainty, simulate_proofreading
+from .segmenter import MC_DRAWS, Recipe, Segmenter, views_recipe
 from .tuning import GridSearchResult, grid_search
 from .uncertainty import PAvPU, pavpu
 
@@ -207,21 +206,15 @@ def evaluate_model(
     model: nn.Module,
     samples: Sequence[Sample],
     *,
+    recipe: Recipe | None = None,
     folds: Sequence[Sequence[str]] | None = None,
     bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    draws: int = 8,
-    binarize_at: float = 0.75,
-    seed: int = 0,
     batch: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     pavpu_thresholds: Sequence[float] = PAVPU_THRESHOLDS,
     n_corrections: Sequence[int] = N_CORRECTIONS,
-    max_points: int | None = None,
-    clustering: str = "global",
-    min_size: int | None = None,
-    flips: bool = False,
     progress: bool = True,
 ) -> EvaluationResult:
     """Evaluate a model on samples as the paper does (see the module docstring).
@@ -238,12 +231,11 @@ def evaluate_model(
         ``samples`` (e.g. skipped incomplete wells) are dropped; every sample must be in a fold.
     bandwidths, thresholds : sequences of float
         The grid of mean-shift bandwidths and assignment thresholds.
-    draws : int
-        Monte-Carlo draws per well for a Concrete Dropout model (0: deterministic pass only).
-    binarize_at : float
-        Agglomerated probabilities ``>= binarize_at`` form the predicted masks.
-    seed : int
-        Seeds the dropout masks of the draws (per well, see :func:`cached_well_outputs`).
+    recipe : companion.segmenter.Recipe, optional
+        The inference protocol of the agglomerated row (its bandwidth and threshold are
+        replaced by the grid search's); the deterministic row uses ``recipe.deterministic()``.
+        Default: :data:`companion.segmenter.MC_DRAWS` Monte-Carlo draws for a Concrete Dropout
+        model, one pass otherwise, and the :class:`~companion.segmenter.Recipe` defaults.
     batch : int, optional
         Draws per forward pass; default 8 on a GPU, 1 on the CPU (see
         :func:`companion.sampling.mc_predict`).
@@ -253,19 +245,6 @@ def evaluate_model(
         Where the network runs (the model must already be there); default the model's device.
     pavpu_thresholds, n_corrections : sequences
         Entropy thresholds of the PAvPU curves; numbers of simulated corrections.
-    max_points : int, optional
-        Mean-shift clusters a random subset of at most this many foreground pixels per pass
-        (all pixels are still assigned; see :func:`companion.postprocess.segment`). Default:
-        all, exact but slow on a CPU when the embedding clusters are wide.
-    clustering : {"global", "components"}
-        Mean-shift over the whole image (the paper) or inside each connected foreground
-        component (see :func:`companion.postprocess.segment`).
-    min_size : int, optional
-        Smallest instance kept (default :data:`companion.postprocess.DEFAULT_MIN_SIZE`).
-    flips : bool
-        Test-time augmentation with the four flips of each image (not in the paper; see
-        :mod:`companion.sampling`): the deterministic pass averages the class probabilities of
-        the flips, the Monte-Carlo draws cycle through them.
     progress : bool
         tqdm bars.
 
@@ -282,30 +261,21 @@ def evaluate_model(
             f"cannot evaluate well(s) without ground truth (no worm mask): "
             f"{', '.join(no_truth)}; predict them instead, or leave them out"
         )
-    min_size = DEFAULT_MIN_SIZE if min_size is None else int(min_size)
-    segment_options = dict(max_points=max_points, clustering=clustering, min_size=min_size)
-    if draws < 0:
-        raise ValueError(f"draws must be >= 0, got {draws}")
+    if recipe is None:
+        recipe = views_recipe(model, mc_draws=MC_DRAWS, flips=False)
+    segmenter = Segmenter(model, recipe, device=device)
     # fold by fold, the order of grid_search's pooled metrics (COCO AP breaks score ties by order)
     wells = [w for fold in used_folds for w in fold]
     by_well = {s.well: s for s in samples}
     samples = [by_well[w] for w in wells]
     gts = {s.well: np.asarray(s.instances, bool) for s in samples}
     fold_of = {w: f for f, fold in enumerate(used_folds) for w in fold}
-    outputs = cached_well_outputs(
-        model,
-        samples,
-        cache_dir,
-        draws=draws,
-        seed=seed,
-        batch=batch,
-        device=device,
-        flips=flips,
-        progress=progress,
-    )
+    outputs = segmenter.cached_outputs(samples, cache_dir, batch=batch, progress=progress)
+    one_pass = segmenter.recipe.deterministic()
 
     def deterministic(well: str, bandwidth: float, threshold: float):
-        return predict_deterministic(outputs[well], float(bandwidth), float(threshold), **segment_options)
+        point = one_pass.replace(bandwidth=float(bandwidth), threshold=float(threshold))
+        return Segmenter(model, point).segment(outputs[well])[:2]
 
     tuning = grid_search(
         deterministic, gts, bandwidths, thresholds, used_folds, metric="avAP", progress=progress
@@ -317,7 +287,7 @@ def evaluate_model(
     rows = [
         dict(
             name="deterministic",
-            inference="one deterministic pass (dropout off)" + (_FLIPS_NOTE if flips else ""),
+            inference="one deterministic pass (dropout off)" + (_FLIPS_NOTE if recipe.views > 1 else ""),
             **{k: det_metrics[k] for k in ROW_KEYS},
         )
     ]
@@ -329,13 +299,13 @@ def evaluate_model(
     if n_draws:
         mc_masks, mc_scores, counts, agg_scores = [], [], [], []
         for well in tqdm(wells, desc="MC draws: segment + agglomerate", unit="well", disable=not progress):
-            masks, scores, agg = predict_agglomerated(
-                outputs[well], *chosen[fold_of[well]], binarize_at=binarize_at, **segment_options
-            )
-            mc_masks.append(masks), mc_scores.append(scores)
-            counts.append(_to_counts(agg.probs, n_draws)), agg_scores.append(agg.scores)
+            bandwidth, threshold = chosen[fold_of[well]]
+            result = segmenter.with_recipe(bandwidth=bandwidth, threshold=threshold).segment(outputs[well])
+            mc_masks.append(result.masks), mc_scores.append(result.scores)
+            counts.append(_to_counts(result.agglomeration.probs, n_draws))
+            agg_scores.append(result.agglomeration.scores)
         mc_metrics = instance_metrics(gt_list, mc_masks, mc_scores)
-        agg_name, inference = _agglomerated_row(model, n_draws, binarize_at, flips)
+        agg_name, inference = _agglomerated_row(model, n_draws, recipe.binarize_at, recipe.views > 1)
         rows.insert(
             0,
             dict(
@@ -350,20 +320,20 @@ def evaluate_model(
         per_image = mc_rows + per_image
         predictions = {agg_name: mc_masks, **predictions}
         probs = _ScaledCounts(counts, n_draws)
-        pavpu_result = pavpu(gt_list, probs, pavpu_thresholds, binarize_at=binarize_at)
+        pavpu_result = pavpu(gt_list, probs, pavpu_thresholds, binarize_at=recipe.binarize_at)
         proofreading = simulate_proofreading(
-            gt_list, probs, n_corrections, binarize_at=binarize_at, scores=agg_scores
+            gt_list, probs, n_corrections, binarize_at=recipe.binarize_at, scores=agg_scores
         ).rows
     settings = dict(
         bandwidths=[float(b) for b in bandwidths],
         thresholds=[float(t) for t in thresholds],
-        max_points=None if max_points is None else int(max_points),
-        clustering=clustering,
-        min_size=min_size,
-        flips=bool(flips),
+        max_points=recipe.max_points,
+        clustering=recipe.clustering,
+        min_size=recipe.min_size,
+        flips=recipe.views > 1,
         draws=n_draws,
-        binarize_at=float(binarize_at),
-        seed=int(seed),
+        binarize_at=float(recipe.binarize_at),
+        seed=int(recipe.seed),
         tuning_metric="avAP",
         tuned_on="deterministic pass",
         pavpu_thresholds=[round(float(t), 9) for t in pavpu_thresholds],

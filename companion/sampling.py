@@ -4,8 +4,8 @@ With Concrete Dropout, every forward pass in *sampling mode* draws a fresh dropo
 every layer, i.e. a fresh set of weights from the approximate posterior ``q(W)``. Running
 the network ``n`` times on the same image gives ``n`` samples of the predictive
 distribution (Rumberger et al. 2020, Sec. 2.2); each can be post-processed into its own
-instance segmentation (:func:`segment_draws`) and the instances agglomerated
-(:mod:`companion.agglomerate`).
+instance segmentation and the instances agglomerated (:mod:`companion.agglomerate`); a
+:class:`companion.segmenter.Segmenter` does both.
 
 Two details make this practical:
 
@@ -35,7 +35,6 @@ from torch import nn
 
 from ._device import cuda_autocast_dtype, module_device, resolve_device
 from .dropout import concrete_layers, mc_sampling
-from .postprocess import segment
 
 __all__ = [
     "MCDraws",
@@ -46,7 +45,6 @@ __all__ = [
     "flip_averaged",
     "mc_predict",
     "pad_to_multiple",
-    "segment_draws",
 ]
 
 #: The four flips of test-time augmentation, as the spatial axes that ``np.flip`` reverses:
@@ -385,26 +383,3 @@ def mc_predict(
                     embeddings[d], logits[d] = e, lg
         out = MCDraws(torch.stack(embeddings), torch.stack(logits))
     return _finish(out, as_tensors)
-
-
-def segment_draws(draws: MCDraws, bandwidth: float, threshold: float, **segment_kwargs) -> list[np.ndarray]:
-    """Post-process every draw into its own instance stack with :func:`companion.postprocess.segment`.
-
-    Parameters
-    ----------
-    draws : MCDraws
-        From :func:`mc_predict` (or :func:`predict`).
-    bandwidth, threshold : float
-        Mean-shift bandwidth and assignment threshold, as for ``segment``.
-    **segment_kwargs
-        Passed on to ``segment`` (e.g. ``min_size``).
-
-    Returns
-    -------
-    list of np.ndarray
-        One bool ``(K_i, H, W)`` stack per draw, ready for :func:`companion.agglomerate.agglomerate`.
-    """
-    return [
-        segment(embedding, logits, bandwidth, threshold, **segment_kwargs)
-        for embedding, logits in zip(draws.embeddings, draws.logits)
-    ]

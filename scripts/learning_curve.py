@@ -71,6 +71,7 @@ def calibrated_validation(
     """
     from companion.calibration import choose_background_shift, shift_background_logit
     from companion.evaluate import evaluate_model
+    from companion.segmenter import Recipe
 
     shift = choose_background_shift(model, samples[:5], progress=False).shift
     shift_background_logit(model, shift)
@@ -78,12 +79,10 @@ def calibrated_validation(
     result = evaluate_model(
         model,
         samples,
+        recipe=Recipe(clustering=clustering, max_points=max_points),
         folds=[wells[0::2], wells[1::2]],
-        draws=0,
         bandwidths=bandwidths,
         thresholds=thresholds,
-        clustering=clustering,
-        max_points=max_points,
         progress=False,
     )
     return shift, result.rows[0]

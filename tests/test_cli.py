@@ -263,25 +263,34 @@ def test_an_earlier_log_needs_overwrite_and_a_locked_out_is_one_line(tmp_path, c
 
 def test_settings_and_files_the_commands_check(tmp_path, capsys):
     import json
+    import shutil
 
     import tifffile
     from test_data import write_copy
 
+    from companion.pretrained import PRETRAINED_DIR
+
     image = tmp_path / "x.tif"
     tifffile.imwrite(image, np.zeros((2, 32, 48), np.uint16), photometric="minisblack")
     predict = ["predict", "--pretrained", "baseline", "--images", str(image), "--out", str(tmp_path / "p")]
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    for suffix in (".pt", ".json", ".recipe.json"):
+        shutil.copy(PRETRAINED_DIR / f"baseline{suffix}", shelf / f"baseline{suffix}")
+    recipes = json.loads((shelf / "baseline.recipe.json").read_text())
+    best = recipes["rows"][recipes["best"]]["recipe"]
     for content, expected in (
-        ({}, "is not an evaluation's results.json"),
-        ({"rows": [], "tuning": {"choices": []}, "folds": [], "settings": {}}, "not a complete evaluation"),
+        ("{", "is not a readable recipe file"),
+        ("[]", "is not a recipe file"),
+        (dict(recipes, rows={recipes["best"]: dict(recipe=dict(best, draws=8))}), "unknown recipe setting"),
+        (dict(recipes, rows={recipes["best"]: dict(recipe=dict(best, views=3))}), "views=3 is out of range"),
+        (dict(recipes, model_sha256="0" * 64), "holds the recipes of other weights"),
     ):
-        (tmp_path / "r.json").write_text(json.dumps(content))
-        assert main([*predict, "--results", str(tmp_path / "r.json")]) == 2
+        text = content if isinstance(content, str) else json.dumps(content)
+        (shelf / "baseline.recipe.json").write_text(text)
+        assert main([*predict, "--pretrained-dir", str(shelf)]) == 2
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, err
-    other = json.loads((REPO_ROOT / "results" / "concrete" / "results.json").read_text())
-    (tmp_path / "r.json").write_text(json.dumps(other))
-    assert main([*predict, "--results", str(tmp_path / "r.json")]) == 2  # the Concrete model's settings
-    assert "evaluates other weights" in capsys.readouterr().err
     assert (
         main(["predict", "--pretrained", "baseline", "--images", str(tmp_path), "--out", str(tmp_path / "q")])
         == 2

@@ -10,7 +10,7 @@ from companion.agglomerate import agglomerate
 from companion.ensemble import annotation_order, ensemble_outputs, errors_caught, member_seed, pool_draws
 from companion.model import UNet
 from companion.outputs import WellOutputs, compact_pass, well_outputs
-from companion.predict import predict_agglomerated, segment_compact
+from companion.segmenter import Recipe, Segmenter, segment_compact
 from companion.simulate import ideal_logits, simulate_embedding
 
 
@@ -57,7 +57,10 @@ def test_pooled_ensemble_agglomerates_like_the_draws_it_holds():
     inst = _worms()
     # member 0 sees both worms, member 1 misses the second: it gets probability 1/2 in the pool
     pooled = pool_draws([_outputs([inst] * 2, seed=3), _outputs([inst[:1]] * 2, seed=4)], 2)
-    masks, scores, agg = predict_agglomerated(pooled, bandwidth=1.0, threshold=1.0, min_size=5)
+    recipe = Recipe(bandwidth=1.0, threshold=1.0, min_size=5, mc_draws=len(pooled.draws))
+    masks, scores, _, _, agg, _ = Segmenter(
+        UNet(base_filters=2, depth=2, dropout="concrete"), recipe
+    ).segment(pooled)
     direct = agglomerate([segment_compact(d, 1.0, 1.0, min_size=5) for d in pooled.draws])
     np.testing.assert_array_equal(agg.probs, direct.probs)
     assert sorted(np.round(agg.probs.max(axis=(1, 2)), 3).tolist()) == [0.5, 1.0]

@@ -27,9 +27,9 @@ from companion.outputs import (
 )
 from companion.paper import TABLE1_KEYS
 from companion.postprocess import segment
-from companion.predict import segment_compact
 from companion.report import write_report
 from companion.sampling import mc_predict
+from companion.segmenter import Recipe, segment_compact, views_recipe
 from companion.simulate import ideal_logits, simulate_embedding
 from companion.synthetic import make_dataset
 from companion.targets import worm_probability
@@ -98,7 +98,7 @@ def oracle_run(samples, folds, tmp_path_factory):
         folds=folds,
         bandwidths=[1.0, 2.0],
         thresholds=[1.0, 3.0],
-        draws=4,
+        recipe=views_recipe(model, mc_draws=4, flips=False, max_points=None),
         cache_dir=cache,
         progress=False,
     )
@@ -288,7 +288,13 @@ def test_baseline_model_gets_only_the_deterministic_row(samples, folds):
     outputs = cached_well_outputs(model, samples[:1], None, draws=5, progress=False)
     assert outputs[samples[0].well].draws == ()
     result = evaluate_model(
-        model, samples, folds=folds, bandwidths=[1.0], thresholds=[1.0], draws=5, progress=False
+        model,
+        samples,
+        folds=folds,
+        bandwidths=[1.0],
+        thresholds=[1.0],
+        recipe=views_recipe(model, mc_draws=5, flips=False),
+        progress=False,
     )
     assert [r["name"] for r in result.rows] == ["deterministic"]
     assert result.pavpu is None and result.proofreading is None and result.settings["draws"] == 0
@@ -601,9 +607,9 @@ def test_flip_augmented_evaluation_records_it_in_settings_rows_and_cache(samples
     assert len(calls) == 1 + 4  # not the plain pass's cache: four flipped passes
     cached_well_outputs(model, samples[:1], tmp_path, draws=0, flips=True, progress=False)
     assert len(calls) == 5  # now cached
-    options = dict(folds=folds, bandwidths=[1.0], thresholds=[1.0], draws=0, progress=False)
-    plain = evaluate_model(model, samples, **options)
-    flipped = evaluate_model(model, samples, flips=True, **options)
+    options = dict(folds=folds, bandwidths=[1.0], thresholds=[1.0], progress=False)
+    plain = evaluate_model(model, samples, recipe=Recipe(), **options)
+    flipped = evaluate_model(model, samples, recipe=Recipe(views=4), **options)
     assert plain.settings["flips"] is False and flipped.settings["flips"] is True
     assert flipped.rows[0]["inference"].endswith("test-time augmentation with 4 flips")
     assert "flips" not in plain.rows[0]["inference"]
@@ -613,11 +619,11 @@ def test_flip_augmented_evaluation_of_a_model_without_dropout_agglomerates_its_f
     torch.manual_seed(0)
     model = UNet(base_filters=2, depth=3, embedding_dim=4)  # no dropout
     options = dict(folds=folds, bandwidths=[1.0], thresholds=[1.0], progress=False)
-    flipped = evaluate_model(model, samples, flips=True, draws=8, **options)
+    flipped = evaluate_model(model, samples, recipe=views_recipe(model, mc_draws=8, flips=True), **options)
     assert [row["name"] for row in flipped.rows] == ["flips_agglomerated", "deterministic"]
-    assert flipped.settings["draws"] == 4  # the four views, however many draws were asked for
+    assert flipped.settings["draws"] == 4  # the four views (dropout draws need dropout)
     assert flipped.rows[0]["inference"].startswith("4 flipped passes")
     assert set(flipped.predictions) == {"flips_agglomerated", "deterministic"}
     assert {r["row"] for r in flipped.per_image} == {"flips_agglomerated", "deterministic"}
-    plain = evaluate_model(model, samples, flips=False, draws=8, **options)
+    plain = evaluate_model(model, samples, recipe=views_recipe(model, mc_draws=8, flips=False), **options)
     assert [row["name"] for row in plain.rows] == ["deterministic"]  # no views, no draws

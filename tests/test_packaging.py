@@ -6,6 +6,7 @@ import ast
 import re
 import tomllib
 
+import pytest
 import yaml
 from conftest import REPO_ROOT
 
@@ -128,3 +129,67 @@ def test_every_module_stays_short_and_is_listed_in_the_readme():
             assert f"`companion.{path.stem}`" in readme, (
                 f"companion.{path.stem} is not in the README's module table"
             )
+
+
+@pytest.mark.slow
+def test_a_wheel_installed_outside_the_repository_predicts_with_the_best_rows_recipe(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import numpy as np
+    import tifffile
+
+    from companion.recipes import rows
+
+    def run(*argv: str, cwd=tmp_path, **env: str) -> subprocess.CompletedProcess:
+        clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | env
+        return subprocess.run(argv, cwd=cwd, env=clean, capture_output=True, text=True, timeout=600)
+
+    source = tmp_path / "source"  # a copy: building in the repository would leave build/ there
+    shutil.copytree(
+        REPO_ROOT / "companion", source / "companion", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (REPO_ROOT / name).is_file():
+            shutil.copy(REPO_ROOT / name, source / name)
+    built = run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path / "dist"),
+        str(source),
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("companion-*.whl")
+    site = tmp_path / "site"
+    installed = run(
+        sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    image = (np.random.default_rng(0).random((2, 96, 128)) * 4095).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "X.tif", image, photometric="minisblack")
+    where = run(sys.executable, "-c", "import companion; print(companion.__file__)", PYTHONPATH=str(site))
+    assert where.stdout.startswith(str(site)), where.stdout + where.stderr  # not the repository's
+    predicted = run(
+        sys.executable,
+        "-m",
+        "companion",
+        "predict",
+        "--pretrained",
+        "baseline",
+        "--images",
+        "X.tif",
+        "--out",
+        "D",
+        PYTHONPATH=str(site),
+    )
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert f"(row {rows('baseline')[0]}, bandwidth 1.5, threshold 1.5)" in predicted.stdout
+    assert (tmp_path / "D" / "X.npz").is_file() and (tmp_path / "D" / "X.overlay.png").is_file()

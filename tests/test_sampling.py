@@ -8,7 +8,7 @@ import torch
 
 from companion.dropout import concrete_layers, set_mc_sampling
 from companion.model import UNet
-from companion.sampling import FLIPS, MCDraws, mc_predict, pad_to_multiple, predict, segment_draws
+from companion.sampling import FLIPS, MCDraws, mc_predict, pad_to_multiple, predict
 
 
 @pytest.fixture(scope="module")
@@ -125,23 +125,6 @@ def test_invalid_inputs_are_rejected(net, image):
         predict(net, image[0])
     with pytest.raises(ValueError, match="n_draws"):
         mc_predict(net, image, n_draws=0)
-
-
-def test_segment_draws_segments_each_draw():
-    from companion import postprocess
-    from companion.simulate import ideal_logits, simulate_embedding
-
-    instances = np.zeros((2, 40, 40), bool)
-    instances[0, 5:15, 5:35] = True
-    instances[1, 25:35, 5:35] = True
-    embeddings = np.stack([simulate_embedding(instances, dim=4, seed=s) for s in range(2)])
-    logits = np.stack([ideal_logits(instances)] * 2).astype(np.float32)
-    stacks = segment_draws(MCDraws(embeddings.astype(np.float32), logits), bandwidth=2.0, threshold=1.5)
-    assert len(stacks) == 2
-    for embedding, stack in zip(embeddings, stacks):
-        expected = postprocess.segment(embedding.astype(np.float32), logits[0], 2.0, 1.5)
-        np.testing.assert_array_equal(stack, expected)
-        assert stack.shape == (2, 40, 40)
 
 
 def test_a_network_with_nan_weights_is_an_error_not_an_empty_segmentation(image):

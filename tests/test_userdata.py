@@ -257,16 +257,14 @@ def test_intensities_follow_the_file_type_and_odd_images_are_named(tmp_path):
         read_image(tmp_path / "camera.tif", scale="bright")
 
 
-def test_predict_instances_warns_about_unscaled_counts():
+def test_a_segmenter_warns_about_unscaled_counts():
     import torch
 
     from companion.model import UNet
-    from companion.predict import predict_instances
+    from companion.segmenter import Recipe, Segmenter
 
     torch.manual_seed(0)
     net = UNet(base_filters=2, depth=2, embedding_dim=4)
     counts = np.full((2, 16, 16), 1200.0, np.float32)
     with pytest.warns(UserWarning, match=r"span \[1200, 1200\], the models expect \[0, 1\]"):
-        predict_instances(net, counts, bandwidth=1.0, threshold=1.0)
-    with pytest.raises(ValueError, match="draws must be an integer"):
-        predict_instances(net, counts / 4095, bandwidth=1.0, threshold=1.0, draws=2.5)
+        Segmenter(net, Recipe(bandwidth=1.0, threshold=1.0))(counts)

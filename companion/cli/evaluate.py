@@ -72,8 +72,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=checked(int, lambda v: 0 <= v <= MAX_DRAWS, f"an integer from 0 to {MAX_DRAWS}"),
         default=8,
         help="Monte-Carlo dropout draws per well for a Concrete Dropout model "
-        "(0: only the deterministic pass); for a model without dropout, with --flips, the "
-        "first min(N, 4) flipped passes are agglomerated like draws, and without it N is ignored",
+        "(0: only the deterministic pass); a model without dropout has none (see --flips)",
     )
     p.add_argument(
         "--bandwidths",
@@ -117,8 +116,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="test-time augmentation with the four flips of each image (not in the paper): the "
         "deterministic pass averages the class probabilities of the flips, the Monte-Carlo draws "
-        "cycle through them; a model without dropout also gets its flipped passes segmented "
-        "one by one and agglomerated (row flips_agglomerated)",
+        "cycle through them; a model without dropout also gets its four flipped views "
+        "segmented one by one and agglomerated (row flips_agglomerated)",
     )
     p.add_argument(
         "--wells",
@@ -147,6 +146,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--no-cache", action="store_true", help="do not read or write the network outputs in OUT/cache"
+    )
+    p.add_argument(
+        "--save-recipe",
+        action="store_true",
+        help="write the rows' inference recipes (the chosen bandwidth and threshold per fold, "
+        "draws, views, binarisation) into the pretrained model's folder as NAME.recipe.json, "
+        "under the evaluation name OUT's folder name, the best row marked; predict and "
+        "Segmenter.pretrained read them (--pretrained and the test split only)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_evaluate)
@@ -252,6 +259,8 @@ def _evaluate_locked(args: argparse.Namespace, start: float) -> int:
 
     device = resolve_device(args.device)
     try:
+        if args.save_recipe and (args.pretrained is None or args.split != "test" or args.synthetic):
+            raise ValueError("--save-recipe needs --pretrained and the test wells of BBBC010")
         model, model_info = _evaluation_model(args, device)
         samples, folds, skipped, data_info = _evaluation_data(args)
     except (ValueError, FileNotFoundError) as err:
@@ -265,14 +274,8 @@ def _evaluate_locked(args: argparse.Namespace, start: float) -> int:
         folds=folds,
         bandwidths=args.bandwidths,
         thresholds=args.thresholds,
-        draws=args.draws,
-        binarize_at=args.binarize,
-        seed=args.seed,
+        recipe=_recipe(args, model),
         batch=args.batch,
-        max_points=args.max_points,
-        clustering=args.clustering,
-        min_size=args.min_size,
-        flips=args.flips,
         cache_dir=None if args.no_cache else args.out / "cache",
         device=device,
         progress=not args.no_progress,
@@ -296,4 +299,29 @@ def _evaluate_locked(args: argparse.Namespace, start: float) -> int:
             f"(chosen on fold {c.tuned_on}, avAP {c.tuning_score:.3f} there)"
         )
     print(f"wrote {len(files)} files to {args.out} in {info['wall_time_s']:.0f} s")
+    if args.save_recipe:
+        import json
+
+        from companion.recipes import save_recipes
+
+        results = json.loads((args.out / "results.json").read_text())
+        path = save_recipes(args.pretrained, results, args.out.name, args.pretrained_dir)
+        print(f"saved the recipes of rows {[r['name'] for r in result.rows]} to {path}")
     return 0
+
+
+def _recipe(args: argparse.Namespace, model):
+    """The inference recipe of the agglomerated row (the grid search sets bandwidth and threshold)."""
+    from companion.postprocess import DEFAULT_MIN_SIZE
+    from companion.segmenter import views_recipe
+
+    return views_recipe(
+        model,
+        mc_draws=args.draws,
+        flips=args.flips,
+        binarize_at=args.binarize,
+        seed=args.seed,
+        max_points=args.max_points,
+        clustering=args.clustering,
+        min_size=DEFAULT_MIN_SIZE if args.min_size is None else args.min_size,
+    )

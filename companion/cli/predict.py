@@ -16,22 +16,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "predict",
         help="instance masks of BBBC010 wells or image files with a shipped model",
-        description="Predict instances with a shipped model and the inference settings of one row "
-        "of its committed evaluation (results/NAME/results.json); writes "
-        "OUT/<well or file stem>.npz (masks, scores, probabilities for MC rows) and the overlay "
-        "OUT/<stem>.overlay.png (never an input's name: inputs are images, outputs .npz and "
-        ".overlay.png). Inputs whose names share a stem are refused: their outputs would "
-        "overwrite each other.",
+        description="Predict instances with a shipped model and the inference recipe of one row "
+        "of its evaluations, shipped beside its weights (NAME.recipe.json; default the best row); "
+        "writes OUT/<well or file stem>.npz (masks, scores, probabilities for rows that "
+        "agglomerate passes) and the overlay OUT/<stem>.overlay.png (never an input's name: "
+        "inputs are images, outputs .npz and .overlay.png). Inputs whose names share a stem are "
+        "refused: their outputs would overwrite each other.",
     )
     p.add_argument("--pretrained", required=True, help="name of a shipped model (e.g. baseline)")
     p.add_argument("--pretrained-dir", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument(
-        "--results",
-        type=Path,
+        "--row",
         default=None,
-        help="results.json whose row settings to use (default results/NAME/results.json)",
+        help="the evaluation row whose recipe to use, EVALUATION/ROW, e.g. concrete/mc (default: "
+        "the best; a wrong name lists them)",
     )
-    p.add_argument("--row", default=None, help="row name of results.json (default: best avAP)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--wells", nargs="+", metavar="WELL", help="BBBC010 wells")
     source.add_argument(
@@ -56,16 +55,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_predict)
 
 
-def _check_same_model(results: dict, record: dict, path: Path) -> None:
-    """Refuse the settings of an evaluation of other weights (the sha256 both files record)."""
-    evaluated, loaded = (results.get("model") or {}).get("sha256"), record.get("sha256")
-    if evaluated and loaded and evaluated != loaded:
-        raise ValueError(
-            f"{path} evaluates other weights (sha256 {evaluated[:12]}...) than the model "
-            f"{record.get('name')!r} ({loaded[:12]}...): pass --results of this model's evaluation"
-        )
-
-
 def _scale(text: str):
     """``--scale``: "auto", one positive number, or two separated by a comma."""
     if text == "auto":
@@ -79,102 +68,52 @@ def _scale(text: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _row_settings(results: dict, row: str | None, path: Path | None = None) -> tuple[str, dict, dict]:
-    """The chosen row, its settings and the (bandwidth, threshold) per fold."""
-    where = path or "results.json"
-    try:
-        rows = {r["name"]: r for r in results["rows"]}
-        choices, folds, _ = results["tuning"]["choices"], results["folds"], results["settings"]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{where} is not an evaluation's results.json (it lacks {err})") from None
-    if not rows or len(choices) != len(folds) or not folds:
-        raise ValueError(
-            f"{where} holds {len(rows)} row(s) and {len(choices)} fold choice(s) for {len(folds)} "
-            f"fold(s): not a complete evaluation"
-        )
-    if row is None:
-        row = max(rows, key=lambda name: rows[name]["avAP"])
-    if row not in rows:
-        raise ValueError(f"row {row!r} is not in results.json; rows: {sorted(rows)}")
-    settings = dict(results["settings"])
-    per_fold = {
-        int(c["applied_to"]): (float(c["bandwidth"]), float(c["threshold"]))
-        for c in results["tuning"]["choices"]
-    }
-    return row, settings, per_fold
-
-
 def _run_predict(args: argparse.Namespace) -> int:
-    import json
-
-    from companion import pretrained
-    from companion.chapters import RESULTS_DIR
-    from companion.evaluate import AGGLOMERATED_ROWS
+    from companion.recipes import rows
+    from companion.segmenter import Segmenter
 
     try:
         _check_outputs(args)
-        model = pretrained.load(args.pretrained, directory=args.pretrained_dir)
-        results_path = args.results or RESULTS_DIR / args.pretrained / "results.json"
-        if not results_path.is_file():
-            raise FileNotFoundError(f"{results_path} does not exist: pass --results")
-        results = json.loads(results_path.read_text())
-        row, settings, per_fold = _row_settings(results, args.row, results_path)
-        _check_same_model(results, pretrained.provenance(args.pretrained, args.pretrained_dir), results_path)
-        fold_of = {w: i for i, fold in enumerate(results["folds"]) for w in fold}
+        args.row = args.row or next(iter(rows(args.pretrained, args.pretrained_dir)), "default recipe")
+        row = None if args.row == "default recipe" else args.row
+        segmenter = Segmenter.pretrained(
+            args.pretrained, row, directory=args.pretrained_dir, device=args.device or "cpu"
+        )
         images = _predict_inputs(args)
         args.out.mkdir(parents=True, exist_ok=True)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    draws = int(settings.get("draws", 0)) if row in AGGLOMERATED_ROWS else 0
     from companion.run_folder import lock_run_folder
 
     with lock_run_folder(args.out, purpose="prediction"):  # a second predict into OUT is refused
         for stale in sorted(args.out.glob(".*.tmp")):  # left by a prediction that was killed
             stale.unlink()
-        return _predict_locked(args, model, images, row, draws, settings, per_fold, fold_of)
+        return _predict_locked(args, segmenter, images)
 
 
-def _predict_locked(args, model, images, row, draws, settings, per_fold, fold_of) -> int:
+def _predict_locked(args, segmenter, images) -> int:
     import numpy as np
 
-    from companion._device import resolve_device
     from companion._io import atomic_savez
-    from companion.outputs import _well_seed
-    from companion.postprocess import DEFAULT_MIN_SIZE
-    from companion.predict import predict_instances
+    from companion.data import Sample
     from companion.report import _save_figure, plot_gallery
 
     for stem, image, gt in images:
-        bandwidth, threshold = per_fold[fold_of.get(stem, 0)]
-        result = predict_instances(
-            model.to(resolve_device(args.device)),
-            image,
-            bandwidth=bandwidth,
-            threshold=threshold,
-            draws=draws,
-            binarize_at=float(settings.get("binarize_at", 0.75)),
-            clustering=settings.get("clustering", "global"),
-            min_size=int(settings.get("min_size", DEFAULT_MIN_SIZE)),
-            max_points=settings.get("max_points"),
-            seed=_well_seed(int(settings.get("seed", 0)), stem),
-            device=args.device,
-            flips=bool(settings.get("flips", False)),
-        )
+        result = segmenter(image, stem)
         arrays = dict(masks=result.masks, scores=result.scores)
         if result.probabilities is not None:
             arrays["probabilities"] = result.probabilities
         atomic_savez(args.out / f"{stem}.npz", arrays)
-        from companion.data import Sample
-
         sample = Sample(stem, image, gt if gt is not None else np.zeros((0,) + image.shape[1:], bool))
         _save_figure(
             plot_gallery([sample], [result.masks], [f"{stem}: {len(result.masks)} instances"]),
             args.out / f"{stem}.overlay.png",
         )
+        used = segmenter.recipe.for_image(stem)
         print(
-            f"{stem}: {len(result.masks)} instances (row {row}, bandwidth {bandwidth:g}, "
-            f"threshold {threshold:g})"
+            f"{stem}: {len(result.masks)} instances (row {args.row}, bandwidth "
+            f"{used.bandwidth:g}, threshold {used.threshold:g})"
         )
     return 0
 

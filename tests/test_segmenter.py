@@ -1,4 +1,4 @@
-"""companion.predict.predict_instances and the `predict` command."""
+"""companion.segmenter (Recipe, Segmenter), the shipped recipes and the `predict` command."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
+from companion.agglomerate import agglomerate
 from companion.cli import main
 from companion.metrics import instance_metrics
 from companion.model import UNet
 from companion.outputs import well_outputs
-from companion.predict import predict_agglomerated, predict_deterministic, predict_instances
+from companion.proofreading import uncertainty_map
+from companion.recipes import read_recipe, read_recipes, recipe_path, save_recipes
+from companion.recipes import rows as recipe_rows
+from companion.segmenter import Recipe, Segmenter, segment_compact
 
 
 @pytest.fixture
@@ -26,18 +30,18 @@ def tiny_concrete():
 
 def test_deterministic_prediction_is_the_evaluation_path(tiny_concrete):
     image = np.random.default_rng(0).random((2, 32, 48), dtype=np.float32)
-    result = predict_instances(tiny_concrete, image, bandwidth=1.0, threshold=1.0)
-    masks, scores = predict_deterministic(well_outputs(tiny_concrete, image, draws=0), 1.0, 1.0)
-    assert np.array_equal(result.masks, masks) and np.allclose(result.scores, scores)
-    assert result.probabilities is None
+    segmenter = Segmenter(tiny_concrete, Recipe(bandwidth=1.0, threshold=1.0))
+    result = segmenter(image)
+    direct = segment_compact(well_outputs(tiny_concrete, image, draws=0).deterministic, 1.0, 1.0)
+    assert np.array_equal(result.masks, direct) and len(result.scores) == len(direct)
+    assert result.probabilities is None and result.uncertainty is None and result.passes == ()
 
 
 def test_flip_augmented_prediction_is_the_flip_augmented_evaluation_path(tiny_concrete):
     image = np.random.default_rng(1).random((2, 32, 48), dtype=np.float32)
-    result = predict_instances(tiny_concrete, image, bandwidth=1.0, threshold=1.0, flips=True)
+    result = Segmenter(tiny_concrete, Recipe(bandwidth=1.0, threshold=1.0, views=4))(image)
     outputs = well_outputs(tiny_concrete, image, draws=0, flips=True)
-    masks, scores = predict_deterministic(outputs, 1.0, 1.0)
-    assert np.array_equal(result.masks, masks) and np.allclose(result.scores, scores)
+    assert np.array_equal(result.masks, segment_compact(outputs.deterministic, 1.0, 1.0))
     plain = well_outputs(tiny_concrete, image, draws=0).deterministic
     same_classes = np.array_equal(outputs.deterministic.classes, plain.classes)
     assert not (same_classes and np.array_equal(outputs.deterministic.foreground, plain.foreground))
@@ -45,10 +49,55 @@ def test_flip_augmented_prediction_is_the_flip_augmented_evaluation_path(tiny_co
 
 def test_mc_prediction_returns_probabilities_that_binarise_to_the_masks(tiny_concrete):
     image = np.random.default_rng(1).random((2, 32, 48), dtype=np.float32)
-    result = predict_instances(tiny_concrete, image, bandwidth=1.0, threshold=1.0, draws=3, binarize_at=0.6)
+    recipe = Recipe(bandwidth=1.0, threshold=1.0, mc_draws=3, binarize_at=0.6)
+    result = Segmenter(tiny_concrete, recipe)(image)
     assert result.probabilities.dtype == np.float16
     assert result.probabilities.shape == result.masks.shape
     assert np.array_equal(result.probabilities >= np.float16(0.6), result.masks)
+    assert len(result.passes) == 3 and result.uncertainty.shape == (32, 48)
+    assert np.array_equal(result.uncertainty, uncertainty_map(result.agglomeration.probs))
+
+
+def test_the_steps_are_the_call(tiny_concrete):
+    image = np.random.default_rng(3).random((2, 32, 48), dtype=np.float32)
+    segmenter = Segmenter(tiny_concrete, Recipe(bandwidth=1.0, threshold=1.0, mc_draws=2))
+    outputs = segmenter.network_outputs(image, "C03")
+    assert len(outputs.draws) == 2
+    seeded = well_outputs(tiny_concrete, image, draws=2, seed=segmenter.recipe.seed_for("C03"))
+    assert all(np.array_equal(a.foreground, b.foreground) for a, b in zip(outputs.draws, seeded.draws))
+    stepwise, called = segmenter.segment(outputs, "C03"), segmenter(image, "C03")
+    assert np.array_equal(stepwise.masks, called.masks) and np.array_equal(stepwise.scores, called.scores)
+    with pytest.raises(ValueError, match="agglomerates 3 passes, the outputs hold 2"):
+        segmenter.with_recipe(mc_draws=3).segment(outputs)
+
+
+def test_a_well_of_a_fold_gets_that_folds_settings():
+    folds = ((("C03",), 1.0, 2.0), (("C04",), 3.0, 4.0))
+    recipe = Recipe(bandwidth=1.5, threshold=1.5, folds=folds)
+    assert (recipe.for_image("C04").bandwidth, recipe.for_image("C04").threshold) == (3.0, 4.0)
+    assert recipe.for_image("my_image") is recipe and recipe.for_image(None) is recipe
+    assert recipe.seed_for("C03") != recipe.seed_for("C04")
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(bandwidth=0.0), "bandwidth=0.0"),
+        (dict(views=2), "views=2"),
+        (dict(mc_draws=2.5), "mc_draws=2.5"),
+        (dict(clustering="kmeans"), "clustering='kmeans'"),
+        (dict(binarize_at=1.5), "binarize_at=1.5"),
+    ],
+)
+def test_a_recipe_out_of_range_is_refused_naming_the_setting(changes, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        Recipe(**changes)
+
+
+def test_a_recipe_file_with_an_unknown_setting_names_it():
+    with pytest.raises(ValueError, match=r"x.json: unknown recipe setting\(s\) \['draws'\]"):
+        Recipe.from_dict(dict(draws=8), where="x.json")
 
 
 @pytest.mark.parametrize(
@@ -64,53 +113,61 @@ def test_mc_prediction_returns_probabilities_that_binarise_to_the_masks(tiny_con
 )
 def test_bad_images_are_refused(tiny_concrete, bad, match):
     with pytest.raises(ValueError, match=match):
-        predict_instances(tiny_concrete, bad, bandwidth=1.0, threshold=1.0)
+        Segmenter(tiny_concrete)(bad)
 
 
-def test_draws_need_concrete_dropout():
-    with pytest.raises(ValueError, match="Concrete Dropout"):
-        predict_instances(
-            UNet(base_filters=2, depth=2),
-            np.zeros((2, 8, 8), np.float32),
-            bandwidth=1.0,
-            threshold=1.0,
-            draws=2,
-        )
+def test_draws_need_concrete_dropout_and_views_agglomerate_without_it(tiny_concrete):
+    with pytest.raises(ValueError, match="mc_draws=2 needs a model with Concrete Dropout"):
+        Segmenter(UNet(base_filters=2, depth=2), Recipe(mc_draws=2))
+    with pytest.raises(ValueError, match="agglomerate_views agglomerates the flipped views"):
+        Segmenter(tiny_concrete, Recipe(views=4, agglomerate_views=True))
 
 
-@pytest.mark.parametrize("folder", ["baseline", "baseline_components_flips"])
-def test_predict_command_reproduces_the_committed_per_image_line(bbbc010_root, tmp_path, folder):
-    results = json.loads((REPO_ROOT / "results" / folder / "results.json").read_text())
-    assert results["settings"].get("flips", False) is folder.endswith("_flips")  # both paths covered
-    row = max(results["rows"], key=lambda r: r["avAP"])["name"]
-    with open(REPO_ROOT / "results" / folder / "per_image.csv") as f:
-        line = next(r for r in csv.DictReader(f) if r["row"] == row and r["well"] == "C03")
-    assert (
-        main(
-            [
-                "predict",
-                "--pretrained",
-                "baseline",
-                "--results",
-                str(REPO_ROOT / "results" / folder / "results.json"),
-                "--wells",
-                "C03",
-                "--data-root",
-                str(bbbc010_root),
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
-    saved = np.load(tmp_path / "C03.npz")
-    assert (tmp_path / "C03.overlay.png").is_file()
+def _committed_line(evaluation: str, row: str, well: str) -> dict:
+    with open(REPO_ROOT / "results" / evaluation / "per_image.csv") as f:
+        return next(r for r in csv.DictReader(f) if r["row"] == row and r["well"] == well)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["baseline", "concrete"])
+def test_every_shipped_recipe_reproduces_its_committed_per_image_line(bbbc010_root, name):
     from companion.data import load_bbbc010
 
-    gt = load_bbbc010(bbbc010_root, ["C03"], progress=False)[0].instances
-    scored = instance_metrics([gt], [saved["masks"]], [saved["scores"]])["per_image"][0]
-    assert len(saved["masks"]) == int(line["n_pred"])
-    assert scored["AP50"] == pytest.approx(float(line["AP50"]), abs=1e-9)
+    sample = load_bbbc010(bbbc010_root, ["C04"], progress=False)[0]
+    shipped = recipe_rows(name)
+    assert len(shipped) >= 2 and all("/" in row for row in shipped)
+    for row in shipped:
+        result = Segmenter.pretrained(name, row)(sample.image, sample.well)
+        scored = instance_metrics([sample.instances], [result.masks], [result.scores])["per_image"][0]
+        line = _committed_line(*row.split("/"), sample.well)
+        assert scored["n_pred"] == int(line["n_pred"]), row
+        for key in ("AP50", "avAP", "avAP_dsb"):
+            assert scored[key] == pytest.approx(float(line[key]), abs=1e-12), (row, key)
+
+
+@pytest.mark.parametrize("name", ["baseline", "concrete"])
+def test_the_shipped_recipes_are_those_of_the_committed_evaluations(tmp_path, name):
+    for results_file in sorted((REPO_ROOT / "results").glob(f"{name}*/results.json")):
+        save_recipes(name, json.loads(results_file.read_text()), results_file.parent.name, tmp_path)
+    assert json.loads(recipe_path(name, tmp_path).read_text()) == json.loads(recipe_path(name).read_text())
+    record = read_recipes(name)
+    best = max(record["rows"], key=lambda row: record["rows"][row]["metrics"]["avAP"])
+    assert record["best"] == best == recipe_rows(name)[0] and read_recipe(name) == read_recipe(name, best)
+
+
+def test_an_unknown_row_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"no recipe for row 'nope'; rows: \['baseline_components_flips/"):
+        read_recipe("baseline", "nope")
+
+
+def test_predict_command_uses_the_best_rows_recipe(bbbc010_root, tmp_path, capsys):
+    argv = ["predict", "--pretrained", "baseline", "--wells", "C04", "--data-root", str(bbbc010_root)]
+    assert main(argv + ["--out", str(tmp_path)]) == 0
+    best = recipe_rows("baseline")[0]
+    assert f"row {best}" in capsys.readouterr().out
+    saved = np.load(tmp_path / "C04.npz")
+    assert (tmp_path / "C04.overlay.png").is_file() and "probabilities" in saved  # best row agglomerates
+    assert len(saved["masks"]) == int(_committed_line(*best.split("/"), "C04")["n_pred"])
 
 
 def test_predict_command_names_an_unknown_row(bbbc010_root, tmp_path, capsys):
@@ -171,9 +228,10 @@ def test_flipped_passes_of_a_model_without_dropout_take_the_place_of_draws():
     assert np.array_equal(outputs.draws[0].embedding, plain.embedding)
     mirrored = well_outputs(net, np.ascontiguousarray(image[:, :, ::-1]), draws=0).deterministic
     assert np.array_equal(outputs.draws[1].classes, mirrored.classes[:, ::-1])  # view 1, flipped back
-    result = predict_instances(net, image, bandwidth=1.0, threshold=1.0, draws=4, flips=True)
-    masks, scores, _ = predict_agglomerated(outputs, 1.0, 1.0)
-    assert np.array_equal(result.masks, masks) and np.allclose(result.scores, scores)
+    recipe = Recipe(bandwidth=1.0, threshold=1.0, views=4, agglomerate_views=True)
+    result = Segmenter(net, recipe)(image)
+    direct = agglomerate([segment_compact(d, 1.0, 1.0) for d in outputs.draws])
+    assert np.array_equal(result.agglomeration.probs, direct.probs) and recipe.passes == 4
     assert result.probabilities is not None and result.probabilities.shape == result.masks.shape
 
 
