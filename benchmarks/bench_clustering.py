@@ -21,7 +21,8 @@ from companion import pretrained
 from companion.data import TEST_WELLS, load_bbbc010
 from companion.metrics import instance_metrics
 from companion.outputs import well_outputs
-from companion.segmenter import Recipe, Segmenter
+from companion.recipes import Recipe
+from companion.segmenter import Segmenter
 
 
 def main() -> None:

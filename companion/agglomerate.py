@@ -48,6 +48,9 @@ __all__ = [
     "Matching",
     "match_draw_to_base",
     "soft_iou_matrix",
+    "bernoulli_entropy",
+    "uncertainty_map",
+    "image_uncertainty",
 ]
 
 #: Default minimal IoU for a base instance and a draw's instance to count as the same object.
@@ -320,3 +323,66 @@ def binarize_with_scores(
     """
     masks = binarize(agglomeration.probs, threshold)
     return masks, agglomeration.scores[binarized_indices(agglomeration.probs, threshold)]
+
+
+# --------------------------------------------------------------------------------------------
+# Uncertainty of an agglomeration
+# --------------------------------------------------------------------------------------------
+def bernoulli_entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy in nats of Bernoulli variables with success probability ``p``.
+
+    Safe at 0 and 1 (where it is 0); maximal, ``log 2``, at ``p = 0.5``.
+
+    Examples
+    --------
+    >>> bernoulli_entropy(np.array([0.0, 0.5, 1.0])).round(4).tolist()
+    [0.0, 0.6931, 0.0]
+    """
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    q = 1.0 - p
+    return p * np.log(1.0 / np.where(p > 0, p, 1.0)) + q * np.log(1.0 / np.where(q > 0, q, 1.0))
+
+
+def uncertainty_map(probs: np.ndarray) -> np.ndarray:
+    """Per-pixel uncertainty: the largest Bernoulli entropy over the instances' probability maps.
+
+    Parameters
+    ----------
+    probs : ndarray of float, shape (K, H, W)
+
+    Returns
+    -------
+    ndarray of float64, shape (H, W)
+        Zeros when ``K = 0``.
+
+    Examples
+    --------
+    >>> uncertainty_map(np.array([[[0.5, 1.0]], [[0.1, 0.0]]])).round(3).tolist()
+    [[0.693, 0.0]]
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 3:
+        raise ValueError(f"probs must be a (K, H, W) stack, got shape {probs.shape}")
+    if len(probs) == 0:
+        return np.zeros(probs.shape[1:])
+    # H(p) grows with min(p, 1 - p): take the max of that first, one entropy per pixel
+    return bernoulli_entropy(np.minimum(probs, 1 - probs).max(axis=0))
+
+
+def image_uncertainty(probs: np.ndarray) -> float:
+    """One uncertainty per image: the mean of :func:`uncertainty_map` over the predicted worm area.
+
+    The area is every pixel that at least one instance claims with probability > 0 (in at
+    least one Monte-Carlo draw), so a confidently segmented image scores near 0 and an image
+    whose draws disagree everywhere near ``log 2``. An image without instances scores 0.
+    Used to rank images for annotation (active learning).
+
+    Examples
+    --------
+    >>> round(image_uncertainty(np.array([[[1.0, 1.0, 0.5, 0.0]]])), 3)  # (0 + 0 + log 2) / 3
+    0.231
+    """
+    probs = np.asarray(probs)
+    entropy = uncertainty_map(probs)
+    area = probs.max(axis=0) > 0 if len(probs) else np.zeros(probs.shape[1:], bool)
+    return float(entropy[area].mean()) if area.any() else 0.0

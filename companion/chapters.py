@@ -30,8 +30,8 @@ from .data import FIT_WELLS, TEST_FOLDS, Sample, load_bbbc010
 from .export import export
 from .outputs import WellOutputs
 from .pretrained import NAMES, PRETRAINED_DIR, available, load, provenance
-from .recipes import read_recipe
-from .segmenter import MC_DRAWS, Recipe, Segmenter
+from .recipes import MC_DRAWS, Recipe, read_recipe
+from .segmenter import Segmenter
 from .synthetic import make_dataset
 from .train import train
 
@@ -116,7 +116,7 @@ def segmentation_settings(
     of row ``row`` (default ``"<name>/deterministic"``, the paper's protocol) for the fold that
     holds ``well``. Without a recipe for the model, or with ``committed=False`` (a chapter trained
     its own model, to which the shipped choice does not belong), it returns
-    :class:`companion.segmenter.Recipe`'s defaults (or ``default``) and says so in ``source``.
+    :class:`companion.recipes.Recipe`'s defaults (or ``default``) and says so in ``source``.
     ``record`` is the committed evaluation (:func:`results`, from ``directory``) when there is one.
 
     >>> segmentation_settings("concrete", "C03", committed=False).source
@@ -363,7 +363,7 @@ def live_evaluation(
 
     The model is :func:`load_or_train`'s, its :class:`companion.segmenter.Segmenter` the shipped
     recipe of row ``"<name>/mc"`` (the paper's protocol; without one, or for a retrained model,
-    :data:`companion.segmenter.MC_DRAWS` draws and the recipe defaults). The network outputs
+    :data:`companion.recipes.MC_DRAWS` draws and the recipe defaults). The network outputs
     are computed as the evaluation computes them (same per-well seeds of the dropout masks) and
     kept in ``cache_dir`` (default a folder in the system's temporary directory, shared by the
     chapters; a file is reused only for the same weights and image).

@@ -1,4 +1,4 @@
-"""Checkpoints: what a training run saves and reads back, and the exported weight files.
+"""Checkpoints: what a training run saves and reads back (exported weight files: :mod:`companion.model_files`).
 
 Design decisions
 ----------------
@@ -27,20 +27,17 @@ import torch
 from torch import nn
 
 from . import __version__
-from ._device import resolve_device
 from ._io import atomic_write, tensors_sha256
 from .config import TrainConfig
 from .distributed import DistInfo, unwrap
 from .model import UNet
+from .model_files import SHIPPED_DIR, check_map_location, read_exported, safe_load
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
-    "EXPORTED_FORMAT",
-    "check_map_location",
     "read_checkpoint",
     "load_model",
-    "read_exported",
     "init_source",
     "init_weights",
     "check_resumable",
@@ -52,9 +49,6 @@ __all__ = [
 CHECKPOINT_FORMAT = "companion-checkpoint"
 #: Version of the checkpoint layout.
 CHECKPOINT_VERSION = 1
-
-#: ``format`` of the weight files that ``scripts/export_pretrained.py`` writes.
-EXPORTED_FORMAT = "companion-pretrained"
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,48 +104,6 @@ def _gather_rng(dist_info: DistInfo) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-def check_map_location(map_location: str | torch.device) -> None:
-    """Refuse a ``map_location`` this machine cannot load onto, before any file is read.
-
-    Without it ``torch.load`` fails on a CUDA location of a machine without CUDA with an error
-    that reads as if the file were broken.
-
-    Examples
-    --------
-    >>> check_map_location("cpu")
-    >>> check_map_location("banana")
-    Traceback (most recent call last):
-    ...
-    ValueError: map_location 'banana' is not a torch device (cpu, cuda, cuda:1, ...)
-    """
-    if not isinstance(map_location, (str, torch.device)):
-        return  # a dict or a callable: torch's own remapping, passed through
-    resolve_device(map_location, what="map_location")
-
-
-def _safe_load(path: Path, map_location: Any, what: str) -> Any:
-    """``torch.load(path, weights_only=True)``; any refusal becomes one ``ValueError`` naming the file."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        OSError,
-        AttributeError,
-        ValueError,
-        TypeError,
-        KeyError,
-        IndexError,
-    ) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"{path} is not {what} (torch.load(weights_only=True) refused it: {first_line})"
-        ) from err
-
-
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
     """Read and validate a training checkpoint without executing any pickle.
 
@@ -170,7 +122,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     check_map_location(map_location)
-    ckpt = _safe_load(path, map_location, "a companion checkpoint that can be loaded safely")
+    ckpt = safe_load(path, map_location, "a companion checkpoint that can be loaded safely")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         what = (
             f"a dict with keys {sorted(map(str, ckpt))[:8]}"
@@ -230,34 +182,6 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
             f"checkpoint {path}: its weights do not fit the architecture {ckpt['model_kwargs']}: {detail}"
         ) from err
     return model.eval()
-
-
-def read_exported(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """``(state_dict, model_kwargs)`` of an exported model file, its weights as float32.
-
-    Raises ``ValueError`` naming the file when it is not an exported companion model (also a
-    truncated or otherwise unreadable one), and one saying so when ``map_location`` is a GPU
-    but CUDA is not available.
-    """
-    check_map_location(map_location)
-    payload = _safe_load(path, map_location, "a readable exported companion model (truncated or corrupt?)")
-    if not isinstance(payload, dict) or payload.get("format") != EXPORTED_FORMAT:
-        raise ValueError(f"{path} is not an exported companion model (format {EXPORTED_FORMAT!r} missing)")
-    weights, kwargs = payload.get("state_dict"), payload.get("model_kwargs")
-    if (
-        not isinstance(weights, dict)
-        or not isinstance(kwargs, dict)
-        or not all(isinstance(v, torch.Tensor) for v in weights.values())
-    ):
-        raise ValueError(
-            f"{path} is not an exported companion model: it lacks a state_dict of tensors or its model_kwargs"
-        )
-    state = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
-    return state, kwargs
-
-
-#: Where the package's shipped models live (:mod:`companion.pretrained`).
-SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
 
 
 def shipped_model_file(name: str | os.PathLike) -> Path | None:

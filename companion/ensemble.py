@@ -8,7 +8,7 @@ Two ideas the paper leaves as future work, made computable (chapter 11 of the bo
   :meth:`companion.segmenter.Segmenter.segment` evaluates the ensemble unchanged;
   :func:`ensemble_outputs` runs the members on one image.
 * **Active learning.** Which image should a human annotate first? Ranking images by their
-  uncertainty (:func:`companion.proofreading.image_uncertainty`) is useful if the most
+  uncertainty (:func:`companion.agglomerate.image_uncertainty`) is useful if the most
   uncertain images are the worst segmented. :func:`annotation_order` ranks images and
   :func:`errors_caught` measures, for an order, which fraction of the total error
   ``sum(1 - AP)`` the first ``k`` annotated images hold (the oracle ranks by the true AP).

@@ -52,12 +52,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .agglomerate import image_uncertainty
 from .data import TEST_FOLDS
 from .metrics import instance_metrics
 from .outputs import has_concrete_dropout
 from .paper import ROW_KEYS
-from .proofreading import image_uncertainty, simulate_proofreading
-from .segmenter import MC_DRAWS, Recipe, Segmenter, views_recipe
+from .proofreading import simulate_proofreading
+from .recipes import MC_DRAWS, Recipe, views_recipe
+from .segmenter import Segmenter
 from .tuning import GridSearchResult, grid_search
 from .uncertainty import PAvPU, pavpu
 
@@ -127,7 +129,7 @@ class EvaluationResult(NamedTuple):
     per_image : list of dict
         One dict per well and row: ``row``, ``well``, ``fold``, ``n_gt``, ``n_pred``,
         ``n_recalled80``, ``n_recalled80_iou``, ``AP50``, ``avAP``, ``avAP_dsb``; agglomerated rows also ``uncertainty``
-        (:func:`companion.proofreading.image_uncertainty` of the agglomerated probabilities).
+        (:func:`companion.agglomerate.image_uncertainty` of the agglomerated probabilities).
     pavpu : companion.uncertainty.PAvPU or None
         Of the agglomerated predictions (None without draws).
     proofreading : list of dict or None
@@ -231,11 +233,11 @@ def evaluate_model(
         ``samples`` (e.g. skipped incomplete wells) are dropped; every sample must be in a fold.
     bandwidths, thresholds : sequences of float
         The grid of mean-shift bandwidths and assignment thresholds.
-    recipe : companion.segmenter.Recipe, optional
+    recipe : companion.recipes.Recipe, optional
         The inference protocol of the agglomerated row (its bandwidth and threshold are
         replaced by the grid search's); the deterministic row uses ``recipe.deterministic()``.
-        Default: :data:`companion.segmenter.MC_DRAWS` Monte-Carlo draws for a Concrete Dropout
-        model, one pass otherwise, and the :class:`~companion.segmenter.Recipe` defaults.
+        Default: :data:`companion.recipes.MC_DRAWS` Monte-Carlo draws for a Concrete Dropout
+        model, one pass otherwise, and the :class:`~companion.recipes.Recipe` defaults.
     batch : int, optional
         Draws per forward pass; default 8 on a GPU, 1 on the CPU (see
         :func:`companion.sampling.mc_predict`).

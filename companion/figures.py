@@ -1,15 +1,17 @@
 """What the chapters show: pictures of instance masks (:func:`mask_overlay`) and rendered tables
-(:func:`html_table`)."""
+(:func:`html_table`, Table 1 rows in :func:`table1_html`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["mask_overlay", "html_table"]
+from .paper import TABLE1_KEYS
+
+__all__ = ["mask_overlay", "html_table", "table1_html"]
 
 
 def mask_overlay(masks: np.ndarray, alpha: float = 1.0) -> np.ndarray:
@@ -68,3 +70,19 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[object]], *, digit
         for row in rows
     )
     return f"<table>{head}{body}</table>"
+
+
+def table1_html(rows: Sequence[tuple[str, Mapping[str, float]]], keys: Sequence[str] = TABLE1_KEYS) -> str:
+    """Table 1 rows as an HTML table (a rendered table in the book and in Jupyter).
+
+    ``rows`` are ``(label, metrics)`` pairs, ``keys`` the columns; missing metrics (or ``None``)
+    show as ``-``. Labels are escaped.
+
+    Examples
+    --------
+    >>> from companion.paper import TABLE1
+    >>> html = table1_html([("paper: baseline", TABLE1["baseline"]), ("ours", {"avAP": 0.5})])
+    >>> html.count("<tr>"), "<td>0.761</td>" in html, "<td>-</td>" in html
+    (3, True, True)
+    """
+    return html_table(["", *keys], [[label, *(metrics.get(k) for k in keys)] for label, metrics in rows])

@@ -6,13 +6,11 @@ Examples
 --------
 >>> TABLE1["concrete"]["avAP"], TABLE1["baseline"]["AP50"]
 (0.77, 0.963)
->>> table1_html([("paper: concrete", TABLE1["concrete"])]).count("<td>")  # a rendered table
-5
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 __all__ = [
     "TABLE1_KEYS",
@@ -24,7 +22,6 @@ __all__ = [
     "FIGURE2_AT_005",
     "TABLE2",
     "published",
-    "table1_html",
 ]
 
 
@@ -78,20 +75,3 @@ def published(row: Mapping[str, float]) -> dict[str, float | None]:
     (0.81, None)
     """
     return {**row, "recall80": None, "recall80_iou": row["recall80"]}
-
-
-def table1_html(rows: Sequence[tuple[str, Mapping[str, float]]], keys: Sequence[str] = TABLE1_KEYS) -> str:
-    """Table 1 rows as an HTML table (a rendered table in the book and in Jupyter).
-
-    ``rows`` are ``(label, metrics)`` pairs, ``keys`` the columns; missing metrics (or ``None``)
-    show as ``-``. Labels are escaped.
-
-    Examples
-    --------
-    >>> html = table1_html([("paper: baseline", TABLE1["baseline"]), ("ours", {"avAP": 0.5})])
-    >>> html.count("<tr>"), "<td>0.761</td>" in html, "<td>-</td>" in html
-    (3, True, True)
-    """
-    from .figures import html_table
-
-    return html_table(["", *keys], [[label, *(metrics.get(k) for k in keys)] for label, metrics in rows])

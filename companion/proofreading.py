@@ -32,13 +32,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .agglomerate import instance_scores
+from .agglomerate import instance_scores, uncertainty_map
 from .metrics import instance_metrics
-from .uncertainty import bernoulli_entropy, hungarian_partners
+from .uncertainty import hungarian_partners
 
 __all__ = [
-    "uncertainty_map",
-    "image_uncertainty",
     "patch_means",
     "Peaks",
     "find_peaks",
@@ -51,51 +49,6 @@ __all__ = [
 
 #: Numbers of corrections in the paper's Table 2.
 TABLE2_CORRECTIONS = (0, 5, 10, 15, 20)
-
-
-def uncertainty_map(probs: np.ndarray) -> np.ndarray:
-    """Per-pixel uncertainty: the largest Bernoulli entropy over the instances' probability maps.
-
-    Parameters
-    ----------
-    probs : ndarray of float, shape (K, H, W)
-
-    Returns
-    -------
-    ndarray of float64, shape (H, W)
-        Zeros when ``K = 0``.
-
-    Examples
-    --------
-    >>> uncertainty_map(np.array([[[0.5, 1.0]], [[0.1, 0.0]]])).round(3).tolist()
-    [[0.693, 0.0]]
-    """
-    probs = np.asarray(probs)
-    if probs.ndim != 3:
-        raise ValueError(f"probs must be a (K, H, W) stack, got shape {probs.shape}")
-    if len(probs) == 0:
-        return np.zeros(probs.shape[1:])
-    # H(p) grows with min(p, 1 - p): take the max of that first, one entropy per pixel
-    return bernoulli_entropy(np.minimum(probs, 1 - probs).max(axis=0))
-
-
-def image_uncertainty(probs: np.ndarray) -> float:
-    """One uncertainty per image: the mean of :func:`uncertainty_map` over the predicted worm area.
-
-    The area is every pixel that at least one instance claims with probability > 0 (in at
-    least one Monte-Carlo draw), so a confidently segmented image scores near 0 and an image
-    whose draws disagree everywhere near ``log 2``. An image without instances scores 0.
-    Used to rank images for annotation (active learning).
-
-    Examples
-    --------
-    >>> round(image_uncertainty(np.array([[[1.0, 1.0, 0.5, 0.0]]])), 3)  # (0 + 0 + log 2) / 3
-    0.231
-    """
-    probs = np.asarray(probs)
-    entropy = uncertainty_map(probs)
-    area = probs.max(axis=0) > 0 if len(probs) else np.zeros(probs.shape[1:], bool)
-    return float(entropy[area].mean()) if area.any() else 0.0
 
 
 def patch_means(image: np.ndarray, patch_size: int = 4) -> np.ndarray:

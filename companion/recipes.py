@@ -1,8 +1,9 @@
-"""The inference recipes a shipped model carries: ``<name>.recipe.json`` beside its weights.
+"""Inference recipes: :class:`Recipe` (every inference setting, and the package's defaults) and
+the recipes a shipped model carries, ``<name>.recipe.json`` beside its weights.
 
 An evaluation (``python -m companion evaluate``) chooses the mean-shift bandwidth and threshold
 by cross-validation and measures one Table 1 row per inference protocol. :func:`row_recipes`
-turns its ``results.json`` into one :class:`companion.segmenter.Recipe` per row (the fold
+turns its ``results.json`` into one :class:`Recipe` per row (the fold
 choices included, so a test well is segmented as that evaluation did), :func:`save_recipes`
 merges them into the model's recipe file (``evaluate --save-recipe`` does so), marking the row
 with the best avAP, and :func:`read_recipe` reads one back, from the package itself, so that an
@@ -20,25 +21,201 @@ mean score over the folds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from torch import nn
 
 from ._io import atomic_write_bytes
-from .checkpoint import SHIPPED_DIR
-from .paper import ROW_KEYS
-from .segmenter import Recipe, best_folds
+from .model_files import SHIPPED_DIR
+from .outputs import _well_seed, has_concrete_dropout
+from .postprocess import DEFAULT_MIN_SIZE
+from .pretrained import available, provenance
+from .sampling import FLIPS
 
-__all__ = ["FORMAT", "recipe_path", "row_recipes", "save_recipes", "read_recipes", "read_recipe", "rows"]
+__all__ = [
+    "MC_DRAWS",
+    "FoldSetting",
+    "Recipe",
+    "views_recipe",
+    "FORMAT",
+    "recipe_path",
+    "row_recipes",
+    "save_recipes",
+    "read_recipes",
+    "read_recipe",
+    "rows",
+]
+
+#: The paper's number of Monte-Carlo draws per image.
+MC_DRAWS = 8
 
 #: Marker of a recipe file.
 FORMAT = "companion-recipes-1"
 #: The rows whose recipe agglomerates passes, by the evaluation's row name.
 _AGGLOMERATED = ("mc", "flips_agglomerated")
+
+
+class FoldSetting(NamedTuple):
+    """The bandwidth and threshold an evaluation applied to one cross-validation fold's wells."""
+
+    wells: tuple[str, ...]
+    bandwidth: float
+    threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Every inference setting of a :class:`Segmenter`; the defaults are the package's.
+
+    Attributes
+    ----------
+    bandwidth, threshold : float
+        Mean-shift bandwidth and pixel-to-centre assignment threshold (for an image outside
+        ``folds``).
+    clustering : {"global", "components"}
+        Mean shift over the whole image (the paper) or inside each foreground component.
+    min_size : int
+        Smallest instance kept, in pixels.
+    max_points : int or None
+        Mean shift clusters at most this many foreground pixels per pass (all are assigned).
+    mc_draws : int
+        Monte-Carlo dropout draws (a Concrete Dropout model); 0: dropout stays off.
+    views : {1, 4}
+        Test-time views: the image, or its four flips (not in the paper). With draws, the
+        draws cycle through the views; without, see ``agglomerate_views``.
+    agglomerate_views : bool
+        Without draws and with four views: segment each view and agglomerate them (True) or
+        segment the average of their class probabilities (False).
+    binarize_at : float
+        Agglomerated probabilities ``>= binarize_at`` form the masks.
+    seed : int
+        Seeds the dropout masks (and the ``max_points`` subset), per image: the seed of an
+        image named ``name`` is a function of ``(seed, name)`` only.
+    folds : tuple of FoldSetting
+        Bandwidth and threshold per cross-validation fold of an evaluation: a well in a fold is
+        segmented with its fold's values, as that evaluation did.
+    """
+
+    bandwidth: float = 1.5
+    threshold: float = 1.5
+    clustering: str = "global"
+    min_size: int = DEFAULT_MIN_SIZE
+    max_points: int | None = 8000
+    mc_draws: int = 0
+    views: int = 1
+    agglomerate_views: bool = False
+    binarize_at: float = 0.75
+    seed: int = 0
+    folds: tuple[FoldSetting, ...] = ()
+
+    def __post_init__(self) -> None:
+        checks = {
+            "bandwidth": self.bandwidth > 0,
+            "threshold": self.threshold > 0,
+            "clustering": self.clustering in ("global", "components"),
+            "min_size": _is_int(self.min_size) and self.min_size >= 0,
+            "max_points": self.max_points is None or (_is_int(self.max_points) and self.max_points > 0),
+            "mc_draws": _is_int(self.mc_draws) and 0 <= self.mc_draws,
+            "views": self.views in (1, len(FLIPS)),
+            "binarize_at": 0 < self.binarize_at <= 1,
+            "seed": _is_int(self.seed),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"recipe setting {bad[0]}={getattr(self, bad[0])!r} is out of range (bandwidth and "
+                f"threshold > 0, clustering global or components, views 1 or 4, binarize_at in (0, 1], "
+                f"integer counts and seed)"
+            )
+        object.__setattr__(
+            self, "folds", tuple(FoldSetting(tuple(w), float(b), float(t)) for w, b, t in self.folds)
+        )
+
+    @property
+    def passes(self) -> int:
+        """How many passes are segmented and agglomerated (0: one deterministic pass)."""
+        if self.mc_draws:
+            return self.mc_draws
+        return self.views if self.agglomerate_views and self.views > 1 else 0
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with ``changes`` (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def deterministic(self) -> Recipe:
+        """The same recipe with one pass (dropout off; views averaged)."""
+        return self.replace(mc_draws=0, agglomerate_views=False)
+
+    def for_image(self, name: str | None) -> Recipe:
+        """The recipe for the image ``name``: its fold's bandwidth and threshold if it is in one."""
+        fold = next((f for f in self.folds if name in f.wells), None)
+        return self if fold is None else self.replace(bandwidth=fold.bandwidth, threshold=fold.threshold)
+
+    def seed_for(self, name: str | None) -> int:
+        """The seed of the image ``name`` (the evaluation's per-well seed)."""
+        return _well_seed(self.seed, name or "")
+
+    def segment_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`companion.postprocess.segment` this recipe sets."""
+        return dict(clustering=self.clustering, min_size=self.min_size, max_points=self.max_points)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``folds`` as lists)."""
+        record = dataclasses.asdict(self)
+        record["folds"] = [
+            dict(wells=list(f.wells), bandwidth=f.bandwidth, threshold=f.threshold) for f in self.folds
+        ]
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any], where: str | os.PathLike = "recipe") -> Recipe:
+        """The inverse of :meth:`to_dict`; unknown or malformed settings raise ``ValueError`` naming ``where``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown recipe setting(s) {unknown}; known: {sorted(known)}")
+        values = dict(record)
+        try:
+            values["folds"] = tuple(
+                FoldSetting(tuple(f["wells"]), f["bandwidth"], f["threshold"])
+                for f in values.get("folds", ())
+            )
+            return cls(**values)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: not a valid recipe ({err})") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def views_recipe(model: nn.Module, *, mc_draws: int, flips: bool, **settings: Any) -> Recipe:
+    """The recipe an evaluation with ``mc_draws`` and ``flips`` agglomerates: dropout draws for a
+    Concrete Dropout model (ignored without dropout), the four flipped views of a model without
+    dropout when ``flips``."""
+    concrete = has_concrete_dropout(model)
+    return Recipe(
+        mc_draws=int(mc_draws) if concrete else 0,
+        views=len(FLIPS) if flips else 1,
+        agglomerate_views=bool(flips and not concrete),
+        **settings,
+    )
+
+
+def best_folds(
+    choices: Sequence[Mapping[str, Any]], folds: Sequence[Sequence[str]]
+) -> tuple[FoldSetting, ...]:
+    """:class:`FoldSetting` per fold from an evaluation's ``tuning.choices`` and ``folds``."""
+    return tuple(
+        FoldSetting(tuple(folds[int(c["applied_to"])]), float(c["bandwidth"]), float(c["threshold"]))
+        for c in choices
+    )
 
 
 def recipe_path(name: str, directory: str | os.PathLike | None = None) -> Path:
@@ -85,7 +262,7 @@ def row_recipes(results: Mapping[str, Any], evaluation: str) -> dict[str, dict[s
             recipe = base
         entries[f"{evaluation}/{row['name']}"] = dict(
             recipe=recipe.to_dict(),
-            metrics={k: row[k] for k in ROW_KEYS if k in row},
+            metrics={k: v for k, v in row.items() if isinstance(v, (int, float))},
             inference=row.get("inference", ""),
             command=results.get("command", ""),
         )
@@ -130,8 +307,6 @@ def read_recipe(name: str, row: str | None = None, directory: str | os.PathLike 
         if row is None:
             return Recipe()
         raise ValueError(f"model {name!r} has no recipes ({recipe_path(name, directory)} is missing)")
-    from .pretrained import available, provenance
-
     if name in available(directory) and record.get("model_sha256") != provenance(name, directory).get(
         "sha256"
     ):

@@ -1,6 +1,6 @@
-"""One path from an image to instances: a model and its :class:`Recipe` make a :class:`Segmenter`.
+"""One path from an image to instances: a model and its :class:`companion.recipes.Recipe` make a :class:`Segmenter`.
 
-A :class:`Recipe` holds every inference setting (mean-shift bandwidth and threshold, clustering,
+:class:`companion.recipes.Recipe` holds every inference setting (mean-shift bandwidth and threshold, clustering,
 smallest instance, point budget, Monte-Carlo dropout draws, test-time views, binarisation, seed);
 its defaults are the only defaults of the package's inference. ``segmenter(image)`` runs the two
 steps that every user of the package shares (the evaluation, ``python -m companion predict``,
@@ -30,38 +30,39 @@ Examples
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .agglomerate import Agglomeration, agglomerate, binarize_with_scores, binarized_indices
+from .agglomerate import (
+    Agglomeration,
+    agglomerate,
+    binarize_with_scores,
+    binarized_indices,
+    uncertainty_map,
+)
 from .outputs import (
     CompactPass,
     WellOutputs,
-    _well_seed,
     cached_well_outputs,
     compact_scores,
     embedding_map,
     has_concrete_dropout,
     well_outputs,
 )
-from .postprocess import DEFAULT_MIN_SIZE, segment_classes
-from .proofreading import uncertainty_map
-from .sampling import FLIPS
+from .postprocess import segment_classes
+from .pretrained import load as load_pretrained
+from .recipes import Recipe, read_recipe
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Sample
 
-__all__ = ["FoldSetting", "Recipe", "Instances", "Segmenter", "segment_compact", "MC_DRAWS"]
-
-#: The paper's number of Monte-Carlo draws per image.
-MC_DRAWS = 8
+__all__ = ["Instances", "Segmenter", "segment_compact"]
 
 
 def segment_compact(compact: CompactPass, bandwidth: float, threshold: float, **segment_kwargs) -> np.ndarray:
@@ -71,140 +72,6 @@ def segment_compact(compact: CompactPass, bandwidth: float, threshold: float, **
     """
     masks = segment_classes(embedding_map(compact), compact.classes, bandwidth, threshold, **segment_kwargs)
     return np.asarray(masks, bool)
-
-
-class FoldSetting(NamedTuple):
-    """The bandwidth and threshold an evaluation applied to one cross-validation fold's wells."""
-
-    wells: tuple[str, ...]
-    bandwidth: float
-    threshold: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """Every inference setting of a :class:`Segmenter`; the defaults are the package's.
-
-    Attributes
-    ----------
-    bandwidth, threshold : float
-        Mean-shift bandwidth and pixel-to-centre assignment threshold (for an image outside
-        ``folds``).
-    clustering : {"global", "components"}
-        Mean shift over the whole image (the paper) or inside each foreground component.
-    min_size : int
-        Smallest instance kept, in pixels.
-    max_points : int or None
-        Mean shift clusters at most this many foreground pixels per pass (all are assigned).
-    mc_draws : int
-        Monte-Carlo dropout draws (a Concrete Dropout model); 0: dropout stays off.
-    views : {1, 4}
-        Test-time views: the image, or its four flips (not in the paper). With draws, the
-        draws cycle through the views; without, see ``agglomerate_views``.
-    agglomerate_views : bool
-        Without draws and with four views: segment each view and agglomerate them (True) or
-        segment the average of their class probabilities (False).
-    binarize_at : float
-        Agglomerated probabilities ``>= binarize_at`` form the masks.
-    seed : int
-        Seeds the dropout masks (and the ``max_points`` subset), per image: the seed of an
-        image named ``name`` is a function of ``(seed, name)`` only.
-    folds : tuple of FoldSetting
-        Bandwidth and threshold per cross-validation fold of an evaluation: a well in a fold is
-        segmented with its fold's values, as that evaluation did.
-    """
-
-    bandwidth: float = 1.5
-    threshold: float = 1.5
-    clustering: str = "global"
-    min_size: int = DEFAULT_MIN_SIZE
-    max_points: int | None = 8000
-    mc_draws: int = 0
-    views: int = 1
-    agglomerate_views: bool = False
-    binarize_at: float = 0.75
-    seed: int = 0
-    folds: tuple[FoldSetting, ...] = ()
-
-    def __post_init__(self) -> None:
-        checks = {
-            "bandwidth": self.bandwidth > 0,
-            "threshold": self.threshold > 0,
-            "clustering": self.clustering in ("global", "components"),
-            "min_size": _is_int(self.min_size) and self.min_size >= 0,
-            "max_points": self.max_points is None or (_is_int(self.max_points) and self.max_points > 0),
-            "mc_draws": _is_int(self.mc_draws) and 0 <= self.mc_draws,
-            "views": self.views in (1, len(FLIPS)),
-            "binarize_at": 0 < self.binarize_at <= 1,
-            "seed": _is_int(self.seed),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"recipe setting {bad[0]}={getattr(self, bad[0])!r} is out of range (bandwidth and "
-                f"threshold > 0, clustering global or components, views 1 or 4, binarize_at in (0, 1], "
-                f"integer counts and seed)"
-            )
-        object.__setattr__(
-            self, "folds", tuple(FoldSetting(tuple(w), float(b), float(t)) for w, b, t in self.folds)
-        )
-
-    @property
-    def passes(self) -> int:
-        """How many passes are segmented and agglomerated (0: one deterministic pass)."""
-        if self.mc_draws:
-            return self.mc_draws
-        return self.views if self.agglomerate_views and self.views > 1 else 0
-
-    def replace(self, **changes: Any) -> Recipe:
-        """A copy with ``changes`` (validated)."""
-        return dataclasses.replace(self, **changes)
-
-    def deterministic(self) -> Recipe:
-        """The same recipe with one pass (dropout off; views averaged)."""
-        return self.replace(mc_draws=0, agglomerate_views=False)
-
-    def for_image(self, name: str | None) -> Recipe:
-        """The recipe for the image ``name``: its fold's bandwidth and threshold if it is in one."""
-        fold = next((f for f in self.folds if name in f.wells), None)
-        return self if fold is None else self.replace(bandwidth=fold.bandwidth, threshold=fold.threshold)
-
-    def seed_for(self, name: str | None) -> int:
-        """The seed of the image ``name`` (the evaluation's per-well seed)."""
-        return _well_seed(self.seed, name or "")
-
-    def segment_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`companion.postprocess.segment` this recipe sets."""
-        return dict(clustering=self.clustering, min_size=self.min_size, max_points=self.max_points)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (``folds`` as lists)."""
-        record = dataclasses.asdict(self)
-        record["folds"] = [
-            dict(wells=list(f.wells), bandwidth=f.bandwidth, threshold=f.threshold) for f in self.folds
-        ]
-        return record
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any], where: str | os.PathLike = "recipe") -> Recipe:
-        """The inverse of :meth:`to_dict`; unknown or malformed settings raise ``ValueError`` naming ``where``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(record) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown recipe setting(s) {unknown}; known: {sorted(known)}")
-        values = dict(record)
-        try:
-            values["folds"] = tuple(
-                FoldSetting(tuple(f["wells"]), f["bandwidth"], f["threshold"])
-                for f in values.get("folds", ())
-            )
-            return cls(**values)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{where}: not a valid recipe ({err})") from None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 class Instances(NamedTuple):
@@ -222,7 +89,7 @@ class Instances(NamedTuple):
         (``None`` for one pass).
     uncertainty : np.ndarray or None
         ``(H, W)`` per-pixel uncertainty of the agglomeration
-        (:func:`companion.proofreading.uncertainty_map`; ``None`` for one pass).
+        (:func:`companion.agglomerate.uncertainty_map`; ``None`` for one pass).
     agglomeration : Agglomeration or None
         Every agglomerated instance before binarising (probabilities and scores).
     passes : tuple of np.ndarray
@@ -257,14 +124,14 @@ def _checked_image(image: np.ndarray) -> np.ndarray:
 
 
 class Segmenter:
-    """A model and its :class:`Recipe`: ``segmenter(image) -> Instances``.
+    """A model and its :class:`companion.recipes.Recipe`: ``segmenter(image) -> Instances``.
 
     Parameters
     ----------
     model : nn.Module
         A :class:`companion.model.UNet`.
     recipe : Recipe, optional
-        Default :class:`Recipe` ``()``: one deterministic pass.
+        Default :class:`companion.recipes.Recipe` ``()``: one deterministic pass.
     device : str or torch.device, optional
         Where the network runs (the model is moved there; default its device).
 
@@ -308,13 +175,10 @@ class Segmenter:
 
         ``row`` is ``"<evaluation>/<row>"``, e.g. ``"concrete_components_flips/mc"``
         (:func:`companion.recipes.rows` lists them). A model shipped without recipes gets
-        :class:`Recipe` ``()`` (``row`` must then be None).
+        :class:`companion.recipes.Recipe` ``()`` (``row`` must then be None).
         """
-        from .pretrained import load
-        from .recipes import read_recipe
-
         recipe = read_recipe(name, row, directory=directory)
-        return cls(load(name, directory=directory, map_location=device), recipe, device=device)
+        return cls(load_pretrained(name, directory=directory, map_location=device), recipe, device=device)
 
     def with_recipe(self, **changes: Any) -> Segmenter:
         """The same model with some recipe settings changed."""
@@ -399,26 +263,3 @@ class Segmenter:
             holds NaN or infinite values.
         """
         return self.segment(self.network_outputs(image, name), name)
-
-
-def views_recipe(model: nn.Module, *, mc_draws: int, flips: bool, **settings: Any) -> Recipe:
-    """The recipe an evaluation with ``mc_draws`` and ``flips`` agglomerates: dropout draws for a
-    Concrete Dropout model (ignored without dropout), the four flipped views of a model without
-    dropout when ``flips``."""
-    concrete = has_concrete_dropout(model)
-    return Recipe(
-        mc_draws=int(mc_draws) if concrete else 0,
-        views=len(FLIPS) if flips else 1,
-        agglomerate_views=bool(flips and not concrete),
-        **settings,
-    )
-
-
-def best_folds(
-    choices: Sequence[Mapping[str, Any]], folds: Sequence[Sequence[str]]
-) -> tuple[FoldSetting, ...]:
-    """:class:`FoldSetting` per fold from an evaluation's ``tuning.choices`` and ``folds``."""
-    return tuple(
-        FoldSetting(tuple(folds[int(c["applied_to"])]), float(c["bandwidth"]), float(c["threshold"]))
-        for c in choices
-    )

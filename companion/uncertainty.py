@@ -40,10 +40,10 @@ from typing import NamedTuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from .agglomerate import bernoulli_entropy
 from .metrics import iou_matrix
 
 __all__ = [
-    "bernoulli_entropy",
     "PatchTable",
     "patch_table",
     "PAvPU",
@@ -53,21 +53,6 @@ __all__ = [
     "PAvPUReferences",
     "pavpu_references",
 ]
-
-
-def bernoulli_entropy(p: np.ndarray) -> np.ndarray:
-    """Entropy in nats of Bernoulli variables with success probability ``p``.
-
-    Safe at 0 and 1 (where it is 0); maximal, ``log 2``, at ``p = 0.5``.
-
-    Examples
-    --------
-    >>> bernoulli_entropy(np.array([0.0, 0.5, 1.0])).round(4).tolist()
-    [0.0, 0.6931, 0.0]
-    """
-    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
-    q = 1.0 - p
-    return p * np.log(1.0 / np.where(p > 0, p, 1.0)) + q * np.log(1.0 / np.where(q > 0, q, 1.0))
 
 
 class PatchTable(NamedTuple):

@@ -71,7 +71,7 @@ def calibrated_validation(
     """
     from companion.calibration import choose_background_shift, shift_background_logit
     from companion.evaluate import evaluate_model
-    from companion.segmenter import Recipe
+    from companion.recipes import Recipe
 
     shift = choose_background_shift(model, samples[:5], progress=False).shift
     shift_background_logit(model, shift)

@@ -12,6 +12,7 @@ from skimage.draw import ellipse
 from companion.agglomerate import (
     Agglomeration,
     agglomerate,
+    bernoulli_entropy,
     binarize,
     binarize_with_scores,
     binarized_indices,
@@ -20,7 +21,6 @@ from companion.agglomerate import (
     soft_iou_matrix,
 )
 from companion.simulate import perturb_instances
-from companion.uncertainty import bernoulli_entropy
 
 SHAPE = (48, 64)
 

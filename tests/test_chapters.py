@@ -8,8 +8,7 @@ import pytest
 
 from companion.chapters import segmentation_settings
 from companion.data import TEST_FOLDS
-from companion.recipes import save_recipes
-from companion.segmenter import Recipe
+from companion.recipes import Recipe, save_recipes
 
 
 def _committed(tmp_path, max_points=8000):

@@ -10,7 +10,8 @@ from companion.agglomerate import agglomerate
 from companion.ensemble import annotation_order, ensemble_outputs, errors_caught, member_seed, pool_draws
 from companion.model import UNet
 from companion.outputs import WellOutputs, compact_pass, well_outputs
-from companion.segmenter import Recipe, Segmenter, segment_compact
+from companion.recipes import Recipe
+from companion.segmenter import Segmenter, segment_compact
 from companion.simulate import ideal_logits, simulate_embedding
 
 

@@ -27,9 +27,10 @@ from companion.outputs import (
 )
 from companion.paper import TABLE1_KEYS
 from companion.postprocess import segment
+from companion.recipes import Recipe, views_recipe
 from companion.report import write_report
 from companion.sampling import mc_predict
-from companion.segmenter import Recipe, segment_compact, views_recipe
+from companion.segmenter import segment_compact
 from companion.simulate import ideal_logits, simulate_embedding
 from companion.synthetic import make_dataset
 from companion.targets import worm_probability

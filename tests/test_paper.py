@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from companion.paper import TABLE1, TABLE1_KEYS, table1_html
+from companion.figures import table1_html
+from companion.paper import TABLE1, TABLE1_KEYS
 
 
 def test_table1_html_has_one_row_per_entry_in_the_paper_column_order_and_escapes_labels():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from companion.agglomerate import instance_scores
+from companion.agglomerate import bernoulli_entropy, instance_scores
 from companion.metrics import instance_metrics
 from companion.proofreading import (
     Peaks,
@@ -15,7 +15,6 @@ from companion.proofreading import (
     simulate_proofreading,
     uncertainty_map,
 )
-from companion.uncertainty import bernoulli_entropy
 
 
 def _worm(shape, rows, cols):
@@ -144,7 +143,7 @@ def test_worm_seen_at_the_peak_is_fixed_even_if_its_prediction_ends_elsewhere():
 
 
 def test_image_uncertainty_is_zero_when_certain_and_log2_when_undecided():
-    from companion.proofreading import image_uncertainty
+    from companion.agglomerate import image_uncertainty
 
     certain = np.zeros((2, 6, 6))
     certain[0, :3], certain[1, 3:] = 1.0, 1.0

@@ -11,15 +11,14 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from companion.agglomerate import agglomerate
+from companion.agglomerate import agglomerate, uncertainty_map
 from companion.cli import main
 from companion.metrics import instance_metrics
 from companion.model import UNet
 from companion.outputs import well_outputs
-from companion.proofreading import uncertainty_map
-from companion.recipes import read_recipe, read_recipes, recipe_path, save_recipes
+from companion.recipes import Recipe, read_recipe, read_recipes, recipe_path, save_recipes
 from companion.recipes import rows as recipe_rows
-from companion.segmenter import Recipe, Segmenter, segment_compact
+from companion.segmenter import Segmenter, segment_compact
 
 
 @pytest.fixture

@@ -261,7 +261,8 @@ def test_a_segmenter_warns_about_unscaled_counts():
     import torch
 
     from companion.model import UNet
-    from companion.segmenter import Recipe, Segmenter
+    from companion.recipes import Recipe
+    from companion.segmenter import Segmenter
 
     torch.manual_seed(0)
     net = UNet(base_filters=2, depth=2, embedding_dim=4)

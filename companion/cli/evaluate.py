@@ -313,7 +313,7 @@ def _evaluate_locked(args: argparse.Namespace, start: float) -> int:
 def _recipe(args: argparse.Namespace, model):
     """The inference recipe of the agglomerated row (the grid search sets bandwidth and threshold)."""
     from companion.postprocess import DEFAULT_MIN_SIZE
-    from companion.segmenter import views_recipe
+    from companion.recipes import views_recipe
 
     return views_recipe(
         model,

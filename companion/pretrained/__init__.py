@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from .._io import file_sha256
-from ..checkpoint import EXPORTED_FORMAT, SHIPPED_DIR, check_map_location, read_exported
 from ..model import UNet
+from ..model_files import EXPORTED_FORMAT, SHIPPED_DIR, check_map_location, read_exported
 
 __all__ = ["NAMES", "PRETRAINED_DIR", "FORMAT", "available", "provenance", "load"]
 
