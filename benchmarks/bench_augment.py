@@ -1,8 +1,8 @@
 """Augmented training crops per second: the scipy path vs. the torch path (CPU, and CUDA when present).
 
-* ``scipy``: :class:`companion.augment.WormCropDataset` items made one at a time in this process
+* ``scipy``: :class:`companion.data.augment.WormCropDataset` items made one at a time in this process
   (what one DataLoader worker delivers), target included;
-* ``torch``: :class:`companion.augment_torch.DeviceCropSource` making batches of ``--batch``
+* ``torch``: :class:`companion.data.augment_torch.DeviceCropSource` making batches of ``--batch``
   crops on the device (CPU with ``--threads`` torch threads; CUDA synchronised before timing).
 
 Both make the same transforms (crop, flips, rotation, elastic deformation) of the same images:
@@ -26,10 +26,10 @@ import torch
 def bench_data(n_wells: int, shape: tuple[int, int] = (520, 696)):
     """``(samples, description)``: BBBC010 training wells when ``$BBBC010_ROOT`` is set, else synthetic."""
     if os.environ.get("BBBC010_ROOT"):
-        from companion.data import FIT_WELLS, load_bbbc010
+        from companion.data.bbbc010 import FIT_WELLS, load_bbbc010
 
         return load_bbbc010(None, FIT_WELLS[:n_wells], skip_incomplete=True, progress=False), "BBBC010 wells"
-    from companion.synthetic import make_dataset
+    from companion.data.synthetic import make_dataset
 
     return make_dataset(n_wells, seed=0, shape=shape), f"synthetic {shape[0]} x {shape[1]} wells"
 
@@ -37,8 +37,8 @@ def bench_data(n_wells: int, shape: tuple[int, int] = (520, 696)):
 def scipy_crops_per_s(
     samples: Sequence, crop_size: int, n_crops: int, *, max_seconds: float = float("inf")
 ) -> float:
-    """Crops per second of :class:`~companion.augment.WormCropDataset` in one process."""
-    from companion.augment import WormCropDataset
+    """Crops per second of :class:`~companion.data.augment.WormCropDataset` in one process."""
+    from companion.data.augment import WormCropDataset
 
     dataset = WormCropDataset(list(samples), crop_size=crop_size, length=n_crops + len(samples), seed=0)
     for i in range(len(samples)):  # warm-up: each sample's padded copy and mask words are cached
@@ -59,8 +59,8 @@ def torch_crops_per_s(
     device: str | torch.device = "cpu",
     max_seconds: float = float("inf"),
 ) -> float:
-    """Crops per second of :class:`~companion.augment_torch.DeviceCropSource` on ``device``."""
-    from companion.augment_torch import DeviceCropSource
+    """Crops per second of :class:`~companion.data.augment_torch.DeviceCropSource` on ``device``."""
+    from companion.data.augment_torch import DeviceCropSource
 
     device = torch.device(device)
     source = DeviceCropSource(list(samples), crop_size=crop_size, device=device)

@@ -1,7 +1,7 @@
 """Benchmark: per-component clustering against the paper's global mean-shift, on real outputs.
 
 Runs a shipped model once per test well (deterministic pass), then times
-``companion.postprocess.segment`` on the same outputs with ``clustering="global"`` (the paper)
+``companion.inference.postprocess.segment`` on the same outputs with ``clustering="global"`` (the paper)
 and ``clustering="components"`` (mean-shift inside each connected foreground component), at
 one bandwidth / threshold, in one run. Prints per-well means, AP50 of each (so that speed is
 not bought with accuracy) and, last, the ratio of the two total times.
@@ -18,11 +18,11 @@ import time
 import torch
 
 from companion import pretrained
-from companion.data import TEST_WELLS, load_bbbc010
-from companion.metrics import instance_metrics
-from companion.outputs import well_outputs
-from companion.recipes import Recipe
-from companion.segmenter import Segmenter
+from companion.data.bbbc010 import TEST_WELLS, load_bbbc010
+from companion.evaluation.metrics import instance_metrics
+from companion.inference.outputs import image_outputs
+from companion.inference.recipes import Recipe
+from companion.inference.segmenter import Segmenter
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = pretrained.load(args.model)
     samples = load_bbbc010(wells=args.wells or TEST_WELLS, skip_incomplete=True, progress=False)
-    outputs = [well_outputs(model, s.image, draws=0) for s in samples]
+    outputs = [image_outputs(model, s.image, draws=0) for s in samples]
     seconds, ap50 = {}, {}
     for clustering in ("global", "components"):
         recipe = Recipe(args.bandwidth, args.threshold, clustering=clustering, max_points=args.max_points)

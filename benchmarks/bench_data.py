@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 import warnings
 
-from companion.augment import WormCropDataset
-from companion.synthetic import make_sample
+from companion.data.augment import WormCropDataset
+from companion.data.synthetic import make_sample
 
 
 def _per_call(fn, n: int) -> float:
@@ -34,7 +34,7 @@ def main() -> None:
     crop = _per_call(lambda i: dataset[i], 5)
     print(f"augmented 512x512 crop:   {crop * 1e3:7.1f} ms  (target 300 ms, ratio {crop / 0.3:.2f})")
     try:
-        from companion.data import load_bbbc010, resolve_root
+        from companion.data.bbbc010 import load_bbbc010, resolve_root
 
         root = resolve_root(None, download=False)
     except Exception as err:  # no local copy: do not download from a benchmark

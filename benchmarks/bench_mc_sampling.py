@@ -1,12 +1,12 @@
 """Benchmark: Monte-Carlo dropout sampling, batched draws vs. sequential forward passes.
 
-Times :func:`companion.sampling.mc_predict` on one BBBC010-sized image (2 x 520 x 696, padded
+Times :func:`companion.inference.sampling.mc_predict` on one BBBC010-sized image (2 x 520 x 696, padded
 to 528 x 704) with the paper's U-Net (``base_filters=19``, depth 5, Concrete Dropout):
 
 * ``sequential``: ``n_draws`` forward passes of batch 1 (``batch=1``);
 * ``batched``: the image repeated ``batch`` times, one pass per ``batch`` draws;
 * the same two with the model's weights in ``channels_last`` memory format too
-  (``--channels-last``; :func:`~companion.sampling.mc_predict` always feeds channels-last input).
+  (``--channels-last``; :func:`~companion.inference.sampling.mc_predict` always feeds channels-last input).
 
 Measured on an idle 2-core CPU (2 threads): batched 0.79-0.82x the speed of sequential, i.e.
 batching does not pay on the CPU (``mc_predict`` therefore defaults to one draw per pass there);
@@ -26,8 +26,8 @@ import time
 import numpy as np
 import torch
 
-from companion.model import UNet
-from companion.sampling import mc_predict
+from companion.inference.sampling import mc_predict
+from companion.model.unet import UNet
 
 
 def time_it(fn, repeats: int) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""Benchmark: companion.meanshift.mean_shift against sklearn.cluster.MeanShift.
+"""Benchmark: companion.inference.meanshift.mean_shift against sklearn.cluster.MeanShift.
 
 Both cluster the same embedding-like points (tight 16-d Gaussian blobs ~4-6 apart, as a
 trained discriminative embedding, plus 2 % uniform outliers) with the same bandwidth and bin
@@ -20,7 +20,7 @@ import torch
 from sklearn.cluster import MeanShift
 from sklearn.metrics import adjusted_rand_score
 
-from companion.meanshift import mean_shift
+from companion.inference.meanshift import mean_shift
 
 
 def embedding_like_points(

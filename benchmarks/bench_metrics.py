@@ -1,4 +1,4 @@
-"""Time companion.metrics on a BBBC010-sized test set (50 images of 520 x 696, ~15 worms each).
+"""Time companion.evaluation.metrics on a BBBC010-sized test set (50 images of 520 x 696, ~15 worms each).
 
 Also compares the two ways of computing all pairwise intersections: a dense float32 matrix
 product of the flattened masks and a scipy.sparse CSR product. The metrics pick the sparse
@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from companion import metrics
-from companion.synthetic import make_sample
+from companion.data.synthetic import make_sample
+from companion.evaluation import metrics
 
 SHAPE = (520, 696)
 

@@ -1,6 +1,6 @@
 """Peak memory of the training objective: the batched objective vs the looped one it replaced.
 
-One forward + backward of :func:`companion.losses.training_objective` (the ``cpu`` preset's
+One forward + backward of :func:`companion.training.losses.training_objective` (the ``cpu`` preset's
 Concrete Dropout network for the regulariser) on a batch of 32 crops of 512 x 512 with
 ``K = 15`` instance masks each (overlapping bands, ~4 % of a crop each), from fixed random
 network outputs. Each objective runs in a fresh process; the figure is the growth of the
@@ -29,10 +29,10 @@ def measure(kind: str) -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_training import objective_of
 
-    from companion.config import TrainConfig
-    from companion.losses import training_objective
-    from companion.model import UNetOutput
-    from companion.step import build_model
+    from companion.model.unet import UNetOutput
+    from companion.training.config import TrainConfig
+    from companion.training.losses import training_objective
+    from companion.training.step import build_model
 
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)

@@ -2,8 +2,8 @@
 
 Measures, in one run, with the ``cpu`` preset's crop size and batch size (full-size U-Net):
 
-1. iterations/s of :func:`companion.step.train_step` fed by the real pipeline
-   (:func:`companion.batches.make_loader`: ``WormCropDataset`` augmentation in DataLoader
+1. iterations/s of :func:`companion.training.step.train_step` fed by the real pipeline
+   (:func:`companion.training.batches.make_loader`: ``WormCropDataset`` augmentation in DataLoader
    workers, pinned memory on CUDA) on the BBBC010 training wells if ``$BBBC010_ROOT`` is set,
    else on synthetic 520 x 696 worms;
 2. iterations/s of the same model stepping on the same batches already in memory (on the device);
@@ -11,7 +11,7 @@ Measures, in one run, with the ``cpu`` preset's crop size and batch size (full-s
 4. augmented crops/s of the pipeline in one process (what sizes the ``colab`` preset);
 5. on CUDA, the speed-up of bf16/fp16 autocast + channels-last over float32;
 6. the objective (``--section objective``): the step time with the batched objective of
-   :mod:`companion.losses` and with the looped one it replaced (``tests/looped_objective.py``,
+   :mod:`companion.training.losses` and with the looped one it replaced (``tests/looped_objective.py``,
    a reference kept beside the tests), for the ``cpu`` preset (batch 1, 512 x 512) and for
    batch 8 at 256 x 256; the aten operators of the objective's forward + backward counted with
    :mod:`torch.profiler` (every event, nested ones included, as the profiler lists them; and the
@@ -40,19 +40,19 @@ from pathlib import Path
 
 import torch
 
-from companion.augment import WormCropDataset
-from companion.batches import make_loader, single_threaded_numpy_blas, to_device
-from companion.config import TrainConfig
-from companion.step import autocast_dtype, build_model, train_step
+from companion.data.augment import WormCropDataset
+from companion.training.batches import make_loader, single_threaded_numpy_blas, to_device
+from companion.training.config import TrainConfig
+from companion.training.step import autocast_dtype, build_model, train_step
 
 
 def training_data(n_synthetic: int = 8):
     """BBBC010 training wells when ``$BBBC010_ROOT`` is set, else synthetic wells."""
     if os.environ.get("BBBC010_ROOT"):
-        from companion.data import TRAIN_WELLS, load_bbbc010
+        from companion.data.bbbc010 import TRAIN_WELLS, load_bbbc010
 
         return load_bbbc010(None, TRAIN_WELLS, skip_incomplete=True, progress=False), "BBBC010 train wells"
-    from companion.synthetic import make_dataset
+    from companion.data.synthetic import make_dataset
 
     return make_dataset(n_synthetic, seed=0, shape=(520, 696)), "synthetic 520 x 696 wells"
 
@@ -116,7 +116,7 @@ def _looped_parts() -> dict:
 @contextlib.contextmanager
 def objective_of(kind: str):
     """Inside the block the training objective is the ``"batched"`` one or the ``"looped"`` one."""
-    import companion.losses as losses
+    import companion.training.losses as losses
 
     parts = _looped_parts() if kind == "looped" else {}
     saved = {name: getattr(losses, name) for name in parts}
@@ -134,8 +134,8 @@ def objective_ops(model, batch, n_train: int) -> tuple[int, int, int]:
     ``(all events, top-level calls, host-synchronising events)``."""
     from torch.profiler import ProfilerActivity, profile
 
-    from companion.losses import training_objective
-    from companion.model import UNetOutput
+    from companion.model.unet import UNetOutput
+    from companion.training.losses import training_objective
 
     with torch.no_grad():
         output = model(batch["image"])
@@ -163,11 +163,13 @@ def objective_section(data, n: int, curve_iterations: int, compile_step: bool) -
     Three steps alternate on the same batches: *before* (the looped objective, the network in
     the contiguous NCHW format that the CPU used before), *batched objective* (the same
     network format) and *now* (the batched objective and the channels-last format of
-    :func:`companion.train.train`).
+    :func:`companion.training.train.train`).
     """
-    from companion.step import compiled_objective
+    from companion.training.step import compiled_objective
 
-    print(f"== objective: batched (companion.losses) vs looped (the reference it replaced), {n} steps each")
+    print(
+        f"== objective: batched (companion.training.losses) vs looped (the reference it replaced), {n} steps each"
+    )
     settings = [
         ("cpu preset, batch 1, 512 x 512", {}),
         ("batch 8, 256 x 256", dict(batch_size=8, crop_size=256)),
@@ -258,8 +260,8 @@ def loss_curves(data, iterations: int, block: int = 50) -> None:
     rounding. Printed: the relative difference of the first logged window, and the mean total
     loss of each block of ``block`` iterations for the three runs.
     """
-    from companion.run_folder import read_log
-    from companion.train import train
+    from companion.training.run_folder import read_log
+    from companion.training.train import train
 
     config = TrainConfig.preset(
         "cpu",

@@ -1,22 +1,22 @@
 """Companion package of the book *Probabilistic Deep Learning for Instance Segmentation*.
 
-The package holds all the logic the book's chapters show: the BBBC010 data layer
-(:mod:`companion.data`), synthetic worms (:mod:`companion.synthetic`), training targets
-(:mod:`companion.targets`), augmentation (:mod:`companion.augment`), the U-Net (:mod:`companion.model`) with
-Concrete Dropout (:mod:`companion.dropout`), the discriminative loss (:mod:`companion.losses`),
-training (:mod:`companion.train`, one step in :mod:`companion.step`), post-processing (:mod:`companion.postprocess`, with the
-mean-shift of :mod:`companion.meanshift`), simulated network outputs (:mod:`companion.simulate`),
-Monte-Carlo sampling (:mod:`companion.sampling`), agglomeration (:mod:`companion.agglomerate`),
-metrics (:mod:`companion.metrics`), uncertainty evaluation (:mod:`companion.uncertainty`),
-guided proofreading (:mod:`companion.proofreading`), the whole evaluation
-(:mod:`companion.evaluate`: network outputs in :mod:`companion.outputs`, predictions by
-:mod:`companion.segmenter`, result files in :mod:`companion.report`), the trained models shipped with the package
-(:mod:`companion.pretrained`, written by :mod:`companion.export`, calibrated by
-:mod:`companion.calibration`; what the chapters print beside them in :mod:`companion.chapters`), the paper's reported numbers
-(:mod:`companion.paper`), ensembles and uncertainty ranking (:mod:`companion.ensemble`) and
-reading your own images (:mod:`companion.userdata`).
+The package holds all the logic the book's chapters show, in sub-packages in the order the data
+flows through them; each imports only those above it in this list (a test checks it):
 
-Modules are imported lazily, so ``import companion`` stays cheap.
+* :mod:`companion.data`: BBBC010 wells, your own images, synthetic worms, training targets,
+  augmentation;
+* :mod:`companion.model`: the U-Net with Concrete Dropout and its exported weight files;
+* :mod:`companion.pretrained`: the models shipped with the package;
+* :mod:`companion.inference`: network passes, mean shift, agglomeration, the recipes, and
+  :class:`companion.inference.segmenter.Segmenter`, the one path from an image to instances;
+* :mod:`companion.evaluation`: metrics, PAvPU, proofreading, the whole evaluation, the paper's
+  numbers;
+* :mod:`companion.training`: the loss, the training loop, checkpoints, validation snapshots,
+  export;
+* :mod:`companion.book`: what the chapters print and draw;
+* :mod:`companion.cli`: ``python -m companion train / evaluate / predict / pack / score``.
+
+Sub-packages are imported lazily, so ``import companion`` stays cheap.
 """
 
 from __future__ import annotations

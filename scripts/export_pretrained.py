@@ -7,7 +7,7 @@ Usage::
 
 Writes float16 weights and a provenance record (command, preset and overrides, git commit,
 iterations, training time, hardware, final loss terms, learned dropout rates, sha256) with
-:func:`companion.export.export`; refuses weights over 15 MiB.
+:func:`companion.training.export.export`; refuses weights over 15 MiB.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="choose a shift of the background logit on the first N validation wells "
-        "(companion.data.VAL_WELLS, held out from training) by the foreground pixel F1 and fold it "
-        "into the weights (companion.calibration; not in the paper). 0: no shift",
+        "(companion.data.bbbc010.VAL_WELLS, held out from training) by the foreground pixel F1 and fold it "
+        "into the weights (companion.training.calibration; not in the paper). 0: no shift",
     )
     parser.add_argument(
         "--calibrate-draws",
@@ -90,14 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from companion.export import export, stage_summary
+    from companion.training.export import export, stage_summary
 
     args = build_parser().parse_args(argv)
     shift, calibration = 0.0, None
     if args.calibrate:
-        from companion.calibration import choose_background_shift
-        from companion.checkpoint import load_model
-        from companion.data import VAL_WELLS, load_bbbc010
+        from companion.data.bbbc010 import VAL_WELLS, load_bbbc010
+        from companion.training.calibration import choose_background_shift
+        from companion.training.checkpoint import load_model
 
         wells = list(VAL_WELLS[: args.calibrate])
         choice = choose_background_shift(

@@ -22,7 +22,7 @@ The run is a sequence of package commands, each a child process with its share o
    ``results/short_runs/batch_sweep.csv``), warm-up and cosine decay sized by the run itself to
    its share (``--time-budget``), GPU augmentation, bf16; the weights are scored on the
    validation wells at the start and every ~``--select-every`` seconds (``--select-every``:
-   the fast protocol of :mod:`companion.selection`), the best kept as ``best.pt``;
+   the fast protocol of :mod:`companion.training.selection`), the best kept as ``best.pt``;
 2. when a snapshot beat the starting weights: ``scripts/export_pretrained.py`` exports it with
    the background-logit shift chosen on the validation wells (for the Concrete model on 8
    Monte-Carlo draws) and the shipped model's stages as its history;
@@ -244,7 +244,7 @@ MIN_GAIN = 0.02
 def selection_of(folder: Path, min_gain: float = MIN_GAIN) -> dict:
     """What the run's validation scores say: the start, the best, and whether it beat the start
     by at least ``min_gain``."""
-    from companion.selection import read_selection
+    from companion.training.selection import read_selection
 
     records = read_selection(folder)
     if not records:

@@ -6,7 +6,7 @@ Usage::
         --out results/curves
 
 For every ``iter_<N>.pt`` (``--snapshot-every``) and ``final.pt`` of each run, the deterministic
-pass on the validation wells (:data:`companion.data.VAL_WELLS`, never the test wells) is
+pass on the validation wells (:data:`companion.data.bbbc010.VAL_WELLS`, never the test wells) is
 calibrated (background-logit shift chosen on the first 5 validation wells, as the export does)
 and segmented with per-component clustering over a small grid (2-fold, as the evaluation), and
 the run's ``log.jsonl`` gives the wall-clock minutes and loss terms at that iteration. Writes
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[3.0, 4.0])
     parser.add_argument("--clustering", choices=("global", "components"), default="components")
     parser.add_argument("--max-points", type=int, default=8000)
-    parser.add_argument("--wells", nargs="+", default=None, help="default: companion.data.VAL_WELLS")
+    parser.add_argument("--wells", nargs="+", default=None, help="default: companion.data.bbbc010.VAL_WELLS")
     parser.add_argument("--data-root", default=None)
     parser.add_argument(
         "--start-minutes",
@@ -69,9 +69,9 @@ def calibrated_validation(
     the first 5 wells and folded into ``model``; then the wells are segmented over the grid,
     2-fold over the wells, as the evaluation does.
     """
-    from companion.calibration import choose_background_shift, shift_background_logit
-    from companion.evaluate import evaluate_model
-    from companion.recipes import Recipe
+    from companion.evaluation.evaluate import evaluate_model
+    from companion.inference.recipes import Recipe
+    from companion.training.calibration import choose_background_shift, shift_background_logit
 
     shift = choose_background_shift(model, samples[:5], progress=False).shift
     shift_background_logit(model, shift)
@@ -90,7 +90,7 @@ def calibrated_validation(
 
 def run_snapshots(run: Path) -> list[tuple[int, Path]]:
     """``(iteration, path)`` of a run's ``iter_*.pt`` and ``final.pt``, in order, one per iteration."""
-    from companion.checkpoint import read_checkpoint
+    from companion.training.checkpoint import read_checkpoint
 
     paths = sorted(run.glob("iter_*.pt")) + [p for p in [run / "final.pt"] if p.is_file()]
     found: dict[int, Path] = {}
@@ -100,8 +100,8 @@ def run_snapshots(run: Path) -> list[tuple[int, Path]]:
 
 
 def snapshot_rows(run: Path, samples, args, start_minutes: float = 0.0) -> list[dict]:
-    from companion.checkpoint import load_model
-    from companion.run_folder import read_log
+    from companion.training.checkpoint import load_model
+    from companion.training.run_folder import read_log
 
     log = read_log(run)
     rows = []
@@ -155,7 +155,7 @@ def plot(rows: list[dict]):
 
 def main(argv: Sequence[str] | None = None) -> int:
     from companion._io import atomic_write_bytes
-    from companion.data import VAL_WELLS, load_bbbc010
+    from companion.data.bbbc010 import VAL_WELLS, load_bbbc010
 
     args = build_parser().parse_args(argv)
     starts = args.start_minutes or [0.0] * len(args.runs)

@@ -28,7 +28,7 @@ N_RANDOM_ORDERS = 20
 
 def coco_by_ranking(ious: list[np.ndarray], areas: list[np.ndarray], seed: int = 0) -> dict:
     """COCO avAP / AP50 / AP75 of predictions without scores under several rankings."""
-    from companion.metrics import coco_ap
+    from companion.evaluation.metrics import coco_ap
 
     best = [iou.max(axis=1) if iou.shape[1] else np.zeros(len(iou)) for iou in ious]  # (P,) per image
     orders = {
@@ -57,7 +57,7 @@ def coco_by_ranking(ious: list[np.ndarray], areas: list[np.ndarray], seed: int =
 
 def readings(gts: list[np.ndarray], preds: list[np.ndarray]) -> dict:
     """Recall .8 and the DSB score under the readings the lab's code and ours allow."""
-    from companion.metrics import IOU_THRESHOLDS, iou_matrix, matched_pairs
+    from companion.evaluation.metrics import IOU_THRESHOLDS, iou_matrix, matched_pairs
 
     n_gt = sum(len(g) for g in gts)
     iou_hits, dice_hits, per_image_recall, s, prec_rec, pooled = (
@@ -94,11 +94,11 @@ def readings(gts: list[np.ndarray], preds: list[np.ndarray]) -> dict:
 
 
 def main(argv=None) -> int:
-    from companion.data import TEST_WELLS
-    from companion.metrics import iou_matrix
-    from companion.paper import PATCHPERPIX, PATCHPERPIX_S
-    from companion.prediction_files import read_predictions
-    from companion.scoring import INCOMPLETE_TEST_WELLS, ground_truth_masks, score_predictions
+    from companion.data.bbbc010 import TEST_WELLS
+    from companion.evaluation.metrics import iou_matrix
+    from companion.evaluation.paper import PATCHPERPIX, PATCHPERPIX_S
+    from companion.evaluation.prediction_files import read_predictions
+    from companion.evaluation.scoring import INCOMPLETE_TEST_WELLS, ground_truth_masks, score_predictions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("predictions", type=Path)

@@ -6,7 +6,7 @@ Usage::
 
 Every number in the file comes from ``results/<name>/results.json`` (written by
 ``python -m companion evaluate``), ``companion/pretrained/<name>.json`` (written by
-``scripts/export_pretrained.py``) or :data:`companion.paper.TABLE1`; re-run it after a new evaluation.
+``scripts/export_pretrained.py``) or :data:`companion.evaluation.paper.TABLE1`; re-run it after a new evaluation.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _peer_lines(results_dir: Path) -> list[str]:
     """PatchPerPix: the paper's row, and its published predictions scored here."""
     import json
 
-    from companion.paper import PATCHPERPIX, published
+    from companion.evaluation.paper import PATCHPERPIX, published
 
     lines = [_metrics_line("paper, PatchPerPix (50 test wells)", published(PATCHPERPIX))]
     study = results_dir / "protocol" / "patchperpix.json"
@@ -49,8 +49,8 @@ def _peer_lines(results_dir: Path) -> list[str]:
 
 def _figure2_and_table2_lines(results_dir: Path) -> list[str]:
     """Figure 2 at entropy 0.05 beside the paper's, and Table 2's first and last rows (concrete)."""
-    from companion import chapters
-    from companion.paper import FIGURE2_AT_005
+    from companion.book import chapters
+    from companion.evaluation.paper import FIGURE2_AT_005
 
     try:
         doc = chapters.results("concrete", results_dir)
@@ -78,8 +78,8 @@ def _figure2_and_table2_lines(results_dir: Path) -> list[str]:
 
 def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
     """The Markdown text of results/README.md."""
-    from companion import chapters
-    from companion.paper import TABLE1, published
+    from companion.book import chapters
+    from companion.evaluation.paper import TABLE1, published
 
     lines = [
         "# Evaluation of the shipped models on the BBBC010 test wells",
@@ -141,7 +141,7 @@ def summary(results_dir: Path, pretrained_dir: Path | None = None) -> str:
         "Rows without a clustering note use the paper's global mean-shift, its bandwidth and",
         "threshold chosen by 2-fold cross-validation on the test folds. Per-component rows",
         "(`*_components/`, not in the paper) use the bandwidth and threshold chosen on the validation wells",
-        "(`companion.data.VAL_WELLS`), so no test well took part in their choice. Rows with",
+        "(`companion.data.bbbc010.VAL_WELLS`), so no test well took part in their choice. Rows with",
         '"4 flips" (`*_components_flips/`, not in the paper) add test-time augmentation: the',
         "deterministic pass averages the class probabilities of the image's four flips, and the",
         "Monte-Carlo draws cycle through the flips (`evaluate --flips`); the baseline, which has",

@@ -1,11 +1,11 @@
 """Why short GPU runs failed, answered on the CPU: the two augmentation paths, and batch size.
 
 Two experiments on the BBBC010 fitting wells, scored on the validation wells
-(:data:`companion.data.VAL_WELLS`, never the test wells):
+(:data:`companion.data.bbbc010.VAL_WELLS`, never the test wells):
 
 ``parity``
-    (1) Crops of the scipy path (:class:`companion.augment.WormCropDataset`) and of the torch
-    path (:class:`companion.augment_torch.DeviceCropSource`, what a GPU run uses) side by side:
+    (1) Crops of the scipy path (:class:`companion.data.augment.WormCropDataset`) and of the torch
+    path (:class:`companion.data.augment_torch.DeviceCropSource`, what a GPU run uses) side by side:
     per-channel intensity mean and standard deviation, the class frequencies of the 3-class
     target and the worms per crop. (2) The same short recipe trained with either path
     (``--seeds`` seeds): the ``cpu`` preset at ``--crop-size``, ``--iterations`` steps.
@@ -16,7 +16,7 @@ Two experiments on the BBBC010 fitting wells, scored on the validation wells
 ``snapshots``
     The snapshots of a run (``--run DIR``: its ``iter_*.pt`` and ``final.pt``) and the model it
     started from (``--init-from``), each scored twice: by the fast protocol of
-    :mod:`companion.selection` (what ``train --select-every`` uses) and by the protocol below.
+    :mod:`companion.training.selection` (what ``train --select-every`` uses) and by the protocol below.
     How far the two protocols and neighbouring snapshots disagree is the noise a selection
     works against.
 
@@ -45,8 +45,8 @@ import numpy as np
 
 def crop_statistics(samples, crop_size: int, n_crops: int) -> list[dict]:
     """Per-channel intensity statistics, class frequencies and worms per crop of both paths."""
-    from companion.augment import WormCropDataset, collate_crops
-    from companion.augment_torch import DeviceCropLoader, DeviceCropSource
+    from companion.data.augment import WormCropDataset, collate_crops
+    from companion.data.augment_torch import DeviceCropLoader, DeviceCropSource
 
     scipy_set = WormCropDataset(samples, crop_size=crop_size, length=n_crops, seed=0)
     paths = {
@@ -87,8 +87,8 @@ def score(model, samples) -> dict:
     """Validation scores of a model's deterministic pass (see the module docstring)."""
     from learning_curve import calibrated_validation
 
-    from companion.calibration import foreground_f1
-    from companion.sampling import predict
+    from companion.inference.sampling import predict
+    from companion.training.calibration import foreground_f1
 
     counts = np.zeros(3)
     for sample in samples:
@@ -110,8 +110,8 @@ def score(model, samples) -> dict:
 
 
 def run(config, data, val, label: dict) -> dict:
-    from companion.checkpoint import load_model
-    from companion.train import train
+    from companion.training.checkpoint import load_model
+    from companion.training.train import train
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -128,7 +128,7 @@ def run(config, data, val, label: dict) -> dict:
 def load_start(name: str):
     """A shipped model by name, or the model of a checkpoint or exported file."""
     from companion import pretrained
-    from companion.checkpoint import load_model
+    from companion.training.checkpoint import load_model
 
     return pretrained.load(name) if name in pretrained.NAMES else load_model(name)
 
@@ -137,8 +137,8 @@ def snapshot_rows(run_dir: Path, init_from: str | None, val) -> list[dict]:
     """Both protocols' scores of a run's starting model and snapshots."""
     from learning_curve import run_snapshots
 
-    from companion.checkpoint import load_model
-    from companion.selection import validation_score
+    from companion.training.checkpoint import load_model
+    from companion.training.selection import validation_score
 
     candidates = [(0, lambda: load_start(init_from))] if init_from else []
     candidates += [
@@ -189,8 +189,8 @@ def main() -> None:
     parser.add_argument("--stat-crops", type=int, default=480)
     args = parser.parse_args()
 
-    from companion.config import TrainConfig
-    from companion.data import FIT_WELLS, VAL_WELLS, load_bbbc010
+    from companion.data.bbbc010 import FIT_WELLS, VAL_WELLS, load_bbbc010
+    from companion.training.config import TrainConfig
 
     data = load_bbbc010(None, FIT_WELLS, skip_incomplete=True, progress=False)
     val = load_bbbc010(None, VAL_WELLS, skip_incomplete=True, progress=False)

@@ -5,8 +5,8 @@ Reference implementations kept for the tests and ``benchmarks/bench_training.py`
 discriminative loss loops over the crops of a batch, drops empty masks by boolean indexing and
 gathers the (worm, pixel) pairs with ``torch.nonzero`` -- one host synchronisation and dozens of
 small kernels per crop; the regularisers loop over the layers. The package's
-:func:`companion.losses.batched_discriminative_loss`,
-:func:`companion.dropout.concrete_regularizer` and :func:`companion.model.weight_decay_penalty`
+:func:`companion.training.losses.batched_discriminative_loss`,
+:func:`companion.model.dropout.concrete_regularizer` and :func:`companion.model.unet.weight_decay_penalty`
 must agree with them to float tolerance.
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from companion.dropout import _bernoulli_entropy, dropout_layers
-from companion.losses import DiscriminativeTerms
+from companion.model.dropout import _bernoulli_entropy, dropout_layers
+from companion.training.losses import DiscriminativeTerms
 
 
 def looped_discriminative_loss(

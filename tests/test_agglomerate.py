@@ -1,4 +1,4 @@
-"""Tests of companion.agglomerate: matching Monte-Carlo instance draws into probability maps."""
+"""Tests of companion.inference.agglomerate: matching Monte-Carlo instance draws into probability maps."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from scipy import ndimage, stats
 from skimage.draw import ellipse
 
-from companion.agglomerate import (
+from companion.data.simulate import perturb_instances
+from companion.inference.agglomerate import (
     Agglomeration,
     agglomerate,
     bernoulli_entropy,
@@ -20,7 +21,6 @@ from companion.agglomerate import (
     match_draw_to_base,
     soft_iou_matrix,
 )
-from companion.simulate import perturb_instances
 
 SHAPE = (48, 64)
 
@@ -123,7 +123,7 @@ def test_soft_iou_matches_loops_for_soft_and_binary_masks(rng):
 
 
 def test_soft_iou_agrees_with_metrics_iou_matrix(rng):
-    metrics = pytest.importorskip("companion.metrics")
+    metrics = pytest.importorskip("companion.evaluation.metrics")
     a, b = random_worms(rng, 5), random_worms(rng, 3)
     np.testing.assert_allclose(soft_iou_matrix(a, b), metrics.iou_matrix(a, b), rtol=1e-6)
 

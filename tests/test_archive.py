@@ -1,14 +1,14 @@
-"""Tests of companion.archive and ``python -m companion pack``: wells in one file, read back exactly."""
+"""Tests of companion.data.archive and ``python -m companion pack``: wells in one file, read back exactly."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from companion.archive import archive_wells, pack_samples, read_archive
 from companion.cli import main
-from companion.data import CHANNEL_MAX, Sample, load_bbbc010, normalize
-from companion.synthetic import make_dataset
+from companion.data.archive import archive_wells, pack_samples, read_archive
+from companion.data.bbbc010 import CHANNEL_MAX, Sample, load_bbbc010, normalize
+from companion.data.synthetic import make_dataset
 
 
 def _camera_samples(n: int = 2, shape: tuple[int, int] = (24, 40)) -> list[Sample]:

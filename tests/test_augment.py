@@ -1,4 +1,4 @@
-"""Tests of companion.augment: geometry against references, mask consistency, dataset and speed."""
+"""Tests of companion.data.augment: geometry against references, mask consistency, dataset and speed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from companion.augment import (
+from companion.data.augment import (
     MIN_PIXELS,
     WormCropDataset,
     _bilinear,
@@ -18,8 +18,8 @@ from companion.augment import (
     elastic_displacement,
     encode_masks,
 )
-from companion.synthetic import make_dataset, make_sample
-from companion.targets import three_class_target
+from companion.data.synthetic import make_dataset, make_sample
+from companion.data.targets import three_class_target
 
 OFF = dict(rotate=False, flip=False, elastic=False)
 

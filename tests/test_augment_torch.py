@@ -1,4 +1,4 @@
-"""Tests of companion.augment_torch: exact geometry, binary masks, agreement with the scipy path."""
+"""Tests of companion.data.augment_torch: exact geometry, binary masks, agreement with the scipy path."""
 
 from __future__ import annotations
 
@@ -9,13 +9,19 @@ import pytest
 import torch
 from scipy import stats
 
-from companion.augment import MIN_PIXELS, WormCropDataset
-from companion.augment_torch import CropParams, DeviceCropLoader, DeviceCropSource, augment_batch, batch_seed
-from companion.batches import make_loader, uses_gpu_augment
-from companion.config import TrainConfig
-from companion.synthetic import make_dataset, make_sample
-from companion.targets import three_class_target
-from companion.train import train
+from companion.data.augment import MIN_PIXELS, WormCropDataset
+from companion.data.augment_torch import (
+    CropParams,
+    DeviceCropLoader,
+    DeviceCropSource,
+    augment_batch,
+    batch_seed,
+)
+from companion.data.synthetic import make_dataset, make_sample
+from companion.data.targets import three_class_target
+from companion.training.batches import make_loader, uses_gpu_augment
+from companion.training.config import TrainConfig
+from companion.training.train import train
 
 OFF = dict(rotate=False, flip=False, elastic=False)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from companion.calibration import choose_background_shift, foreground_f1, shift_background_logit
-from companion.model import UNet
-from companion.synthetic import make_dataset
+from companion.data.synthetic import make_dataset
+from companion.model.unet import UNet
+from companion.training.calibration import choose_background_shift, foreground_f1, shift_background_logit
 
 
 def test_foreground_f1_counts_pixels_and_names_bad_shapes():
@@ -33,7 +33,7 @@ def test_choose_background_shift_undoes_a_known_bias(monkeypatch):
         logits[0, 0] = 2.5
         return type("Out", (), {"logits": torch.from_numpy(logits)})
 
-    monkeypatch.setattr("companion.calibration.predict", fake_predict)
+    monkeypatch.setattr("companion.training.calibration.predict", fake_predict)
     choice = choose_background_shift(None, samples, shifts=[0.0, 1.0, 2.0, 3.0])
     assert choice.shift == 2.0  # the smallest shift that makes worm pixels win
     assert choice.f1[0] == 0.0 and choice.f1[2] == pytest.approx(1.0)
@@ -68,7 +68,7 @@ def test_shift_on_mc_draws_asks_for_the_agreement_of_the_binarisation(monkeypatc
         logits[:, 0] = np.asarray(biases)[:, None, None]
         return type("Draws", (), {"logits": logits})
 
-    monkeypatch.setattr("companion.calibration.mc_predict", fake_mc_predict)
+    monkeypatch.setattr("companion.training.calibration.mc_predict", fake_mc_predict)
     shifts = [0.0, 1.0, 2.0, 3.0, 4.0]
     # 3 of 4 draws see every worm pixel from shift 2 on (worm 1 > 2.5 - 2); the background stays
     choice = choose_background_shift(None, samples, shifts, draws=4, agreement=0.75, seed=7)

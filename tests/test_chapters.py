@@ -1,4 +1,4 @@
-"""companion.chapters.segmentation_settings: the shipped recipe for a well, or the defaults."""
+"""companion.book.chapters.segmentation_settings: the shipped recipe for a well, or the defaults."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from companion.chapters import segmentation_settings
-from companion.data import TEST_FOLDS
-from companion.recipes import Recipe, save_recipes
+from companion.book.chapters import segmentation_settings
+from companion.data.bbbc010 import TEST_FOLDS
+from companion.inference.recipes import Recipe, save_recipes
 
 
 def _committed(tmp_path, max_points=8000):
@@ -64,7 +64,7 @@ def test_max_points_is_the_committed_one_even_when_none(tmp_path, max_points):
 def test_live_evaluation_runs_the_pipeline_on_the_first_well_of_each_fold(
     bbbc010_root, monkeypatch, tmp_path
 ):
-    from companion.chapters import live_evaluation
+    from companion.book.chapters import live_evaluation
 
     monkeypatch.setenv("BBBC010_ROOT", str(bbbc010_root))
     live = live_evaluation("concrete", n_per_fold=1, retrain=True, quick=True, cache_dir=tmp_path)
@@ -82,6 +82,6 @@ def test_live_evaluation_runs_the_pipeline_on_the_first_well_of_each_fold(
 
 
 def test_training_times_read_in_hours_minutes_or_seconds():
-    from companion.chapters import _hours
+    from companion.book.chapters import _hours
 
     assert [_hours(s) for s in (7200, 2999, 59, None)] == ["2.0 h", "50 min", "59 s", "time not recorded"]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
-from companion.checkpoint import read_checkpoint
 from companion.cli import build_parser, main
 from companion.cli.train import config_from_args
-from companion.config import TrainConfig
-from companion.run_folder import read_log
+from companion.training.checkpoint import read_checkpoint
+from companion.training.config import TrainConfig
+from companion.training.run_folder import read_log
 
 QUICK = [
     "--preset",
@@ -227,13 +227,13 @@ def test_a_real_bug_keeps_its_traceback(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("a bug, not a user error")
 
-    monkeypatch.setattr("companion.train.train", broken)  # the train command imports it on use
+    monkeypatch.setattr("companion.training.train.train", broken)  # the train command imports it on use
     with pytest.raises(KeyError, match="a bug"):
         main(["train", *QUICK, "--synthetic", "2", "--iterations", "1", "--out", str(tmp_path / "run")])
 
 
 def test_an_earlier_log_needs_overwrite_and_a_locked_out_is_one_line(tmp_path, capsys):
-    from companion.run_folder import lock_run_folder
+    from companion.training.run_folder import lock_run_folder
 
     out = tmp_path / "run"
     out.mkdir()
@@ -322,11 +322,11 @@ def test_settings_and_files_the_commands_check(tmp_path, capsys):
 def test_init_from_a_concrete_model_into_a_baseline_drops_only_the_rates(tmp_path):
     import torch
 
-    from companion.checkpoint import init_weights
-    from companion.config import TrainConfig
-    from companion.model import UNet
-    from companion.synthetic import make_dataset
-    from companion.train import train
+    from companion.data.synthetic import make_dataset
+    from companion.model.unet import UNet
+    from companion.training.checkpoint import init_weights
+    from companion.training.config import TrainConfig
+    from companion.training.train import train
 
     config = TrainConfig.preset("quick", iterations=1, checkpoint_every=1, log_every=1)
     final = train(config, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False)

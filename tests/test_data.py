@@ -1,4 +1,4 @@
-"""Tests of companion.data: constants, layouts, the loader's errors, the download, and the real data."""
+"""Tests of companion.data.bbbc010: constants, layouts, the loader's errors, the download, and the real data."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from companion import data
-from companion.data import (
+from companion.data import bbbc010 as data
+from companion.data.bbbc010 import (
     CHANNEL_MAX,
     TEST_FOLDS,
     TEST_WELLS,

@@ -1,4 +1,4 @@
-"""Tests of companion.ensemble: pooling draws of several models, ranking images for annotation."""
+"""Tests of companion.inference.ensemble: pooling draws of several models, ranking images for annotation."""
 
 from __future__ import annotations
 
@@ -6,22 +6,28 @@ import numpy as np
 import pytest
 import torch
 
-from companion.agglomerate import agglomerate
-from companion.ensemble import annotation_order, ensemble_outputs, errors_caught, member_seed, pool_draws
-from companion.model import UNet
-from companion.outputs import WellOutputs, compact_pass, well_outputs
-from companion.recipes import Recipe
-from companion.segmenter import Segmenter, segment_compact
-from companion.simulate import ideal_logits, simulate_embedding
+from companion.data.simulate import ideal_logits, simulate_embedding
+from companion.inference.agglomerate import agglomerate
+from companion.inference.ensemble import (
+    annotation_order,
+    ensemble_outputs,
+    errors_caught,
+    member_seed,
+    pool_draws,
+)
+from companion.inference.outputs import ImageOutputs, compact_pass, image_outputs
+from companion.inference.recipes import Recipe
+from companion.inference.segmenter import Segmenter, segment_compact
+from companion.model.unet import UNet
 
 
 def _outputs(instances_per_draw, seed=0):
-    """WellOutputs whose draws are idealised network outputs of the given instance stacks."""
+    """ImageOutputs whose draws are idealised network outputs of the given instance stacks."""
     passes = []
     for i, inst in enumerate(instances_per_draw):
         emb = simulate_embedding(inst, dim=4, seed=seed * 100 + i)
         passes.append(compact_pass(emb, ideal_logits(inst)))
-    return WellOutputs(passes[0], tuple(passes))
+    return ImageOutputs(passes[0], tuple(passes))
 
 
 def _worms(shape=(32, 32)):
@@ -69,7 +75,7 @@ def test_pooled_ensemble_agglomerates_like_the_draws_it_holds():
 
 
 def test_member_seed_matches_the_evaluation_for_member_zero_and_differs_otherwise():
-    from companion.outputs import _well_seed
+    from companion.inference.outputs import _well_seed
 
     assert member_seed(3, 0, "C03") == _well_seed(3, "C03")
     seeds = {member_seed(3, m, "C03") for m in range(4)} | {member_seed(3, 1, "C04")}
@@ -87,7 +93,7 @@ def test_ensemble_outputs_runs_every_member_with_its_own_seed():
     image = np.random.default_rng(0).random((2, 24, 24), dtype=np.float32)
     members = ensemble_outputs(models, image, [3, 2], seed=5, well="X")
     assert [len(m.draws) for m in members] == [3, 2]
-    again = well_outputs(models[0], image, draws=3, seed=member_seed(5, 0, "X"))
+    again = image_outputs(models[0], image, draws=3, seed=member_seed(5, 0, "X"))
     for p, q in zip(members[0].draws, again.draws):
         np.testing.assert_array_equal(p.embedding, q.embedding)
     # the same model as member 1 draws other dropout masks than as member 0

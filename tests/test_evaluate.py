@@ -1,4 +1,4 @@
-"""The evaluation pipeline (companion.evaluate) and ``python -m companion evaluate``."""
+"""The evaluation pipeline (companion.evaluation.evaluate) and ``python -m companion evaluate``."""
 
 from __future__ import annotations
 
@@ -13,29 +13,29 @@ import torch
 from torch import nn
 
 from companion._io import file_sha256
-from companion.agglomerate import agglomerate, binarize
-from companion.dropout import ConcreteDropout2d
-from companion.evaluate import _ScaledCounts, _to_counts, evaluate_model
-from companion.model import UNet, UNetOutput
-from companion.outputs import (
+from companion.data.simulate import ideal_logits, simulate_embedding
+from companion.data.synthetic import make_dataset
+from companion.data.targets import worm_probability
+from companion.evaluation.evaluate import _ScaledCounts, _to_counts, evaluate_model
+from companion.evaluation.paper import TABLE1_KEYS
+from companion.evaluation.report import write_report
+from companion.evaluation.tuning import foreground_scores
+from companion.evaluation.uncertainty import pavpu
+from companion.inference.agglomerate import agglomerate, binarize
+from companion.inference.outputs import (
     CompactPass,
     _well_seed,
-    cached_well_outputs,
+    cached_image_outputs,
     compact_pass,
     compact_scores,
     embedding_map,
 )
-from companion.paper import TABLE1_KEYS
-from companion.postprocess import segment
-from companion.recipes import Recipe, views_recipe
-from companion.report import write_report
-from companion.sampling import mc_predict
-from companion.segmenter import segment_compact
-from companion.simulate import ideal_logits, simulate_embedding
-from companion.synthetic import make_dataset
-from companion.targets import worm_probability
-from companion.tuning import foreground_scores
-from companion.uncertainty import pavpu
+from companion.inference.postprocess import segment
+from companion.inference.recipes import Recipe, views_recipe
+from companion.inference.sampling import mc_predict
+from companion.inference.segmenter import segment_compact
+from companion.model.dropout import ConcreteDropout2d
+from companion.model.unet import UNet, UNetOutput
 
 SIZE = 128  # a multiple of 16: the stand-in network sees the images unpadded
 
@@ -255,38 +255,38 @@ def test_cache_is_reused_and_invalidated(oracle_run, samples):
     model, result, cache = oracle_run
     assert sorted(p.name for p in cache.iterdir()) == sorted(f"{s.well}.npz" for s in samples)
     before = model.calls
-    again = cached_well_outputs(model, samples, cache, draws=4, progress=False)
+    again = cached_image_outputs(model, samples, cache, draws=4, progress=False)
     assert model.calls == before  # nothing recomputed
-    fresh = cached_well_outputs(model, samples[:1], None, draws=4, progress=False)
+    fresh = cached_image_outputs(model, samples[:1], None, draws=4, progress=False)
     first = again[samples[0].well]
     assert np.array_equal(first.deterministic.embedding, fresh[samples[0].well].deterministic.embedding)
     assert all(
         np.array_equal(a.classes, b.classes) for a, b in zip(first.draws, fresh[samples[0].well].draws)
     )
-    cached_well_outputs(model, samples[:1], cache, draws=2, progress=False)  # other settings
+    cached_image_outputs(model, samples[:1], cache, draws=2, progress=False)  # other settings
     assert model.calls > before
     (cache / f"{samples[1].well}.npz").write_bytes(b"not an npz")  # a broken file is recomputed
     calls = model.calls
     with pytest.warns(UserWarning, match="unreadable.*recomputing"):
-        out = cached_well_outputs(model, samples[1:2], cache, draws=4, progress=False)
+        out = cached_image_outputs(model, samples[1:2], cache, draws=4, progress=False)
     assert model.calls > calls and len(out[samples[1].well].draws) == 4
     path = cache / f"{samples[1].well}.npz"
     path.write_bytes(path.read_bytes()[:200])  # truncated zip (BadZipFile): recomputed too
     calls = model.calls
     with pytest.warns(UserWarning, match="BadZipFile"):
-        cached_well_outputs(model, samples[1:2], cache, draws=4, progress=False)
+        cached_image_outputs(model, samples[1:2], cache, draws=4, progress=False)
     assert model.calls > calls
     with torch.no_grad():
         model.drop.p_logit += 1.0  # other weights
     calls = model.calls
-    cached_well_outputs(model, samples[2:3], cache, draws=4, progress=False)
+    cached_image_outputs(model, samples[2:3], cache, draws=4, progress=False)
     assert model.calls > calls
 
 
 def test_baseline_model_gets_only_the_deterministic_row(samples, folds):
     torch.manual_seed(0)
     model = UNet(base_filters=2, depth=3, embedding_dim=4)
-    outputs = cached_well_outputs(model, samples[:1], None, draws=5, progress=False)
+    outputs = cached_image_outputs(model, samples[:1], None, draws=5, progress=False)
     assert outputs[samples[0].well].draws == ()
     result = evaluate_model(
         model,
@@ -348,7 +348,7 @@ def test_write_report_files(oracle_run, samples, tmp_path):
 def test_a_new_evaluation_replaces_the_earlier_set_whole(oracle_run, samples, tmp_path, monkeypatch):
     import os
 
-    from companion.report import STAGING_PREFIX, sweep_staging
+    from companion.evaluation.report import STAGING_PREFIX, sweep_staging
 
     _, result, _ = oracle_run
     write_report(result, samples, tmp_path)  # a Concrete model's set: PAvPU and proofreading files
@@ -367,7 +367,7 @@ def test_a_new_evaluation_replaces_the_earlier_set_whole(oracle_run, samples, tm
             moved.append(dst)
         real(src, dst)
 
-    monkeypatch.setattr("companion.report.os.replace", interrupted)
+    monkeypatch.setattr("companion.evaluation.report.os.replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_report(result, samples, tmp_path)
     assert not (tmp_path / "results.json").exists()  # the folder says it is incomplete
@@ -543,7 +543,7 @@ class _NeverCalled(nn.Module):
 
 
 def test_wells_without_ground_truth_are_an_error_naming_them(samples, folds):
-    from companion.data import Sample
+    from companion.data.bbbc010 import Sample
 
     empty = {samples[1].well, samples[2].well}
     stripped = [
@@ -602,11 +602,11 @@ def test_flip_augmented_evaluation_records_it_in_settings_rows_and_cache(samples
     model = UNet(base_filters=2, depth=3, embedding_dim=4)
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    cached_well_outputs(model, samples[:1], tmp_path, draws=0, progress=False)
+    cached_image_outputs(model, samples[:1], tmp_path, draws=0, progress=False)
     assert len(calls) == 1
-    cached_well_outputs(model, samples[:1], tmp_path, draws=0, flips=True, progress=False)
+    cached_image_outputs(model, samples[:1], tmp_path, draws=0, flips=True, progress=False)
     assert len(calls) == 1 + 4  # not the plain pass's cache: four flipped passes
-    cached_well_outputs(model, samples[:1], tmp_path, draws=0, flips=True, progress=False)
+    cached_image_outputs(model, samples[:1], tmp_path, draws=0, flips=True, progress=False)
     assert len(calls) == 5  # now cached
     options = dict(folds=folds, bandwidths=[1.0], thresholds=[1.0], progress=False)
     plain = evaluate_model(model, samples, recipe=Recipe(), **options)

@@ -1,4 +1,4 @@
-"""companion.figures: mask_overlay checked pixel by pixel, html_table cell by cell."""
+"""companion.book.figures: mask_overlay checked pixel by pixel, html_table cell by cell."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from companion.figures import html_table, mask_overlay
+from companion.book.figures import html_table, mask_overlay
 
 
 def test_each_instance_has_its_colour_overlaps_are_white_background_transparent():

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from companion.archive import pack_samples
-from companion.data import FIT_WELLS, TEST_FOLDS, VAL_WELLS, load_bbbc010
+from companion.data.archive import pack_samples
+from companion.data.bbbc010 import FIT_WELLS, TEST_FOLDS, VAL_WELLS, load_bbbc010
 from scripts import gpu_run
 from tests.conftest import real_data_root
 
@@ -20,7 +20,7 @@ def _args(*argv: str):
 
 
 def test_a_smoke_run_continues_one_shipped_model(tmp_path):
-    from companion.checkpoint import shipped_model_file
+    from companion.training.checkpoint import shipped_model_file
 
     if shipped_model_file("baseline") is None:
         pytest.skip("the shipped models are not in this copy of the package")

@@ -1,4 +1,4 @@
-"""Tests of companion.losses against loop-based re-computations of eqs. (1)-(3)."""
+"""Tests of companion.training.losses against loop-based re-computations of eqs. (1)-(3)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from looped_objective import looped_batched_loss, looped_concrete_regularizer, looped_weight_decay_penalty
 
-from companion.dropout import concrete_regularizer
-from companion.losses import (
+from companion.data.targets import pad_instances
+from companion.model.dropout import concrete_regularizer
+from companion.model.unet import UNet, weight_decay_penalty
+from companion.training.losses import (
     DiscriminativeTerms,
     ObjectiveTerms,
     batched_discriminative_loss,
@@ -20,8 +22,6 @@ from companion.losses import (
     instance_means,
     training_objective,
 )
-from companion.model import UNet, weight_decay_penalty
-from companion.targets import pad_instances
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,8 +258,8 @@ def test_batched_loss_equals_the_looped_reference(hinge, dtype, rtol):
 
 
 def test_batched_loss_equals_the_looped_reference_on_real_crops(bbbc010_root):
-    from companion.augment import WormCropDataset
-    from companion.data import FIT_WELLS, load_bbbc010
+    from companion.data.augment import WormCropDataset
+    from companion.data.bbbc010 import FIT_WELLS, load_bbbc010
 
     samples = load_bbbc010(bbbc010_root, FIT_WELLS[:4], skip_incomplete=True, progress=False)
     dataset = WormCropDataset(samples, crop_size=256, length=6, seed=3)
@@ -358,8 +358,8 @@ def test_class_loss_equals_mean_negative_log_softmax():
 
 
 def _synthetic_batch(n: int = 2, size: int = 64, seed: int = 0) -> dict:
-    from companion.synthetic import make_sample
-    from companion.targets import three_class_target
+    from companion.data.synthetic import make_sample
+    from companion.data.targets import three_class_target
 
     samples = [make_sample(seed + i, shape=(size, size), n_worms=(3, 5)) for i in range(n)]
     instances = [torch.from_numpy(s.instances) for s in samples]

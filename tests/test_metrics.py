@@ -1,4 +1,4 @@
-"""Tests of companion.metrics: pycocotools agreement and hand-worked examples."""
+"""Tests of companion.evaluation.metrics: pycocotools agreement and hand-worked examples."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import io
 import numpy as np
 import pytest
 
-from companion import metrics
-from companion.metrics import instance_metrics, iou_matrix, matched_pairs, overlaps
+from companion.evaluation import metrics
+from companion.evaluation.metrics import instance_metrics, iou_matrix, matched_pairs, overlaps
 
 
 def _box(shape, rows, cols):
@@ -247,8 +247,8 @@ def test_precision_recall_curve_hand_worked():
 
 @pytest.mark.realdata
 def test_real_wells_against_pycocotools(bbbc010_root):
-    from companion.data import load_bbbc010
-    from companion.simulate import perturb_instances
+    from companion.data.bbbc010 import load_bbbc010
+    from companion.data.simulate import perturb_instances
 
     samples = load_bbbc010(bbbc010_root, wells=["C03", "C04"], progress=False)
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Tests of companion.model: U-Net shapes, Concrete Dropout sampling and its regulariser."""
+"""Tests of companion.model.unet: U-Net shapes, Concrete Dropout sampling and its regulariser."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from companion.dropout import (
+from companion.model.dropout import (
     ConcreteDropout,
     ConcreteDropout2d,
     DropoutLayer,
@@ -19,7 +19,7 @@ from companion.dropout import (
     mc_sampling,
     set_mc_sampling,
 )
-from companion.model import UNet, UNetOutput, weight_decay_penalty
+from companion.model.unet import UNet, UNetOutput, weight_decay_penalty
 
 
 def small_unet(**kwargs) -> UNet:

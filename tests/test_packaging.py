@@ -61,7 +61,7 @@ def _readme_section(title: str) -> str:
 def test_readme_result_numbers_are_rows_of_the_committed_evaluations_or_the_paper():
     import json
 
-    from companion.paper import TABLE1
+    from companion.evaluation.paper import TABLE1
 
     pairs = {
         (round(r["avAP"], 3), round(r["AP50"], 3))
@@ -79,30 +79,73 @@ def test_readme_result_numbers_are_rows_of_the_committed_evaluations_or_the_pape
         )
 
 
-def _module_imports() -> dict[str, set[str]]:
-    """companion module -> the companion modules it imports at module level (not in functions)."""
-    graph: dict[str, set[str]] = {}
-    for path in sorted((REPO_ROOT / "companion").rglob("*.py")):
-        parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
-        package = parts[:-1]  # the package a relative import starts from
-        name = ".".join(parts[:-1] if path.name == "__init__.py" else parts)
-        targets = set()
-        for node in ast.parse(path.read_text()).body:  # TYPE_CHECKING blocks are ast.If: skipped
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package[: len(package) - node.level + 1]
-                if node.module:
-                    targets.add(".".join(base + node.module.split(".")))
-                else:  # from . import x, y
-                    targets.update(".".join(base + [a.name]) for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("companion"):
-                targets.add(node.module)
-        graph[name] = targets
+def _imports(path, *, top_level_only: bool) -> set[str]:
+    """The companion modules a file imports (every import, or only those at module level)."""
+    parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    package = parts[:-1]  # the package a relative import starts from
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)  # TYPE_CHECKING blocks are ast.If
+    targets = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            if node.module:
+                targets.add(".".join(base + node.module.split(".")))
+            else:  # from . import x, y
+                targets.update(".".join(base + [a.name]) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("companion"):
+            base = node.module
+            targets.add(base)
+            if base == "companion":  # from companion import data: the sub-package
+                targets.update(f"companion.{a.name}" for a in node.names)
+            else:
+                targets.update(f"{base}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            targets.update(a.name for a in node.names if a.name.startswith("companion"))
+    return targets
+
+
+def _module_name(path) -> str:
+    parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if path.name == "__init__.py" else parts)
+
+
+def _module_imports(top_level_only: bool = True) -> dict[str, set[str]]:
+    """companion module -> the companion modules it imports (at module level, by default)."""
+    paths = sorted((REPO_ROOT / "companion").rglob("*.py"))
+    graph = {_module_name(p): _imports(p, top_level_only=top_level_only) for p in paths}
     return {m: {t for t in ts if t in graph} for m, ts in graph.items()}
+
+
+#: The sub-packages in the order the data flows; each imports only those before it.
+LAYERS = ("data", "model", "pretrained", "inference", "evaluation", "training", "book", "cli")
+
+
+def _layer(module: str) -> int:
+    """Index of a module's sub-package in LAYERS; -1 for the private helpers at the top."""
+    parts = module.split(".")
+    return -1 if len(parts) == 1 or parts[1].startswith("_") else LAYERS.index(parts[1])
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    modules = _module_imports(top_level_only=False)  # imports inside functions count too
+    assert {m.split(".")[1] for m in modules if m.count(".")} - {"_io", "_device", "__main__"} == set(LAYERS)
+    upward = [
+        f"{module} -> {target}"
+        for module, targets in modules.items()
+        if module not in ("companion", "companion.__main__")  # the lazy loader, the entry point
+        for target in targets
+        if target != "companion" and _layer(target) > _layer(module)
+    ]
+    assert not upward, "imports that climb a layer: " + "; ".join(sorted(upward))
+    for layer in LAYERS:
+        doc = ast.get_docstring(ast.parse((REPO_ROOT / "companion" / layer / "__init__.py").read_text()))
+        assert doc and "May import" in doc, f"companion/{layer}/__init__.py does not say what it may import"
 
 
 def test_companion_modules_import_each_other_without_a_cycle():
     graph = _module_imports()
-    assert "companion.cli" in graph and "companion.export" in graph["companion.chapters"]
+    assert "companion.cli" in graph and "companion.training.export" in graph["companion.book.chapters"]
     done: set[str] = set()
 
     def visit(module: str, path: tuple[str, ...]) -> None:
@@ -124,11 +167,10 @@ def test_every_module_stays_short_and_is_listed_in_the_readme():
             continue  # __init__, __main__, private helpers
         lines = len(path.read_text().splitlines())
         assert lines <= 500, f"{path.relative_to(REPO_ROOT)}: {lines} lines, split it by concept"
-    for path in sorted((REPO_ROOT / "companion").glob("*.py")):
-        if not path.name.startswith("_"):
-            assert f"`companion.{path.stem}`" in readme, (
-                f"companion.{path.stem} is not in the README's module table"
-            )
+    for path in sorted((REPO_ROOT / "companion").rglob("*.py")):
+        if not path.name.startswith("_") and path.parent.name != "cli":
+            name = _module_name(path)
+            assert f"`{name}`" in readme, f"{name} is not in the README's module table"
 
 
 @pytest.mark.slow
@@ -141,7 +183,7 @@ def test_a_wheel_installed_outside_the_repository_predicts_with_the_best_rows_re
     import numpy as np
     import tifffile
 
-    from companion.recipes import rows
+    from companion.inference.recipes import rows
 
     def run(*argv: str, cwd=tmp_path, **env: str) -> subprocess.CompletedProcess:
         clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | env

@@ -1,11 +1,11 @@
-"""companion.paper: the paper's numbers and their table formats."""
+"""companion.evaluation.paper: the paper's numbers and their table formats."""
 
 from __future__ import annotations
 
 import re
 
-from companion.figures import table1_html
-from companion.paper import TABLE1, TABLE1_KEYS
+from companion.book.figures import table1_html
+from companion.evaluation.paper import TABLE1, TABLE1_KEYS
 
 
 def test_table1_html_has_one_row_per_entry_in_the_paper_column_order_and_escapes_labels():

@@ -1,4 +1,4 @@
-"""Tests of companion.postprocess: mean-shift against scikit-learn, segment on idealised outputs."""
+"""Tests of companion.inference.postprocess: mean-shift against scikit-learn, segment on idealised outputs."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import MeanShift, get_bin_seeds
 from sklearn.metrics import adjusted_rand_score
 
-from companion import postprocess as pp
-from companion import synthetic
-from companion.simulate import ideal_logits, simulate_embedding
-from companion.targets import OVERLAP, three_class_target
+from companion.data import synthetic
+from companion.data.simulate import ideal_logits, simulate_embedding
+from companion.data.targets import OVERLAP, three_class_target
+from companion.inference import postprocess as pp
 
 
 def embedding_blobs(

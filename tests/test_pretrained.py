@@ -11,14 +11,15 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from companion import chapters, pretrained
-from companion import export as export_module
-from companion.checkpoint import load_model
-from companion.config import TrainConfig
-from companion.dropout import dropout_rates
-from companion.run_folder import TERM_NAMES, read_log
-from companion.synthetic import make_dataset
-from companion.train import train
+from companion import pretrained
+from companion.book import chapters
+from companion.data.synthetic import make_dataset
+from companion.model.dropout import dropout_rates
+from companion.training import export as export_module
+from companion.training.checkpoint import load_model
+from companion.training.config import TrainConfig
+from companion.training.run_folder import TERM_NAMES, read_log
+from companion.training.train import train
 
 
 def _load_script():
@@ -221,7 +222,7 @@ def test_load_or_train_loads_the_shipped_model_or_trains_a_quick_one(shelf, monk
     model, text = chapters.load_or_train("concrete", directory=shelf)
     assert not model.training and text.startswith("shipped model concrete:")
     samples = make_dataset(2, seed=1, shape=(96, 96))
-    monkeypatch.setattr("companion.chapters.load_bbbc010", lambda root, wells, progress: samples)
+    monkeypatch.setattr("companion.book.chapters.load_bbbc010", lambda root, wells, progress: samples)
     model, text = chapters.load_or_train("baseline", retrain=True, quick=True, directory=shelf)
     assert not model.training and not dropout_rates(model)  # a baseline: no Concrete Dropout
     assert "baseline model trained here (quick configuration): 30 iterations" in text
@@ -289,11 +290,11 @@ def test_results_summary_puts_our_rows_beside_the_papers_with_the_budget(shelf, 
 
 
 def test_training_can_start_from_an_exported_model(shelf, tmp_path):
-    from companion.checkpoint import init_weights
-    from companion.config import TrainConfig
-    from companion.step import build_model
-    from companion.synthetic import make_dataset
-    from companion.train import train
+    from companion.data.synthetic import make_dataset
+    from companion.training.checkpoint import init_weights
+    from companion.training.config import TrainConfig
+    from companion.training.step import build_model
+    from companion.training.train import train
 
     exported = pretrained.load("concrete", directory=shelf)
     cfg = TrainConfig.preset("quick", iterations=3, checkpoint_every=3, log_every=1)
@@ -360,7 +361,7 @@ def test_a_corrupt_provenance_file_is_a_value_error_naming_it(shelf, tmp_path):
 
 
 def test_a_gpu_location_without_cuda_says_so_and_does_not_blame_the_file(shelf, run_dir, monkeypatch):
-    from companion.checkpoint import read_checkpoint
+    from companion.training.checkpoint import read_checkpoint
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for location in ("cuda", "cuda:1", torch.device("cuda", 0)):

@@ -1,13 +1,12 @@
-"""Tests of companion.proofreading on tiny hand-built examples."""
+"""Tests of companion.evaluation.proofreading on tiny hand-built examples."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from companion.agglomerate import bernoulli_entropy, instance_scores
-from companion.metrics import instance_metrics
-from companion.proofreading import (
+from companion.evaluation.metrics import instance_metrics
+from companion.evaluation.proofreading import (
     Peaks,
     correct_at_peaks,
     find_peaks,
@@ -15,6 +14,7 @@ from companion.proofreading import (
     simulate_proofreading,
     uncertainty_map,
 )
+from companion.inference.agglomerate import bernoulli_entropy, instance_scores
 
 
 def _worm(shape, rows, cols):
@@ -143,7 +143,7 @@ def test_worm_seen_at_the_peak_is_fixed_even_if_its_prediction_ends_elsewhere():
 
 
 def test_image_uncertainty_is_zero_when_certain_and_log2_when_undecided():
-    from companion.agglomerate import image_uncertainty
+    from companion.inference.agglomerate import image_uncertainty
 
     certain = np.zeros((2, 6, 6))
     certain[0, :3], certain[1, 3:] = 1.0, 1.0

@@ -1,4 +1,4 @@
-"""Tests of companion.sampling: deterministic and Monte-Carlo dropout inference on whole images."""
+"""Tests of companion.inference.sampling: deterministic and Monte-Carlo dropout inference on whole images."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from companion.dropout import concrete_layers, set_mc_sampling
-from companion.model import UNet
-from companion.sampling import FLIPS, MCDraws, mc_predict, pad_to_multiple, predict
+from companion.inference.sampling import FLIPS, MCDraws, mc_predict, pad_to_multiple, predict
+from companion.model.dropout import concrete_layers, set_mc_sampling
+from companion.model.unet import UNet
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_outputs_can_stay_on_the_device_as_tensors_equal_to_the_numpy_ones(net, 
 
 
 def test_mixed_precision_inference_is_close_to_float32(image):
-    from companion.sampling import inference_dtype
+    from companion.inference.sampling import inference_dtype
 
     torch.manual_seed(0)
     net = UNet(base_filters=4, depth=3, dropout="concrete")

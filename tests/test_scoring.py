@@ -1,4 +1,4 @@
-"""Tests of companion.prediction_files and companion.scoring: other tools' predictions, scored by hand."""
+"""Tests of companion.evaluation.prediction_files and companion.evaluation.scoring: other tools' predictions, scored by hand."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 
 from companion.cli import main
-from companion.data import TEST_WELLS
-from companion.prediction_files import masks_from_labels, read_prediction, read_predictions, well_of
-from companion.scoring import INCOMPLETE_TEST_WELLS, score_predictions, write_scores
+from companion.data.bbbc010 import TEST_WELLS
+from companion.evaluation.prediction_files import (
+    masks_from_labels,
+    read_prediction,
+    read_predictions,
+    well_of,
+)
+from companion.evaluation.scoring import INCOMPLETE_TEST_WELLS, score_predictions, write_scores
 
 
 def test_label_layers_label_images_and_mask_stacks():
@@ -68,7 +73,7 @@ def _truths(shape=(4, 6)) -> dict:
 
 
 def test_every_protocol_value_by_hand(tmp_path):
-    from companion.prediction_files import Prediction
+    from companion.evaluation.prediction_files import Prediction
 
     truths = _truths()
     pred = np.zeros((3, 4, 6), bool)
@@ -98,7 +103,7 @@ def test_every_protocol_value_by_hand(tmp_path):
 
 
 def test_a_loose_worm_passes_dice_but_not_iou_at_0_8():
-    from companion.prediction_files import Prediction
+    from companion.evaluation.prediction_files import Prediction
 
     truths = _truths(shape=(4, 10))
     pred = np.zeros((2, 4, 10), bool)
@@ -116,7 +121,7 @@ def test_a_loose_worm_passes_dice_but_not_iou_at_0_8():
 def test_the_score_command_on_a_real_well(bbbc010_root, tmp_path, capsys):
     import tifffile
 
-    from companion.data import find_layout, load_masks
+    from companion.data.bbbc010 import find_layout, load_masks
 
     masks = load_masks(find_layout(bbbc010_root), "C13")  # an incomplete well: its masks are whole
     labels = np.zeros((len(masks), *masks.shape[1:]), np.uint16)
@@ -147,7 +152,7 @@ def test_every_number_of_the_protocol_note_is_computed():
     import re
     from pathlib import Path
 
-    from companion.paper import PATCHPERPIX, PATCHPERPIX_S, TABLE1
+    from companion.evaluation.paper import PATCHPERPIX, PATCHPERPIX_S, TABLE1
 
     root = Path(__file__).resolve().parents[1] / "results"
     computed = _floats(json.loads((root / "protocol" / "patchperpix.json").read_text()))

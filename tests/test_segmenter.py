@@ -1,4 +1,4 @@
-"""companion.segmenter (Recipe, Segmenter), the shipped recipes and the `predict` command."""
+"""companion.inference.segmenter (Recipe, Segmenter), the shipped recipes and the `predict` command."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from companion.agglomerate import agglomerate, uncertainty_map
 from companion.cli import main
-from companion.metrics import instance_metrics
-from companion.model import UNet
-from companion.outputs import well_outputs
-from companion.recipes import Recipe, read_recipe, read_recipes, recipe_path, save_recipes
-from companion.recipes import rows as recipe_rows
-from companion.segmenter import Segmenter, segment_compact
+from companion.evaluation.metrics import instance_metrics
+from companion.inference.agglomerate import agglomerate, uncertainty_map
+from companion.inference.outputs import image_outputs
+from companion.inference.recipes import Recipe, read_recipe, read_recipes, recipe_path, save_recipes
+from companion.inference.recipes import rows as recipe_rows
+from companion.inference.segmenter import Segmenter, segment_compact
+from companion.model.unet import UNet
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_deterministic_prediction_is_the_evaluation_path(tiny_concrete):
     image = np.random.default_rng(0).random((2, 32, 48), dtype=np.float32)
     segmenter = Segmenter(tiny_concrete, Recipe(bandwidth=1.0, threshold=1.0))
     result = segmenter(image)
-    direct = segment_compact(well_outputs(tiny_concrete, image, draws=0).deterministic, 1.0, 1.0)
+    direct = segment_compact(image_outputs(tiny_concrete, image, draws=0).deterministic, 1.0, 1.0)
     assert np.array_equal(result.masks, direct) and len(result.scores) == len(direct)
     assert result.probabilities is None and result.uncertainty is None and result.passes == ()
 
@@ -39,9 +39,9 @@ def test_deterministic_prediction_is_the_evaluation_path(tiny_concrete):
 def test_flip_augmented_prediction_is_the_flip_augmented_evaluation_path(tiny_concrete):
     image = np.random.default_rng(1).random((2, 32, 48), dtype=np.float32)
     result = Segmenter(tiny_concrete, Recipe(bandwidth=1.0, threshold=1.0, views=4))(image)
-    outputs = well_outputs(tiny_concrete, image, draws=0, flips=True)
+    outputs = image_outputs(tiny_concrete, image, draws=0, flips=True)
     assert np.array_equal(result.masks, segment_compact(outputs.deterministic, 1.0, 1.0))
-    plain = well_outputs(tiny_concrete, image, draws=0).deterministic
+    plain = image_outputs(tiny_concrete, image, draws=0).deterministic
     same_classes = np.array_equal(outputs.deterministic.classes, plain.classes)
     assert not (same_classes and np.array_equal(outputs.deterministic.foreground, plain.foreground))
 
@@ -62,7 +62,7 @@ def test_the_steps_are_the_call(tiny_concrete):
     segmenter = Segmenter(tiny_concrete, Recipe(bandwidth=1.0, threshold=1.0, mc_draws=2))
     outputs = segmenter.network_outputs(image, "C03")
     assert len(outputs.draws) == 2
-    seeded = well_outputs(tiny_concrete, image, draws=2, seed=segmenter.recipe.seed_for("C03"))
+    seeded = image_outputs(tiny_concrete, image, draws=2, seed=segmenter.recipe.seed_for("C03"))
     assert all(np.array_equal(a.foreground, b.foreground) for a, b in zip(outputs.draws, seeded.draws))
     stepwise, called = segmenter.segment(outputs, "C03"), segmenter(image, "C03")
     assert np.array_equal(stepwise.masks, called.masks) and np.array_equal(stepwise.scores, called.scores)
@@ -130,7 +130,7 @@ def _committed_line(evaluation: str, row: str, well: str) -> dict:
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", ["baseline", "concrete"])
 def test_every_shipped_recipe_reproduces_its_committed_per_image_line(bbbc010_root, name):
-    from companion.data import load_bbbc010
+    from companion.data.bbbc010 import load_bbbc010
 
     sample = load_bbbc010(bbbc010_root, ["C04"], progress=False)[0]
     shipped = recipe_rows(name)
@@ -214,18 +214,18 @@ def test_flipped_passes_of_a_model_without_dropout_take_the_place_of_draws():
     image = np.random.default_rng(2).random((2, 32, 48), dtype=np.float32)
     calls = []
     hook = net.register_forward_hook(lambda *_: calls.append(1))
-    outputs = well_outputs(net, image, draws=8, flips=True)
+    outputs = image_outputs(net, image, draws=8, flips=True)
     hook.remove()
     assert len(outputs.draws) == 4  # the four distinct views, not eight copies
     assert len(calls) == 4  # the same four passes also make the flip-averaged deterministic pass
-    averaged = well_outputs(net, image, draws=0, flips=True).deterministic
+    averaged = image_outputs(net, image, draws=0, flips=True).deterministic
     for field in ("classes", "embedding", "foreground"):
         assert np.array_equal(getattr(outputs.deterministic, field), getattr(averaged, field))
-    assert well_outputs(net, image, draws=8, flips=False).draws == ()
-    plain = well_outputs(net, image, draws=0).deterministic  # view 0: the image itself
+    assert image_outputs(net, image, draws=8, flips=False).draws == ()
+    plain = image_outputs(net, image, draws=0).deterministic  # view 0: the image itself
     assert np.array_equal(outputs.draws[0].classes, plain.classes)
     assert np.array_equal(outputs.draws[0].embedding, plain.embedding)
-    mirrored = well_outputs(net, np.ascontiguousarray(image[:, :, ::-1]), draws=0).deterministic
+    mirrored = image_outputs(net, np.ascontiguousarray(image[:, :, ::-1]), draws=0).deterministic
     assert np.array_equal(outputs.draws[1].classes, mirrored.classes[:, ::-1])  # view 1, flipped back
     recipe = Recipe(bandwidth=1.0, threshold=1.0, views=4, agglomerate_views=True)
     result = Segmenter(net, recipe)(image)
@@ -266,7 +266,7 @@ def test_a_busy_output_folder_is_refused_in_one_line(tmp_path, capsys):
 
     import tifffile
 
-    from companion.run_folder import lock_run_folder
+    from companion.training.run_folder import lock_run_folder
 
     tifffile.imwrite(tmp_path / "x.tif", np.zeros((2, 32, 48), np.uint16), photometric="minisblack")
     out = tmp_path / "out"

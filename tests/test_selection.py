@@ -1,4 +1,4 @@
-"""Tests of companion.selection: validation scores while training, and the best checkpoint kept."""
+"""Tests of companion.training.selection: validation scores while training, and the best checkpoint kept."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from companion.config import TrainConfig
-from companion.model import UNetOutput
-from companion.selection import SnapshotSelection, read_selection, validation_score
-from companion.synthetic import make_dataset
-from companion.train import train
+from companion.data.synthetic import make_dataset
+from companion.model.unet import UNetOutput
+from companion.training.config import TrainConfig
+from companion.training.selection import SnapshotSelection, read_selection, validation_score
+from companion.training.train import train
 
 
 class Oracle(nn.Module):

@@ -1,4 +1,4 @@
-"""Tests of companion.synthetic: format, determinism, geometry and speed of synthetic worms."""
+"""Tests of companion.data.synthetic: format, determinism, geometry and speed of synthetic worms."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from companion.data import Sample
-from companion.synthetic import make_dataset, make_sample, rasterize_worm, worm_centerline
+from companion.data.bbbc010 import Sample
+from companion.data.synthetic import make_dataset, make_sample, rasterize_worm, worm_centerline
 
 
 def test_sample_format():

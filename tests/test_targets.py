@@ -1,4 +1,4 @@
-"""Tests of companion.targets: the three-class target against a per-pixel reference."""
+"""Tests of companion.data.targets: the three-class target against a per-pixel reference."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from companion.synthetic import make_sample
-from companion.targets import BACKGROUND, FOREGROUND, OVERLAP, three_class_target, worm_probability
+from companion.data.synthetic import make_sample
+from companion.data.targets import BACKGROUND, FOREGROUND, OVERLAP, three_class_target, worm_probability
 
 
 def _reference(instances: np.ndarray) -> np.ndarray:

@@ -17,15 +17,15 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from companion.augment import WormCropDataset, collate_crops
-from companion.batches import _IterationSampler
-from companion.checkpoint import load_model, read_checkpoint
-from companion.config import PRESETS, TrainConfig
-from companion.dropout import concrete_layers
-from companion.run_folder import TERM_NAMES, read_log
-from companion.step import build_model, make_optimizer, train_step
-from companion.synthetic import make_dataset
-from companion.train import train
+from companion.data.augment import WormCropDataset, collate_crops
+from companion.data.synthetic import make_dataset
+from companion.model.dropout import concrete_layers
+from companion.training.batches import _IterationSampler
+from companion.training.checkpoint import load_model, read_checkpoint
+from companion.training.config import PRESETS, TrainConfig
+from companion.training.run_folder import TERM_NAMES, read_log
+from companion.training.step import build_model, make_optimizer, train_step
+from companion.training.train import train
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
 
@@ -109,7 +109,7 @@ def test_ranks_read_disjoint_shards_whose_union_is_the_single_process_batch():
 
 def test_numpy_blas_runs_single_threaded_inside_the_training_loop():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from companion.batches import single_threaded_numpy_blas
+    from companion.training.batches import single_threaded_numpy_blas
 
     def openblas_threads():
         return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["internal_api"] == "openblas"]
@@ -281,9 +281,9 @@ def test_load_model_rejects_other_files_with_a_clear_error(finished_run, tmp_pat
 # --------------------------------------------------------------------------------------------
 RUN_SCRIPT = textwrap.dedent("""
     import os, sys
-    from companion.config import TrainConfig
-    from companion.synthetic import make_dataset
-    from companion.train import train
+    from companion.training.config import TrainConfig
+    from companion.data.synthetic import make_dataset
+    from companion.training.train import train
 
     out, resume, kill_at = sys.argv[1], sys.argv[2] == "resume", int(sys.argv[3])
     config = TrainConfig.preset("quick", iterations=6, checkpoint_every=2, log_every=1,
@@ -349,11 +349,11 @@ DDP_SCRIPT = textwrap.dedent("""
     faulthandler.dump_traceback_later(int(os.environ.get("DDP_TEST_TIMEOUT", "100")), exit=True)
     import torch
     import torch.distributed as dist
-    from companion.augment import WormCropDataset, collate_crops
-    from companion.config import TrainConfig
-    from companion.synthetic import make_dataset
-    from companion.train import train
-    from companion.step import build_model, train_step
+    from companion.data.augment import WormCropDataset, collate_crops
+    from companion.training.config import TrainConfig
+    from companion.data.synthetic import make_dataset
+    from companion.training.train import train
+    from companion.training.step import build_model, train_step
 
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
@@ -468,14 +468,14 @@ def test_two_gloo_processes_agree_with_each_other_and_with_one_process(tmp_path)
 
 
 def test_mixed_precision_is_off_on_the_cpu():
-    from companion.step import autocast_dtype
+    from companion.training.step import autocast_dtype
 
     assert autocast_dtype(TrainConfig.preset("quick"), torch.device("cpu")) is None
 
 
 def test_init_from_starts_a_concrete_model_from_baseline_weights(tmp_path):
-    from companion.checkpoint import init_weights
-    from companion.step import build_model
+    from companion.training.checkpoint import init_weights
+    from companion.training.step import build_model
 
     data = make_dataset(2, seed=0, shape=(96, 96))
     base_cfg = TrainConfig.preset("quick", model="baseline", iterations=2, checkpoint_every=2, log_every=1)
@@ -509,8 +509,8 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 
 def test_standardize_stores_training_statistics_in_the_checkpoint(tmp_path):
-    from companion.config import channel_statistics
-    from companion.synthetic import make_dataset
+    from companion.data.synthetic import make_dataset
+    from companion.training.config import channel_statistics
 
     data = make_dataset(2, seed=0, shape=(96, 96))
     cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1, standardize=True)
@@ -522,7 +522,7 @@ def test_standardize_stores_training_statistics_in_the_checkpoint(tmp_path):
 
 
 def test_downsample_travels_in_the_checkpoint_and_checks_the_crop(tmp_path):
-    from companion.synthetic import make_dataset
+    from companion.data.synthetic import make_dataset
 
     with pytest.raises(ValueError, match="multiple of 32"):
         TrainConfig.preset("quick", downsample=2, crop_size=48)
@@ -534,7 +534,7 @@ def test_downsample_travels_in_the_checkpoint_and_checks_the_crop(tmp_path):
 
 
 def test_a_changed_weight_is_caught_by_the_recorded_digest(tmp_path):
-    from companion.synthetic import make_dataset
+    from companion.data.synthetic import make_dataset
 
     cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1)
     final = train(cfg, make_dataset(2, seed=0, shape=(96, 96)), tmp_path, progress=False)
@@ -552,7 +552,7 @@ def test_a_changed_weight_is_caught_by_the_recorded_digest(tmp_path):
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(tmp_path):
-    from companion.synthetic import make_dataset
+    from companion.data.synthetic import make_dataset
 
     # an absurd learning rate without clipping blows the weights up within a few steps
     cfg = TrainConfig.preset("quick", iterations=30, checkpoint_every=1, log_every=1, lr=1e12, grad_clip=0.0)
@@ -567,9 +567,9 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(t
 
 
 def test_the_loss_is_checked_when_logged_yet_the_first_non_finite_iteration_is_named(tmp_path, monkeypatch):
-    import companion.train as train_module
-    from companion.losses import ObjectiveTerms
-    from companion.synthetic import make_dataset
+    import companion.training.train as train_module
+    from companion.data.synthetic import make_dataset
+    from companion.training.losses import ObjectiveTerms
 
     real_step, calls = train_module.train_step, []
 
@@ -588,7 +588,7 @@ def test_the_loss_is_checked_when_logged_yet_the_first_non_finite_iteration_is_n
 
 
 def test_cpu_bf16_turns_on_autocast_on_the_cpu(tmp_path):
-    from companion.step import autocast_dtype
+    from companion.training.step import autocast_dtype
 
     cpu = torch.device("cpu")
     assert autocast_dtype(TrainConfig.preset("quick"), cpu) is None
@@ -607,7 +607,7 @@ def test_cpu_bf16_turns_on_autocast_on_the_cpu(tmp_path):
 # --------------------------------------------------------------------------------------------
 HOLD_LOCK_SCRIPT = textwrap.dedent("""
     import sys
-    from companion.run_folder import lock_run_folder
+    from companion.training.run_folder import lock_run_folder
 
     with lock_run_folder(sys.argv[1]):
         print("locked", flush=True)
@@ -616,7 +616,7 @@ HOLD_LOCK_SCRIPT = textwrap.dedent("""
 
 
 def test_a_second_training_into_a_locked_folder_is_refused_naming_the_holder(tmp_path, tiny_data):
-    from companion.run_folder import RunFolderBusyError
+    from companion.training.run_folder import RunFolderBusyError
 
     script, out = tmp_path / "hold.py", tmp_path / "run"
     script.write_text(HOLD_LOCK_SCRIPT)
@@ -641,7 +641,7 @@ def test_a_second_training_into_a_locked_folder_is_refused_naming_the_holder(tmp
 
 
 def test_the_lock_is_released_when_a_run_ends_or_fails(tmp_path, tiny_data):
-    from companion.run_folder import lock_run_folder
+    from companion.training.run_folder import lock_run_folder
 
     out = tmp_path / "run"
     train(tiny_config(), tiny_data, out, progress=False)
@@ -754,9 +754,9 @@ def test_overlap_weight_reaches_the_objective(tmp_path):
 
 
 def test_the_step_objective_traces_as_one_graph_and_compile_runs_in_train(tmp_path, monkeypatch):
-    import companion.step as step_module
-    from companion.augment import WormCropDataset, collate_crops
-    from companion.step import build_model, step_objective
+    import companion.training.step as step_module
+    from companion.data.augment import WormCropDataset, collate_crops
+    from companion.training.step import build_model, step_objective
 
     config = TrainConfig.preset("quick", model="baseline")
     torch.manual_seed(0)
@@ -792,8 +792,8 @@ def _on_a_fake_clock(monkeypatch, seconds_per_step) -> tuple[list[float], list]:
     """``train`` timed by a clock that advances ``seconds_per_step(n)`` at step ``n`` (from 1)."""
     import functools
 
-    import companion.train as train_module
-    from companion.budget import TimeBudget
+    import companion.training.train as train_module
+    from companion.training.budget import TimeBudget
 
     now, real_step, calls = [0.0], train_module.train_step, []
 
@@ -847,7 +847,7 @@ def test_a_time_budget_stops_a_run_that_slows_down_late_with_a_checkpoint(tmp_pa
 
 
 def test_init_from_takes_the_name_of_a_shipped_model(tmp_path):
-    from companion.checkpoint import init_source, shipped_model_file
+    from companion.training.checkpoint import init_source, shipped_model_file
 
     if shipped_model_file("baseline") is None:
         pytest.skip("the shipped models are not in this copy of the package")

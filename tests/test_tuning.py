@@ -1,12 +1,12 @@
-"""Tests of companion.tuning: cross-validated grid search and foreground scores."""
+"""Tests of companion.evaluation.tuning: cross-validated grid search and foreground scores."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from companion.metrics import instance_metrics
-from companion.tuning import foreground_scores, grid_search
+from companion.evaluation.metrics import instance_metrics
+from companion.evaluation.tuning import foreground_scores, grid_search
 
 
 def _square(shift=0):
@@ -65,9 +65,9 @@ def test_foreground_scores_is_mean_non_background_probability():
 
 
 def test_grid_search_with_the_real_segment_on_an_ideal_embedding():
-    from companion.postprocess import segment
-    from companion.simulate import ideal_logits, simulate_embedding
-    from companion.synthetic import make_sample
+    from companion.data.simulate import ideal_logits, simulate_embedding
+    from companion.data.synthetic import make_sample
+    from companion.inference.postprocess import segment
 
     samples = [make_sample(seed, shape=(96, 96), n_worms=2) for seed in range(2)]
     cache = {

@@ -1,4 +1,4 @@
-"""Tests of companion.uncertainty: entropy, patch table, PAvPU counts on hand-built examples."""
+"""Tests of companion.evaluation.uncertainty: entropy, patch table, PAvPU counts on hand-built examples."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import entropy as scipy_entropy
 
-from companion.uncertainty import (
+from companion.evaluation.uncertainty import (
     PatchTable,
     bernoulli_entropy,
     hungarian_partners,

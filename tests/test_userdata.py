@@ -1,4 +1,4 @@
-"""Tests of companion.userdata: reading your own images and masks, saving predictions."""
+"""Tests of companion.data.userdata: reading your own images and masks, saving predictions."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from companion.data import CHANNEL_MAX
-from companion.userdata import (
+from companion.data.bbbc010 import CHANNEL_MAX
+from companion.data.userdata import (
     load_user_images,
     match_percentiles,
     read_image,
@@ -223,7 +223,7 @@ def test_an_empty_image_is_refused_naming_the_file_and_shape(tmp_path):
 
 
 def test_intensities_follow_the_file_type_and_odd_images_are_named(tmp_path):
-    from companion.userdata import auto_scale
+    from companion.data.userdata import auto_scale
 
     rng = np.random.default_rng(1)
     counts = rng.integers(0, 4096, (2, 12, 16)).astype(np.uint16)  # a 12-bit camera, BBBC010's
@@ -260,9 +260,9 @@ def test_intensities_follow_the_file_type_and_odd_images_are_named(tmp_path):
 def test_a_segmenter_warns_about_unscaled_counts():
     import torch
 
-    from companion.model import UNet
-    from companion.recipes import Recipe
-    from companion.segmenter import Segmenter
+    from companion.inference.recipes import Recipe
+    from companion.inference.segmenter import Segmenter
+    from companion.model.unet import UNet
 
     torch.manual_seed(0)
     net = UNet(base_filters=2, depth=2, embedding_dim=4)

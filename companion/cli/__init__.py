@@ -1,5 +1,7 @@
 """Command line of the companion package: ``python -m companion <command> ...``.
 
+May import: every layer (the commands import them inside their functions, so ``--help`` is fast).
+
 Commands
 --------
 train

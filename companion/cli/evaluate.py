@@ -19,7 +19,7 @@ MAX_DRAWS = 256
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register the ``evaluate`` subcommand (its options and its ``func``)."""
-    from companion.evaluate import DEFAULT_BANDWIDTHS, DEFAULT_THRESHOLDS
+    from companion.evaluation.evaluate import DEFAULT_BANDWIDTHS, DEFAULT_THRESHOLDS
     from companion.pretrained import NAMES
 
     p = commands.add_parser(
@@ -100,7 +100,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=("test", "val"),
         default="test",
         help="evaluate on the test wells (the paper's 2 folds) or on the validation "
-        "wells (companion.data.VAL_WELLS, two halves as folds)",
+        "wells (companion.data.bbbc010.VAL_WELLS, two halves as folds)",
     )
     p.add_argument(
         "--clustering",
@@ -162,11 +162,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def _evaluation_model(args: argparse.Namespace, device):
     """The model to evaluate (on ``device``) and a description of it for results.json."""
     from companion._io import file_sha256
-    from companion.dropout import dropout_rates
-    from companion.outputs import has_concrete_dropout, model_fingerprint
+    from companion.inference.outputs import has_concrete_dropout, model_fingerprint
+    from companion.model.dropout import dropout_rates
 
     if args.checkpoint is not None:
-        from companion.checkpoint import load_model, read_checkpoint
+        from companion.training.checkpoint import load_model, read_checkpoint
 
         model = load_model(args.checkpoint)
         ckpt = read_checkpoint(args.checkpoint)
@@ -200,7 +200,7 @@ def _evaluation_model(args: argparse.Namespace, device):
 def _evaluation_data(args: argparse.Namespace):
     """Samples, folds, skipped wells and a description of the data."""
     if args.synthetic is not None:
-        from companion.synthetic import make_dataset
+        from companion.data.synthetic import make_dataset
 
         if args.synthetic < 2:
             raise ValueError("--synthetic needs N >= 2 images (two cross-validation folds)")
@@ -213,10 +213,10 @@ def _evaluation_data(args: argparse.Namespace):
             [],
             dict(source="synthetic", n=args.synthetic, seed=seed, size=args.synthetic_size),
         )
-    from companion.data import TEST_FOLDS, TEST_WELLS, load_bbbc010, resolve_root
+    from companion.data.bbbc010 import TEST_FOLDS, TEST_WELLS, load_bbbc010, resolve_root
 
     if args.split == "val":  # the validation wells: every decision is made here, not on test wells
-        from companion.data import VAL_WELLS
+        from companion.data.bbbc010 import VAL_WELLS
 
         pool, pool_folds = VAL_WELLS, (VAL_WELLS[0::2], VAL_WELLS[1::2])
     else:
@@ -238,8 +238,8 @@ def _evaluation_data(args: argparse.Namespace):
 def _run_evaluate(args: argparse.Namespace) -> int:
     import time
 
-    from companion.report import sweep_staging
-    from companion.run_folder import lock_run_folder
+    from companion.evaluation.report import sweep_staging
+    from companion.training.run_folder import lock_run_folder
 
     start = time.perf_counter()
     with lock_run_folder(args.out, purpose="evaluation"):  # a second evaluation into OUT is refused
@@ -253,9 +253,9 @@ def _evaluate_locked(args: argparse.Namespace, start: float) -> int:
     import time
 
     from companion._device import resolve_device
-    from companion.evaluate import evaluate_model
-    from companion.paper import TABLE1_KEYS
-    from companion.report import write_report
+    from companion.evaluation.evaluate import evaluate_model
+    from companion.evaluation.paper import TABLE1_KEYS
+    from companion.evaluation.report import write_report
 
     device = resolve_device(args.device)
     try:
@@ -302,7 +302,7 @@ def _evaluate_locked(args: argparse.Namespace, start: float) -> int:
     if args.save_recipe:
         import json
 
-        from companion.recipes import save_recipes
+        from companion.inference.recipes import save_recipes
 
         results = json.loads((args.out / "results.json").read_text())
         path = save_recipes(args.pretrained, results, args.out.name, args.pretrained_dir)
@@ -312,8 +312,8 @@ def _evaluate_locked(args: argparse.Namespace, start: float) -> int:
 
 def _recipe(args: argparse.Namespace, model):
     """The inference recipe of the agglomerated row (the grid search sets bandwidth and threshold)."""
-    from companion.postprocess import DEFAULT_MIN_SIZE
-    from companion.recipes import views_recipe
+    from companion.inference.postprocess import DEFAULT_MIN_SIZE
+    from companion.inference.recipes import views_recipe
 
     return views_recipe(
         model,

@@ -19,7 +19,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Write BBBC010 wells losslessly into one LZMA-compressed .npz (44 MiB "
         "for the fitting, validation and complete test wells) that every command's --data-root "
         "accepts in place of the folder: for a machine that sees a copy of the working tree but "
-        "not the data (companion.archive).",
+        "not the data (companion.data.archive).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("archive", type=Path, help="the .npz file to write (replaced if it exists)")
@@ -49,8 +49,8 @@ def _same(samples: list, again: list) -> bool:
 
 
 def _run_pack(args: argparse.Namespace) -> int:
-    from companion.archive import pack_samples, read_archive
-    from companion.data import TEST_WELLS, TRAIN_WELLS, load_bbbc010
+    from companion.data.archive import pack_samples, read_archive
+    from companion.data.bbbc010 import TEST_WELLS, TRAIN_WELLS, load_bbbc010
 
     if args.archive.is_dir():
         print(f"error: {args.archive} is a folder; name the .npz file to write", file=sys.stderr)

@@ -38,7 +38,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         nargs="+",
         type=Path,
         metavar="FILE",
-        help="2-channel TIFF files (see companion.userdata.read_image)",
+        help="2-channel TIFF files (see companion.data.userdata.read_image)",
     )
     p.add_argument(
         "--scale",
@@ -69,8 +69,8 @@ def _scale(text: str):
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from companion.recipes import rows
-    from companion.segmenter import Segmenter
+    from companion.inference.recipes import rows
+    from companion.inference.segmenter import Segmenter
 
     try:
         _check_outputs(args)
@@ -84,7 +84,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from companion.run_folder import lock_run_folder
+    from companion.training.run_folder import lock_run_folder
 
     with lock_run_folder(args.out, purpose="prediction"):  # a second predict into OUT is refused
         for stale in sorted(args.out.glob(".*.tmp")):  # left by a prediction that was killed
@@ -96,8 +96,8 @@ def _predict_locked(args, segmenter, images) -> int:
     import numpy as np
 
     from companion._io import atomic_savez
-    from companion.data import Sample
-    from companion.report import _save_figure, plot_gallery
+    from companion.data.bbbc010 import Sample
+    from companion.evaluation.report import _save_figure, plot_gallery
 
     for stem, image, gt in images:
         result = segmenter(image, stem)
@@ -137,10 +137,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def _predict_inputs(args: argparse.Namespace) -> list:
     """(stem, image, ground truth or None) of each well or file."""
     if args.wells:
-        from companion.data import load_bbbc010
+        from companion.data.bbbc010 import load_bbbc010
 
         samples = load_bbbc010(args.data_root, list(dict.fromkeys(args.wells)), progress=False)
         return [(s.well, s.image, s.instances) for s in samples]
-    from companion.userdata import read_image
+    from companion.data.userdata import read_image
 
     return [(path.stem, read_image(path, scale=args.scale), None) for path in args.images]

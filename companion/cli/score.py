@@ -10,7 +10,7 @@ from pathlib import Path
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register the ``score`` subcommand."""
-    from companion.scoring import PROTOCOLS
+    from companion.evaluation.scoring import PROTOCOLS
 
     p = commands.add_parser(
         "score",
@@ -38,8 +38,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from companion.prediction_files import read_predictions
-    from companion.scoring import ground_truth_masks, score_predictions, write_scores
+    from companion.evaluation.prediction_files import read_predictions
+    from companion.evaluation.scoring import ground_truth_masks, score_predictions, write_scores
 
     started = time.time()
     predictions = read_predictions(args.predictions, dataset=args.dataset)

@@ -17,13 +17,13 @@ from ._args import add_data_source, checked, non_negative_int, positive_float, p
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register the ``train`` subcommand (its options and its ``func``)."""
-    from companion.config import PRESETS
+    from companion.training.config import PRESETS
 
     p = commands.add_parser(
         "train",
         help="train a U-Net (see `python -m companion train --help`)",
         description="Train the U-Net with the discriminative loss and a 3-class head on "
-        "augmented crops of the BBBC010 fitting wells (companion.data.FIT_WELLS: the training "
+        "augmented crops of the BBBC010 fitting wells (companion.data.bbbc010.FIT_WELLS: the training "
         "wells A01-C02 less the 10 validation wells) "
         "or of synthetic worms. Checkpoints go to OUT/last.pt (resumable) and "
         "OUT/final.pt, the loss log to OUT/log.jsonl. Runs unchanged under "
@@ -110,7 +110,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         metavar="SECONDS",
         help="score the weights on the validation wells every that many seconds of training, "
-        "at the start and at the end (fast protocol, companion.selection), and keep the best "
+        "at the start and at the end (fast protocol, companion.training.selection), and keep the best "
         "checkpoint as OUT/best.pt, the scores in OUT/selection.jsonl (not in the paper)",
     )
     p.add_argument(
@@ -210,8 +210,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`~companion.config.TrainConfig` of parsed ``train`` arguments."""
-    from companion.config import TrainConfig
+    """The :class:`~companion.training.config.TrainConfig` of parsed ``train`` arguments."""
+    from companion.training.config import TrainConfig
 
     overrides = {
         name: getattr(args, name)
@@ -259,12 +259,12 @@ def _training_data(args: argparse.Namespace, crop_size: int, seed: int) -> tuple
     """The training images and, with ``--select-every``, the validation images."""
     validating = args.select_every is not None
     if args.synthetic is not None:
-        from companion.synthetic import make_dataset
+        from companion.data.synthetic import make_dataset
 
         side = max(256, crop_size)
         val = make_dataset(max(1, args.synthetic // 4), seed=seed + 10_000, shape=(side, side))
         return make_dataset(args.synthetic, seed=seed, shape=(side, side)), val if validating else None
-    from companion.data import FIT_WELLS, VAL_WELLS, load_bbbc010, resolve_root
+    from companion.data.bbbc010 import FIT_WELLS, VAL_WELLS, load_bbbc010, resolve_root
 
     # the validation wells are held out for every recipe decision
     wells = FIT_WELLS + (VAL_WELLS if validating else ())
@@ -272,7 +272,7 @@ def _training_data(args: argparse.Namespace, crop_size: int, seed: int) -> tuple
     samples = load_bbbc010(root, wells, skip_incomplete=True)
     lacking = [w for w in wells if w not in {s.well for s in samples}]
     if lacking and not root.is_file():  # every training well is complete: the copy is partial
-        # (an archive of wells, companion.archive, may hold a chosen subset)
+        # (an archive of wells, companion.data.archive, may hold a chosen subset)
         raise ValueError(
             f"{len(lacking)} of the {len(wells)} training wells could not be loaded "
             f"({', '.join(lacking[:6])}{', ...' if len(lacking) > 6 else ''}): the BBBC010 copy is "
@@ -304,8 +304,8 @@ def _run_train(args: argparse.Namespace) -> int:
     import json
 
     from companion._io import atomic_write_bytes
-    from companion.run_folder import existing_run_files
-    from companion.train import train
+    from companion.training.run_folder import existing_run_files
+    from companion.training.train import train
 
     config = config_from_args(args)
     found = [p.name for p in existing_run_files(args.out)]

@@ -1,6 +1,9 @@
 """Pretrained U-Nets shipped with the package: ``load("concrete")`` or ``load("baseline")``.
 
-Each model is two files in this folder:
+May import: :mod:`companion.data` and :mod:`companion.model`.
+
+Each model is two files in this folder, and the recipes of its evaluations
+(``<name>.recipe.json``, :mod:`companion.inference.recipes`):
 
 * ``<name>.pt``: ``{"format", "model_kwargs", "state_dict"}`` with the weights in float16
   (half the size; the outputs differ from the float32 model's by float16 rounding only),
@@ -9,18 +12,18 @@ Each model is two files in this folder:
   commit, iterations, training time, hardware, final loss terms, learned dropout rates and
   the sha256 of the ``.pt``, which :func:`load` verifies.
 
-They are written by :func:`companion.export.export` (``scripts/export_pretrained.py`` on the
-command line) from a training checkpoint of :func:`companion.train.train`. What the chapters
+They are written by :func:`companion.training.export.export` (``scripts/export_pretrained.py`` on the
+command line) from a training checkpoint of :func:`companion.training.train.train`. What the chapters
 print beside a shipped model (its committed evaluation, its training budget) is in
-:mod:`companion.chapters`.
+:mod:`companion.book.chapters`.
 
 Examples
 --------
 >>> import tempfile
->>> from companion.config import TrainConfig
->>> from companion.export import export
->>> from companion.synthetic import make_dataset
->>> from companion.train import train
+>>> from companion.training.config import TrainConfig
+>>> from companion.training.export import export
+>>> from companion.data.synthetic import make_dataset
+>>> from companion.training.train import train
 >>> run, shelf = tempfile.mkdtemp(), tempfile.mkdtemp()
 >>> cfg = TrainConfig.preset("quick", iterations=2, checkpoint_every=2, log_every=1)
 >>> ckpt = train(cfg, make_dataset(2, seed=0, shape=(96, 96)), run, progress=False)
@@ -38,13 +41,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import file_sha256
-from ..model import UNet
-from ..model_files import EXPORTED_FORMAT, SHIPPED_DIR, check_map_location, read_exported
+from companion._io import file_sha256
+from companion.model.files import EXPORTED_FORMAT, SHIPPED_DIR, check_map_location, read_exported
+from companion.model.unet import UNet
 
 __all__ = ["NAMES", "PRETRAINED_DIR", "FORMAT", "available", "provenance", "load"]
 
-#: The models the package ships (when the lead has exported them).
+#: The models the package ships.
 NAMES: tuple[str, ...] = ("concrete", "baseline")
 #: Where the shipped files live.
 PRETRAINED_DIR: Path = SHIPPED_DIR  # this folder
@@ -109,7 +112,7 @@ def provenance(name: str, directory: str | os.PathLike | None = None) -> dict:
 def load(
     name: str, *, directory: str | os.PathLike | None = None, map_location: str | torch.device = "cpu"
 ) -> nn.Module:
-    """A pretrained :class:`companion.model.UNet`, float32, in eval mode.
+    """A pretrained :class:`companion.model.unet.UNet`, float32, in eval mode.
 
     Parameters
     ----------
