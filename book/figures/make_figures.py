@@ -34,8 +34,21 @@ DATA = "#eeeeee"  # input and output data
 EDGE = "#444444"
 
 
-def box(ax, x, y, w, h, text, color, *, size=10, weight="normal", chapter=None):
-    """A rounded box centred at (x, y); ``chapter`` is written small under it."""
+def box(
+    ax,
+    x,
+    y,
+    w,
+    h,
+    text,
+    color,
+    *,
+    size=10,
+    weight="normal",
+    chapter=None,
+    chapter_size=8,
+):
+    """A rounded box centred at (x, y); ``chapter`` is written small in its lower right corner."""
     ax.add_patch(
         FancyBboxPatch(
             (x - w / 2, y - h / 2),
@@ -57,14 +70,14 @@ def box(ax, x, y, w, h, text, color, *, size=10, weight="normal", chapter=None):
         weight=weight,
         linespacing=1.25,
     )
-    if chapter:
+    if chapter:  # small, in the box's lower right corner (under it, arrows would cross it)
         ax.text(
-            x,
-            y - h / 2 - 0.06,
+            x + w / 2 - 0.08,
+            y - h / 2 + 0.07,
             chapter,
-            ha="center",
-            va="top",
-            fontsize=8,
+            ha="right",
+            va="bottom",
+            fontsize=chapter_size,
             color="#555555",
             style="italic",
         )
@@ -105,222 +118,248 @@ def arrow(
 
 
 def pipeline(path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(15, 6.4))
-    ax.set_xlim(0, 15)
-    ax.set_ylim(-0.35, 6.05)
+    """Portrait, two columns (one pass | Monte-Carlo passes), read at the page's width: its
+    text keeps about 14 px on an 800 px wide column."""
+    fig, ax = plt.subplots(figsize=(10, 12.6))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 12.6)
     ax.axis("off")
-    col = [1.0, 3.05, 5.35, 8.05, 11.0, 13.75]  # the centres of the six columns
+    left, right, w, text = 2.45, 7.55, 4.5, 13.5
+    big = dict(size=text, chapter_size=11.5)
+    for x, title, color in (
+        (left, "one deterministic pass:\na segmentation", "#1f4e79"),
+        (
+            right,
+            "S Monte-Carlo dropout passes: a segmentation\nthat knows where it may be wrong",
+            "#7f4f00",
+        ),
+    ):
+        ax.text(
+            x,
+            12.2,
+            title,
+            fontsize=14.5,
+            weight="bold",
+            ha="center",
+            va="center",
+            color=color,
+        )
+    rows = [11.0, 9.45, 7.75, 5.95, 4.2, 2.5, 0.85]
+    h3, h4 = 1.15, 1.45
 
-    ax.text(
-        0.15,
-        5.85,
-        "one deterministic pass: a segmentation",
-        fontsize=11.5,
-        weight="bold",
-        va="center",
-        color="#1f4e79",
-    )
-    ax.text(
-        0.15,
-        3.0,
-        "S Monte-Carlo dropout passes: a segmentation that knows where it may be wrong",
-        fontsize=11.5,
-        weight="bold",
-        va="center",
-        color="#7f4f00",
-    )
-
-    # --- top row: image -> U-Net -> two heads -> mean-shift -> instances -> AP
-    y, yh = 4.6, 1.05
+    # --- left: image -> U-Net -> two heads -> mean shift -> instances -> AP
     box(
         ax,
-        col[0],
-        y,
-        1.5,
-        yh,
-        "image\n2 x H x W\n(fluorescence,\nbrightfield)",
+        left,
+        rows[0],
+        w,
+        h3,
+        "image, 2 x H x W\n(fluorescence, brightfield)",
         DATA,
-        size=9,
         chapter="chapter 01",
+        **big,
     )
     box(
         ax,
-        col[1],
-        y,
-        1.5,
-        yh,
+        left,
+        rows[1],
+        w,
+        h3,
         "U-Net\n(dropout off)",
         NETWORK,
-        size=10,
         weight="bold",
         chapter="chapters 02-04",
+        **big,
     )
-    box(ax, col[2], y + 0.62, 1.9, 0.72, "embedding\n16 x H x W", NETWORK, size=9.5)
+    box(ax, left - 1.17, rows[2], 2.15, h3, "embedding\n16 x H x W", NETWORK, size=12.5)
     box(
         ax,
-        col[2],
-        y - 0.62,
-        1.9,
-        0.72,
-        "3 class logits\nbackground / worm /\noverlap",
+        left + 1.17,
+        rows[2],
+        2.15,
+        h3,
+        "3 class logits:\nbackground,\nworm, overlap",
         NETWORK,
-        size=9,
+        size=12.5,
     )
     box(
         ax,
-        col[3],
-        y,
-        2.1,
-        yh,
-        "mean-shift clustering\nof the foreground\nembeddings\n+ overlap heuristic",
+        left,
+        rows[3],
+        w,
+        h4,
+        "mean-shift clustering of\nthe foreground embeddings\n+ overlap heuristic",
         POSTPROC,
-        size=9,
         chapter="chapter 05",
+        **big,
     )
     box(
         ax,
-        col[4],
-        y,
-        2.1,
-        yh,
-        "instances\nK binary masks\nK x H x W\n(may overlap)",
+        left,
+        rows[4],
+        w,
+        h3,
+        "instances: K binary masks,\nK x H x W (may overlap)",
         DATA,
-        size=9,
+        **big,
     )
     box(
         ax,
-        col[5],
-        y,
-        2.1,
-        yh,
-        "average precision\nagainst the true worms\n(avAP, AP50, AP75)",
+        left,
+        rows[5],
+        w,
+        h3,
+        "average precision against\nthe true worms (avAP, AP50, AP75)",
         EVALUATE,
-        size=9,
         chapter="chapter 08",
+        **big,
     )
-    arrow(ax, (col[0] + 0.75, y), (col[1] - 0.75, y))
-    arrow(ax, (col[1] + 0.75, y + 0.25), (col[2] - 0.95, y + 0.62))
-    arrow(ax, (col[1] + 0.75, y - 0.25), (col[2] - 0.95, y - 0.62))
+    down = dict(lw=1.6)
+    arrow(ax, (left, rows[0] - h3 / 2), (left, rows[1] + h3 / 2), **down)
+    arrow(ax, (left - 0.6, rows[1] - h3 / 2), (left - 1.17, rows[2] + h3 / 2), **down)
+    arrow(ax, (left + 0.6, rows[1] - h3 / 2), (left + 1.17, rows[2] + h3 / 2), **down)
     arrow(
         ax,
-        (col[2] + 0.95, y + 0.62),
-        (col[3] - 1.05, y + 0.2),
-        text="points to\ncluster",
-        text_offset=(-0.05, 0.12),
-        size=7.5,
+        (left - 1.17, rows[2] - h3 / 2),
+        (left - 0.6, rows[3] + h4 / 2),
+        text="points",
+        text_offset=(-0.55, -0.1),
+        size=11.5,
+        **down,
     )
     arrow(
         ax,
-        (col[2] + 0.95, y - 0.62),
-        (col[3] - 1.05, y - 0.2),
-        text="which pixels\n(foreground, overlap)",
-        text_offset=(0.05, -0.72),
-        size=7.5,
+        (left + 1.17, rows[2] - h3 / 2),
+        (left + 0.6, rows[3] + h4 / 2),
+        text="which pixels",
+        text_offset=(0.85, -0.1),
+        size=11.5,
+        **down,
     )
     arrow(
-        ax, (col[3] + 1.05, y), (col[4] - 1.05, y), text="one mask\nper centre", size=8
+        ax,
+        (left, rows[3] - h4 / 2),
+        (left, rows[4] + h3 / 2),
+        text="one mask per centre",
+        text_offset=(1.25, -0.12),
+        size=11.5,
+        **down,
     )
-    arrow(ax, (col[4] + 1.05, y), (col[5] - 1.05, y))
+    arrow(ax, (left, rows[4] - h3 / 2), (left, rows[5] + h3 / 2), **down)
 
-    # --- bottom row: S draws -> S segmentations -> agglomeration -> P_k and H -> uses
-    y2, yh2 = 1.55, 1.15
-    box(ax, col[0], y2, 1.5, yh2, "the same\nimage", DATA, size=9.5)
+    # --- right: the same image -> S passes -> S segmentations -> agglomeration -> P_k -> H -> uses
+    box(ax, right, rows[0], w, h3, "the same image", DATA, **big)
     box(
         ax,
-        col[1],
-        y2,
-        1.5,
-        yh2,
-        "the same U-Net,\nS times, dropout\non (a new mask\nper pass)",
+        right,
+        rows[1],
+        w,
+        h3,
+        "the same U-Net, S times, dropout on\n(a new mask per pass)",
         SAMPLING,
-        size=8.8,
         chapter="chapters 03, 06",
+        **big,
     )
     box(
         ax,
-        col[2],
-        y2,
-        1.9,
-        yh2,
-        "S segmentations\n(embedding + classes\n-> mean-shift,\nas above)",
+        right,
+        rows[2],
+        w,
+        h3,
+        "S segmentations\n(mean shift on each, as on the left)",
         SAMPLING,
-        size=8.8,
         chapter="chapter 06",
+        **big,
     )
     box(
         ax,
-        col[3],
-        y2,
-        2.1,
-        yh2,
-        "agglomeration\nmatch the draws' instances\n(IoU, Hungarian)\nand average them",
+        right,
+        rows[3],
+        w,
+        h4,
+        "agglomeration: match the passes'\ninstances (IoU, Hungarian)\nand average them",
         SAMPLING,
-        size=8.8,
         chapter="chapter 07",
+        **big,
     )
     box(
         ax,
-        col[4],
-        y2 + 0.55,
-        2.1,
-        0.9,
-        "per-instance\nprobability maps $P_k$\n(binarised at 0.75)",
+        right,
+        rows[4],
+        w,
+        h3,
+        "per-instance probability maps $P_k$\n(binarised at 0.75)",
         DATA,
-        size=8.8,
+        **big,
     )
     box(
         ax,
-        col[4],
-        y2 - 0.75,
-        2.1,
-        0.9,
-        "uncertainty:\nentropy $H(P_k)$\nper pixel and patch",
+        right,
+        rows[5],
+        w,
+        h3,
+        "uncertainty: the entropy $H(P_k)$\nper pixel and patch",
         EVALUATE,
-        size=8.8,
+        **big,
     )
     box(
         ax,
-        col[5],
-        y2 + 0.55,
-        2.1,
-        0.9,
-        "PAvPU: is the model\nuncertain where\nit is wrong?",
+        right - 1.17,
+        rows[6],
+        2.15,
+        h4,
+        "PAvPU: is it\nuncertain where\nit is wrong?",
         EVALUATE,
-        size=8.8,
         chapter="chapter 09",
+        size=12.5,
+        chapter_size=11.5,
     )
     box(
         ax,
-        col[5],
-        y2 - 0.95,
-        2.1,
-        0.9,
-        "proofreading: show\na human the most\nuncertain places",
+        right + 1.17,
+        rows[6],
+        2.15,
+        h4,
+        "proofreading:\nshow a human the\nuncertain places",
         EVALUATE,
-        size=8.8,
         chapter="chapter 10",
+        size=12.5,
+        chapter_size=11.5,
     )
-    arrow(ax, (col[0] + 0.75, y2), (col[1] - 0.75, y2))
-    arrow(ax, (col[1] + 0.75, y2), (col[2] - 0.95, y2), text="S draws", size=8)
-    arrow(ax, (col[2] + 0.95, y2), (col[3] - 1.05, y2))
-    arrow(ax, (col[3] + 1.05, y2 + 0.2), (col[4] - 1.05, y2 + 0.55))
-    arrow(ax, (col[4], y2 + 0.1), (col[4], y2 - 0.3))
-    arrow(ax, (col[4] + 1.05, y2 - 0.6), (col[5] - 1.05, y2 + 0.4))
-    arrow(ax, (col[4] + 1.05, y2 - 0.85), (col[5] - 1.05, y2 - 0.95))
-    # the binarised maps are an instance segmentation too: evaluated like the top row's
+    arrow(ax, (right, rows[0] - h3 / 2), (right, rows[1] + h3 / 2), **down)
     arrow(
         ax,
-        (col[4] + 0.6, y2 + 1.0),
-        (col[5] - 0.75, y - yh / 2),
+        (right, rows[1] - h3 / 2),
+        (right, rows[2] + h3 / 2),
+        text="S passes",
+        text_offset=(0.65, -0.12),
+        size=11.5,
+        **down,
+    )
+    for upper, lower, hu in ((2, 3, h3), (3, 4, h4), (4, 5, h3)):
+        arrow(
+            ax,
+            (right, rows[upper] - hu / 2),
+            (right, rows[lower] + (h4 if lower == 3 else h3) / 2),
+            **down,
+        )
+    arrow(ax, (right - 0.6, rows[5] - h3 / 2), (right - 1.17, rows[6] + h4 / 2), **down)
+    arrow(ax, (right + 0.6, rows[5] - h3 / 2), (right + 1.17, rows[6] + h4 / 2), **down)
+    # the binarised maps are an instance segmentation too: evaluated like the left column's
+    arrow(
+        ax,
+        (right - w / 2, rows[4] - 0.2),
+        (left + w / 2, rows[5] + 0.2),
         ls="--",
-        color="#888888",
+        color="#777777",
         text="binarised",
-        text_offset=(-0.55, -0.05),
-        size=8,
+        text_offset=(0.0, 0.02),
+        size=11.5,
+        lw=1.5,
     )
 
     fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
