@@ -159,6 +159,19 @@ def test_exporting_the_same_checkpoint_twice_gives_the_same_file(run_dir, tmp_pa
     )
 
 
+def test_new_weights_drop_the_recipes_of_the_old_ones(run_dir, tmp_path):
+    from companion.inference.recipes import read_recipe, recipe_path
+    from companion.inference.segmenter import Segmenter
+
+    (tmp_path / "concrete.recipe.json").write_text("{}")  # the recipes of earlier weights
+    export_module.export(run_dir / "final.pt", "concrete", tmp_path)
+    assert not recipe_path("concrete", tmp_path).exists()
+    assert (
+        read_recipe("concrete", directory=tmp_path)
+        == Segmenter.pretrained("concrete", directory=tmp_path).recipe
+    )
+
+
 def test_export_rejects_a_bad_name(run_dir, tmp_path):
     with pytest.raises(ValueError, match="file stem"):
         export_module.export(run_dir / "final.pt", "../evil", tmp_path)

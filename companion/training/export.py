@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from companion.inference.recipes import recipe_path
 from companion.model.dropout import dropout_rates
 from companion.pretrained import FORMAT, PRETRAINED_DIR
 
@@ -160,7 +161,9 @@ def export(
     Returns
     -------
     tuple of Path
-        The ``.pt`` and ``.json`` written (each atomically, the ``.pt`` first).
+        The ``.pt`` and ``.json`` written (each atomically, the ``.pt`` first). A
+        ``<name>.recipe.json`` there is removed: its recipes belong to the weights replaced
+        (``python -m companion evaluate --save-recipe`` writes those of the new ones).
     """
 
     if not name or not name.replace("-", "").replace("_", "").isalnum():
@@ -236,6 +239,9 @@ def export(
         )
     text = json.dumps(record, indent=1, sort_keys=False, allow_nan=False) + "\n"
     atomic_write(info, lambda tmp: Path(tmp).write_text(text))
+    recipes_of_the_replaced_weights = recipe_path(name, folder)
+    if recipes_of_the_replaced_weights.is_file():  # evaluate --save-recipe writes new ones
+        recipes_of_the_replaced_weights.unlink()
     return weights, info
 
 
