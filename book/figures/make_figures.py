@@ -70,7 +70,9 @@ def box(
         weight=weight,
         linespacing=1.25,
     )
-    if chapter:  # small, in the box's lower right corner (under it, arrows would cross it)
+    if (
+        chapter
+    ):  # small, in the box's lower right corner (under it, arrows would cross it)
         ax.text(
             x + w / 2 - 0.08,
             y - h / 2 + 0.07,

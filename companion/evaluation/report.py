@@ -88,7 +88,7 @@ def plot_pavpu(curves: PAvPU | Mapping[str, PAvPU]):
     import matplotlib.pyplot as plt
 
     labelled = list(curves.items()) if isinstance(curves, Mapping) else [(None, curves)]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.3), sharex=True)
     panels = (
         ("p(accurate | certain)", "p_accurate_given_certain"),
         ("p(uncertain | inaccurate)", "p_uncertain_given_inaccurate"),
@@ -97,12 +97,12 @@ def plot_pavpu(curves: PAvPU | Mapping[str, PAvPU]):
     for ax, (title, key) in zip(axes, panels):
         for label, result in labelled:
             ax.plot(result.thresholds, getattr(result, key), "o-", markersize=3, label=label)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=12)
         ax.set_xlabel("entropy threshold $t$ (nats)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     if labelled[0][0] is not None:
-        axes[0].legend(loc="lower right", fontsize=8)
+        axes[0].legend(loc="lower right", fontsize=10.5)
     fig.tight_layout()
     return fig
 
@@ -139,7 +139,7 @@ def plot_gallery(samples: Sequence[Sample], predictions: Sequence[np.ndarray], t
     """Rows of (brightfield image, ground-truth outlines, predicted outlines), one per sample."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(samples), 3, figsize=(12, 3.2 * len(samples)), squeeze=False)
+    fig, axes = plt.subplots(len(samples), 3, figsize=(10, 2.9 * len(samples)), squeeze=False)
     for row, (sample, pred, title) in zip(axes, zip(samples, predictions, titles)):
         brightfield = sample.image[1]
         low, high = np.percentile(brightfield, [1, 99.5])
@@ -149,7 +149,7 @@ def plot_gallery(samples: Sequence[Sample], predictions: Sequence[np.ndarray], t
             ax.imshow(brightfield, cmap="gray", vmin=low, vmax=max(high, low + 1e-6))
             if instances is not None:
                 _outlines(ax, np.asarray(instances, bool))
-            ax.set_title(f"{title}: {name}" if instances is None else name, fontsize=9)
+            ax.set_title(f"{title}: {name}" if instances is None else name, fontsize=12)
             ax.axis("off")
     fig.tight_layout()
     return fig
