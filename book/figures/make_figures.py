@@ -368,35 +368,35 @@ def pipeline(path: Path) -> None:
 def unet(path: Path) -> None:
     depth, base = 5, 19
     widths = [base * 2**i for i in range(depth)]
-    fig, ax = plt.subplots(figsize=(13, 7.4))
-    ax.set_xlim(-0.3, 13.4)
-    ax.set_ylim(-1.1, 7.2)
+    fig, ax = plt.subplots(figsize=(14.5, 8.6))
+    ax.set_xlim(-0.3, 15.2)
+    ax.set_ylim(-1.5, 7.5)
     ax.axis("off")
 
-    level_y = [6.0 - 1.3 * i for i in range(depth)]
-    centre, step = 5.6, 0.8  # the bottleneck's x; the U narrows by ``step`` per level
+    level_y = [6.1 - 1.45 * i for i in range(depth)]
+    centre, step = 6.7, 1.05  # the bottleneck's x; the U narrows by ``step`` per level
     enc_x = [
         centre - step * (depth - 1 - i) - 0.8 * (i < depth - 1) for i in range(depth)
     ]
     dec_x = [2 * centre - x for x in enc_x]  # mirrored; the bottom level is shared
     resolution = ["H x W", "H/2 x W/2", "H/4 x W/4", "H/8 x W/8", "H/16 x W/16"]
-    bw, bh = 1.3, 0.62
+    bw, bh = 1.75, 0.84
 
     ax.text(
         -0.2,
-        6.75,
+        7.2,
         "input: 2 x H x W (fluorescence, brightfield)",
-        fontsize=10,
+        fontsize=14.5,
         va="center",
     )
-    arrow(ax, (0.35, 6.6), (enc_x[0] - bw / 2, level_y[0] + 0.1), rad=0.25)
+    arrow(ax, (0.35, 7.0), (enc_x[0] - bw / 2, level_y[0] + 0.2), rad=0.25)
     for i in range(depth):
         y = level_y[i]
         ax.text(
             -0.2,
             y,
             f"level {i + 1}\n{resolution[i]}",
-            fontsize=9,
+            fontsize=13,
             va="center",
             color="#333333",
         )
@@ -408,7 +408,7 @@ def unet(path: Path) -> None:
             bh,
             f"2 x conv 3x3\n+ ReLU, {widths[i]} ch",
             NETWORK,
-            size=8.8,
+            size=12.8,
         )
         if i < depth - 1:
             arrow(
@@ -417,8 +417,8 @@ def unet(path: Path) -> None:
                 (enc_x[i + 1] - 0.2, level_y[i + 1] + bh / 2),
                 color="#c0392b",
                 text="max-pool 2x2",
-                text_offset=(-0.62, -0.05),
-                size=8,
+                text_offset=(-0.85, -0.05),
+                size=11.6,
             )
             box(
                 ax,
@@ -428,7 +428,7 @@ def unet(path: Path) -> None:
                 bh,
                 f"2 x conv 3x3\n+ ReLU, {widths[i]} ch",
                 NETWORK,
-                size=8.8,
+                size=12.8,
             )
             arrow(
                 ax,
@@ -436,8 +436,8 @@ def unet(path: Path) -> None:
                 (dec_x[i], y - bh / 2),
                 color="#2e86c1",
                 text=f"up-conv 2x2\n-> {widths[i]} ch",
-                text_offset=(0.68, -0.2),
-                size=8,
+                text_offset=(0.9, -0.25),
+                size=11.6,
             )
             arrow(
                 ax,
@@ -446,65 +446,65 @@ def unet(path: Path) -> None:
                 color="#7f8c8d",
                 ls="--",
                 text=f"skip: {widths[i]} + {widths[i]} ch",
-                size=8,
+                size=11.6,
             )
     ax.text(
         enc_x[-1],
-        level_y[-1] - 0.55,
+        level_y[-1] - 0.5,
         "bottleneck",
         ha="center",
         va="top",
-        fontsize=8.5,
+        fontsize=12.3,
         style="italic",
         color="#555555",
     )
 
     # the two heads on the last decoder level
-    hx = 12.45
+    hx = 14.05
     box(
         ax,
         hx,
         level_y[0] + 0.55,
-        1.6,
-        0.7,
+        1.9,
+        0.95,
         "1x1 conv\nembedding\n16 x H x W",
         POSTPROC,
-        size=8.8,
+        size=12.8,
     )
     box(
         ax,
         hx,
         level_y[0] - 0.95,
-        1.6,
-        0.7,
+        1.9,
+        0.95,
         "1x1 conv\n3 class logits\n3 x H x W",
         POSTPROC,
-        size=8.8,
+        size=12.8,
     )
-    arrow(ax, (dec_x[0] + bw / 2, level_y[0] + 0.1), (hx - 0.8, level_y[0] + 0.55))
-    arrow(ax, (dec_x[0] + bw / 2, level_y[0] - 0.1), (hx - 0.8, level_y[0] - 0.95))
+    arrow(ax, (dec_x[0] + bw / 2, level_y[0] + 0.1), (hx - 0.95, level_y[0] + 0.55))
+    arrow(ax, (dec_x[0] + bw / 2, level_y[0] - 0.1), (hx - 0.95, level_y[0] - 0.95))
     ax.text(
         hx,
-        level_y[0] + 0.12,
+        level_y[0] + 0.0,
         "trained with the\ndiscriminative loss",
         ha="center",
         va="top",
-        fontsize=8.5,
+        fontsize=12.3,
         color="#333333",
     )
     ax.text(
         hx,
-        level_y[0] - 1.38,
+        level_y[0] - 1.5,
         "background / worm /\noverlap; cross-entropy",
         ha="center",
         va="top",
-        fontsize=8.5,
+        fontsize=12.3,
         color="#333333",
     )
 
     ax.text(
-        6.6,
-        -0.45,
+        7.3,
+        -0.9,
         "Probabilistic model: every convolution (3x3, up-conv 2x2 and both 1x1 heads) reads "
         "its input through its own\nConcrete Dropout layer with a learned rate -- "
         f"{2 * depth + 2 * (depth - 1) + (depth - 1) + 2} rates in all. "
@@ -512,7 +512,7 @@ def unet(path: Path) -> None:
         "(the encoder's features are copied and concatenated with the up-sampled ones).",
         ha="center",
         va="center",
-        fontsize=9.5,
+        fontsize=13.8,
         bbox=dict(boxstyle="round,pad=0.4", facecolor=SAMPLING, edgecolor=EDGE),
     )
 
