@@ -74,8 +74,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     try:
         _check_outputs(args)
-        args.row = args.row or next(iter(rows(args.pretrained, args.pretrained_dir)), "default recipe")
-        row = None if args.row == "default recipe" else args.row
+        row = args.row or next(iter(rows(args.pretrained, args.pretrained_dir)), None)  # best first
         segmenter = Segmenter.pretrained(
             args.pretrained, row, directory=args.pretrained_dir, device=args.device or "cpu"
         )
@@ -89,10 +88,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     with lock_run_folder(args.out, purpose="prediction"):  # a second predict into OUT is refused
         for stale in sorted(args.out.glob(".*.tmp")):  # left by a prediction that was killed
             stale.unlink()
-        return _predict_locked(args, segmenter, images)
+        return _predict_locked(args, segmenter, images, row or "default recipe")
 
 
-def _predict_locked(args, segmenter, images) -> int:
+def _predict_locked(args, segmenter, images, row: str) -> int:
     import numpy as np
 
     from companion._io import atomic_savez
@@ -112,7 +111,7 @@ def _predict_locked(args, segmenter, images) -> int:
         )
         used = segmenter.recipe.for_image(stem)
         print(
-            f"{stem}: {len(result.masks)} instances (row {args.row}, bandwidth "
+            f"{stem}: {len(result.masks)} instances (row {row}, bandwidth "
             f"{used.bandwidth:g}, threshold {used.threshold:g})"
         )
     return 0

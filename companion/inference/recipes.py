@@ -331,8 +331,8 @@ def save_recipes(
     """
     path = recipe_path(name, directory)
     sha = (results.get("model") or {}).get("sha256")
-    record = read_recipes(name, directory) or dict(format=FORMAT, model_sha256=sha, best=None, rows={})
-    if record.get("model_sha256") != sha:  # new weights: the old recipes belong to the old ones
+    record = read_recipes(name, directory)
+    if record is None or record.get("model_sha256") != sha:  # new weights: start afresh
         record = dict(format=FORMAT, model_sha256=sha, best=None, rows={})
     stale = [row for row in record["rows"] if row.split("/")[0] == evaluation]
     for row in stale:

@@ -41,7 +41,7 @@ from torch import nn
 
 from companion.pretrained import load as load_pretrained
 
-from .agglomerate import Agglomeration, agglomerate, binarize_with_scores, binarized_indices, uncertainty_map
+from .agglomerate import Agglomeration, agglomerate, binarized_indices, uncertainty_map
 from .outputs import (
     CompactPass,
     ImageOutputs,
@@ -233,13 +233,12 @@ class Segmenter:
             segment_compact(d, *settings, **recipe.segment_options()) for d in outputs.draws[: recipe.passes]
         )
         agg = agglomerate(passes)
-        masks, scores = binarize_with_scores(agg, recipe.binarize_at)
-        keep = binarized_indices(agg.probs, recipe.binarize_at)  # the masks' order
-        probabilities = np.asarray(agg.probs, np.float32)[keep].astype(np.float16)
+        keep = binarized_indices(agg.probs, recipe.binarize_at)  # as binarize_with_scores keeps them
+        kept = np.asarray(agg.probs)[keep]
         return Instances(
-            np.asarray(masks, bool),
-            np.asarray(scores, np.float64),
-            probabilities,
+            kept >= recipe.binarize_at,
+            np.asarray(agg.scores[keep], np.float64),
+            kept.astype(np.float32).astype(np.float16),
             uncertainty_map(agg.probs),
             agg,
             passes,
